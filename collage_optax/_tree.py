@@ -1,0 +1,99 @@
+"""Pytree helpers shared by the transforms: leaf paths, checks, dtypes."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def is_empty(x: Any) -> bool:
+  """A leaf with no state: ``None`` or optax's ``MaskedNode``."""
+  return x is None or isinstance(x, optax.MaskedNode)
+
+
+def path_str(path) -> str:
+  s = jax.tree_util.keystr(path)
+  return s if s else "<root>"
+
+
+def leaves_with_paths(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
+  """``[(path, leaf)]`` and the treedef, with ``None``/``MaskedNode`` kept as leaves."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty)
+  return [(path_str(p), x) for p, x in flat], treedef
+
+
+def is_low_precision(x: Any) -> bool:
+  """True for bfloat16 and float16 arrays: the leaves COLLAGE compensates."""
+  return hasattr(x, "dtype") and jnp.dtype(x.dtype) in _LOW
+
+
+def is_float(x: Any) -> bool:
+  return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def check_supported_leaf(who: str, path: str, x: Any) -> None:
+  """Rejects leaves COLLAGE cannot handle (complex, sub-16-bit floats)."""
+  if not hasattr(x, "dtype"):
+    return
+  dtype = jnp.dtype(x.dtype)
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    raise TypeError(
+        f"{who}: leaf {path} is complex ({dtype}); COLLAGE supports real float "
+        "params. Optimise complex leaves with a plain optax optimizer, e.g. "
+        "optax.multi_transform({'collage': ..., 'complex': optax.adamw(...)}, labels)."
+    )
+  if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:
+    raise TypeError(
+        f"{who}: leaf {path} is {dtype}; COLLAGE keeps bfloat16/float16 params "
+        "as multi-component floats. Cast 8-bit params to bfloat16 first."
+    )
+
+
+def check_structure(who: str, ref: Any, ref_name: str, other: Any, other_name: str) -> None:
+  """Raises a ValueError naming the first leaf path where two trees differ."""
+  if jax.tree.structure(ref, is_leaf=is_empty) == jax.tree.structure(other, is_leaf=is_empty):
+    return
+  ref_paths = [p for p, _ in leaves_with_paths(ref)[0]]
+  other_paths = [p for p, _ in leaves_with_paths(other)[0]]
+  missing = [p for p in ref_paths if p not in set(other_paths)]
+  extra = [p for p in other_paths if p not in set(ref_paths)]
+  detail = []
+  if missing:
+    detail.append(f"{other_name} lacks leaf {missing[0]}")
+  if extra:
+    detail.append(f"{other_name} has extra leaf {extra[0]}")
+  if not detail:
+    detail.append(
+        f"{ref_name} is {jax.tree.structure(ref)} but {other_name} is "
+        f"{jax.tree.structure(other)}"
+    )
+  raise ValueError(
+      f"{who}: {other_name} and {ref_name} have different tree structures "
+      f"({'; '.join(detail)}). Pass the same tree for both, e.g. the grads of "
+      "the params the optimizer was initialised with."
+  )
+
+
+def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
+  """``jax.tree.map`` with the leaf path string as first argument; ``None``/``MaskedNode`` are leaves."""
+  flat, treedef = leaves_with_paths(tree)
+  rest_flat = [treedef.flatten_up_to(r) for r in rest]
+  out = [fn(p, x, *[r[i] for r in rest_flat]) for i, (p, x) in enumerate(flat)]
+  return treedef.unflatten(out)
+
+
+def top_level_groups(tree: Any) -> dict[str, list[int]]:
+  """Indices of the leaves under each top-level key (empty for a bare array)."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty)
+  groups: dict[str, list[int]] = {}
+  for i, (path, _) in enumerate(flat):
+    if not path:
+      return {}
+    key = path_str(path[:1]).strip("[]'.\"")
+    groups.setdefault(key, []).append(i)
+  return groups

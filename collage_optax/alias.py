@@ -1,0 +1,82 @@
+"""``collage_optax.adamw``: a drop-in for ``optax.adamw`` on bfloat16 params."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import jax
+import optax
+
+from collage_optax import transform
+
+__all__ = ["MODES", "adamw"]
+
+MODES = ("light", "plus", "full")
+
+
+def _check_hyperparam(name: str, value: Any, *, upper: Optional[float] = None) -> None:
+  """Rejects negative or non-finite Python-number hyperparameters."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    return  # arrays and schedules are checked by the user's own code.
+  if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
+    bound = f"in [0, {upper})" if upper is not None else "finite and >= 0"
+    raise ValueError(f"collage_optax.adamw: {name}={value!r} must be {bound}.")
+
+
+def adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: float = 1e-4,
+    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
+    *,
+    mode: str = "plus",
+    nesterov: bool = False,
+    track_metrics: bool = False,
+) -> optax.GradientTransformation:
+  """AdamW (Loshchilov & Hutter 2019) with COLLAGE for bfloat16 params.
+
+  ``optax.chain(scale_by_adam(...), optax.add_decayed_weights(weight_decay, mask),
+  optax.scale_by_learning_rate(learning_rate), compensate())``:
+
+  * ``mode="light"``: params are MCFs ``(θ, lo)`` (Yu et al. 2024, strategy B);
+  * ``mode="plus"``: also the second moment ``v`` is an MCF and ``b2`` an MCF
+    scalar (strategy C, the default);
+  * ``mode="full"``: also the first moment ``m`` (beyond the paper).
+
+  Params stay plain bfloat16 arrays; apply the updates with
+  ``optax.apply_updates``. ``learning_rate`` may be a schedule, and the
+  function works inside ``optax.inject_hyperparams``.
+
+  Args:
+    learning_rate: a scalar or a schedule.
+    b1, b2, eps, eps_root: Adam's hyperparameters.
+    weight_decay: decoupled weight decay.
+    mask: where to apply weight decay (as in ``optax.adamw``).
+    mode: ``"light"``, ``"plus"`` or ``"full"``.
+    nesterov: Nesterov momentum (as in ``optax.adamw``).
+    track_metrics: record EDQ and lost fraction (see :func:`collage_optax.metrics`).
+
+  Returns:
+    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+  """
+  if mode not in MODES:
+    raise ValueError(f"collage_optax.adamw: unknown mode={mode!r}; use one of {', '.join(map(repr, MODES))}.")
+  if not callable(learning_rate):
+    _check_hyperparam("learning_rate", learning_rate)
+  _check_hyperparam("b1", b1, upper=1.0)
+  _check_hyperparam("b2", b2, upper=1.0)
+  _check_hyperparam("eps", eps)
+  _check_hyperparam("eps_root", eps_root)
+  _check_hyperparam("weight_decay", weight_decay)
+  return optax.chain(
+      transform.scale_by_adam(
+          b1, b2, eps, eps_root,
+          mcf_mu=mode == "full", mcf_nu=mode in ("plus", "full"), nesterov=nesterov),
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+      transform.compensate(track_metrics=track_metrics),
+  )

@@ -1,0 +1,346 @@
+"""Multi-component floats (MCF) and error-free transformations.
+
+An MCF is the unevaluated sum ``hi + lo`` of two floats of one storage dtype,
+normalised so that ``|lo| <= ulp(hi) / 2``. Two bfloat16 components carry about
+16 significant bits instead of 8; two float16 components about 22.
+
+All arithmetic is done on a *wider* type (float32 for 16-bit storage) and every
+operation is rounded explicitly to the storage precision with
+:func:`round_to`, which uses ``jax.lax.reduce_precision`` (and an exact
+integer-rounding path for float16 subnormals). XLA must honour
+``reduce_precision``, so the compensation terms survive whatever XLA does with
+excess precision (``--xla_allow_excess_precision``), on every backend. Because
+float32 has ``24 >= 2 * 8 + 2`` (bfloat16) and ``24 >= 2 * 11 + 2`` (float16)
+significant bits, a float32 ``+ - *`` followed by one rounding to the storage
+precision is *the* correctly rounded storage-precision result (double rounding
+is innocuous, Figueroa 1995), i.e. ``⊕ ⊖ ⊗`` exactly as IEEE defines them.
+float32 storage uses native float32 arithmetic, with the products of
+:func:`two_prod` split by bit masks so that fused multiply-adds cannot change
+them.
+
+Subnormals: XLA flushes float32 subnormals to zero (FTZ/DAZ) on CPU and TPU, so
+for bfloat16 and float32 storage the transformations are exact for values in the
+normal range and flush to (signed) zero below it, an absolute error below the
+smallest normal (``2**-126``). float16 subnormals are normal float32 numbers,
+so float16 results are exact including its subnormals.
+
+References:
+  T. J. Dekker, "A floating-point technique for extending the available
+  precision", Numer. Math. 18, 1971.
+  D. E. Knuth, The Art of Computer Programming vol. 2, 3rd ed., 4.2.2.
+  J. R. Shewchuk, "Adaptive precision floating-point arithmetic and fast robust
+  geometric predicates", Discrete Comput. Geom. 18, 1997.
+  T. Yu et al., "Collage: Light-Weight Low-Precision Strategy for LLM
+  Training", ICML 2024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "MCF",
+    "from_float",
+    "to_float",
+    "two_sum",
+    "fast_two_sum",
+    "two_prod",
+    "grow",
+    "add",
+    "mul",
+    "round_to",
+    "split_scalar",
+    "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
+
+Array = jax.Array
+Scalar = Union[float, Array, "MCF"]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MCF:
+  """A multi-component float: the unevaluated sum ``hi + lo``.
+
+  ``hi`` and ``lo`` are arrays of one dtype and shape with ``|lo| <= ulp(hi)/2``.
+  It is a JAX pytree (leaves ``hi`` then ``lo``), so it goes through ``jit``,
+  ``vmap``, ``device_put`` with a sharding and checkpointing like any pytree.
+  """
+
+  hi: Any
+  lo: Any
+
+  @property
+  def dtype(self):
+    return self.hi.dtype
+
+  @property
+  def shape(self):
+    return self.hi.shape
+
+  @property
+  def sharding(self):
+    return self.hi.sharding
+
+  def __add__(self, other):  # Guard against tuple-like surprises.
+    raise TypeError(
+        "MCF does not overload '+': use collage_optax.mcf.add(m1, m2) or "
+        "collage_optax.mcf.grow(m, x)."
+    )
+
+
+# ---------------------------------------------------------------------------
+# Rounding and the wide type.
+# ---------------------------------------------------------------------------
+
+
+def _check_dtype(dtype) -> jnp.dtype:
+  dtype = jnp.dtype(dtype)
+  if dtype not in SUPPORTED_DTYPES:
+    raise TypeError(
+        f"MCF components must be bfloat16, float16 or float32, got {dtype}."
+    )
+  return dtype
+
+
+def _wide(dtype) -> jnp.dtype:
+  """The type the arithmetic of ``dtype`` components is done in."""
+  return jnp.dtype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
+
+
+_F16_MIN_NORMAL = 2.0**-14
+_F16_SUBNORMAL_QUANTUM = 2.0**-24
+
+
+def round_to(x: Array, dtype) -> Array:
+  """Rounds ``x`` (a wider float) to ``dtype``'s precision, keeping its type.
+
+  Round to nearest, ties to even, with overflow to ``±inf``; the result is a
+  ``dtype`` number stored in ``x``'s wider type, so that ``x.astype(dtype)`` is
+  then exact. Uses ``lax.reduce_precision``, which XLA must honour (unlike a
+  ``convert`` pair, which it may elide under excess precision). float16's
+  subnormal range is rounded to multiples of ``2**-24`` by exact scaling and
+  integer rounding, since ``reduce_precision`` flushes it.
+  """
+  dtype = jnp.dtype(dtype)
+  x = jnp.asarray(x)
+  if dtype == x.dtype:
+    return x
+  if jnp.finfo(dtype).bits >= jnp.finfo(x.dtype).bits:
+    raise TypeError(f"round_to: {dtype} is not narrower than {x.dtype}.")
+  info = jnp.finfo(dtype)
+  rounded = lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+  if dtype == jnp.float16:
+    q = jnp.asarray(_F16_SUBNORMAL_QUANTUM, x.dtype)
+    sub = lax.round(x / q, lax.RoundingMethod.TO_NEAREST_EVEN) * q
+    rounded = jnp.where(jnp.abs(x) < _F16_MIN_NORMAL, sub, rounded)
+  return rounded
+
+
+def _rounder(dtype) -> Callable[[Array], Array]:
+  dtype = _check_dtype(dtype)
+  return lambda x: round_to(x, dtype)
+
+
+def _common_dtype(*xs) -> jnp.dtype:
+  dtype = jnp.result_type(*xs)
+  return _check_dtype(dtype)
+
+
+def _up(x, dtype) -> Array:
+  return jnp.asarray(x).astype(_wide(dtype))
+
+
+# ---------------------------------------------------------------------------
+# Error-free transformations, on wide values with an explicit rounding ``r``.
+# ---------------------------------------------------------------------------
+
+
+def _fast_two_sum(a, b, r):
+  s = r(a + b)
+  e = r(b - r(s - a))
+  return s, e
+
+
+def _two_sum(a, b, r):
+  s = r(a + b)
+  bb = r(s - a)
+  aa = r(s - bb)
+  e = r(r(a - aa) + r(b - bb))
+  return s, e
+
+
+_SPLIT_MASK_F32 = np.uint32(0xFFFFF000)  # keeps sign, exponent, 11 of 23 bits.
+
+
+def _split_f32(a):
+  """Splits a float32 into 12 + 12 significant bits with a bit mask."""
+  hi = lax.bitcast_convert_type(
+      lax.bitcast_convert_type(a, jnp.uint32) & _SPLIT_MASK_F32, jnp.float32
+  )
+  return hi, a - hi
+
+
+def _two_prod(a, b, dtype, r):
+  if jnp.dtype(dtype).itemsize < 4:
+    # The product of two 8- or 11-bit significands is exact in float32.
+    ab = a * b
+    p = r(ab)
+    return p, r(ab - p)
+  # float32: Dekker's product with a bit-mask split; every partial product is
+  # exact (12 x 12 bits), so fused multiply-adds cannot change the result.
+  p = a * b
+  ah, al = _split_f32(a)
+  bh, bl = _split_f32(b)
+  e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
+  return p, e
+
+
+def _check_same(a, b, name):
+  a, b = jnp.asarray(a), jnp.asarray(b)
+  if a.dtype != b.dtype:
+    raise TypeError(f"{name}: both operands must have one dtype, got {a.dtype} and {b.dtype}.")
+  return _check_dtype(a.dtype)
+
+
+def fast_two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+  """Dekker's Fast2Sum: ``s = a ⊕ b; e = b ⊖ (s ⊖ a)``.
+
+  ``s + e == a + b`` exactly when ``|a| >= |b|`` or ``a == 0`` (Dekker 1971).
+  Returns ``(s, e)`` in the operands' dtype.
+  """
+  dtype = _check_same(a, b, "fast_two_sum")
+  s, e = _fast_two_sum(_up(a, dtype), _up(b, dtype), _rounder(dtype))
+  return s.astype(dtype), e.astype(dtype)
+
+
+def two_sum(a: Array, b: Array) -> tuple[Array, Array]:
+  """Knuth's TwoSum: ``s = a ⊕ b`` and its exact rounding error ``e``.
+
+  ``s = a ⊕ b; b' = s ⊖ a; a' = s ⊖ b'; e = (a ⊖ a') ⊕ (b ⊖ b')`` gives
+  ``s + e == a + b`` exactly for any ``a, b`` (Knuth, TAOCP vol. 2, 4.2.2).
+  """
+  dtype = _check_same(a, b, "two_sum")
+  s, e = _two_sum(_up(a, dtype), _up(b, dtype), _rounder(dtype))
+  return s.astype(dtype), e.astype(dtype)
+
+
+def two_prod(a: Array, b: Array) -> tuple[Array, Array]:
+  """``p = a ⊗ b`` and its exact rounding error ``e`` (barring underflow).
+
+  For bfloat16 and float16 the product is exact in float32, so
+  ``p = round(a·b), e = round(a·b − p)``. For float32, Dekker's TwoProduct
+  with a 12 + 12-bit split by bit mask (Dekker 1971).
+  """
+  dtype = _check_same(a, b, "two_prod")
+  p, e = _two_prod(_up(a, dtype), _up(b, dtype), dtype, _rounder(dtype))
+  return p.astype(dtype), e.astype(dtype)
+
+
+# ---------------------------------------------------------------------------
+# MCF arithmetic.
+# ---------------------------------------------------------------------------
+
+
+def from_float(x: Array, dtype=jnp.bfloat16) -> MCF:
+  """Splits ``x`` into an MCF of ``dtype``: ``hi = round(x)``, ``lo = round(x − hi)``.
+
+  ``x`` may be any float (a Python float is taken at float64 precision).
+  """
+  dtype = _check_dtype(dtype)
+  if isinstance(x, (float, int, np.floating, np.integer)) or (
+      isinstance(x, np.ndarray) and x.dtype == np.float64
+  ):
+    hi = np.asarray(x, np.float64).astype(dtype)
+    lo = (np.asarray(x, np.float64) - hi.astype(np.float64)).astype(dtype)
+    return MCF(jnp.asarray(hi), jnp.asarray(lo))
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    x = x.astype(_wide(dtype))
+  wide = x.dtype if jnp.finfo(x.dtype).bits > jnp.finfo(_wide(dtype)).bits else _wide(dtype)
+  xw = x.astype(wide)
+  r = lambda v: round_to(v, dtype)
+  hi = r(xw)
+  lo = r(xw - hi)
+  return MCF(hi.astype(dtype), lo.astype(dtype))
+
+
+def to_float(m: MCF, dtype=jnp.float32) -> Array:
+  """The value ``hi + lo`` as a ``dtype`` array (rounded once to ``dtype``)."""
+  return m.hi.astype(dtype) + m.lo.astype(dtype)
+
+
+def split_scalar(s: Scalar, dtype) -> MCF:
+  """A scalar as an MCF of ``dtype``: ``c = round(s)``, ``d = round(s − c)``.
+
+  A Python float is split in float64, so ``0.999`` becomes, in bfloat16,
+  ``c = 1.0, d = -0.0009994...`` (not ``s - float32(s)``, which would leave
+  ``c + d == 1`` in bfloat16). A traced scalar (e.g. from
+  ``optax.inject_hyperparams``) is split from its float32 value.
+  """
+  if isinstance(s, MCF):
+    return s
+  return from_float(s, dtype)
+
+
+def grow(m: MCF, b: Array) -> MCF:
+  """Adds a float ``b`` to the MCF ``m`` (Yu et al. 2024, Algorithm "Grow").
+
+  ``b`` is first rounded to the storage precision. Then
+  ``(s, e) = two_sum(x, b); r = r ⊕ e; (x', r') = two_sum(s, r)``. Using TwoSum
+  instead of the paper's Fast2Sum keeps the step exact when ``|b| > |x|``
+  (zero crossings, updates larger than the parameter) and when a previous step
+  left ``lo`` un-normalised. The result equals ``x + r + b`` to within
+  ``ulp(r')/2 + ulp(r ⊕ e)/2`` (MCF precision, about ``2**-16`` relative for
+  bfloat16).
+  """
+  dtype = _check_dtype(m.hi.dtype)
+  r = _rounder(dtype)
+  x, lo = _up(m.hi, dtype), _up(m.lo, dtype)
+  bw = r(jnp.asarray(b).astype(jnp.promote_types(_wide(dtype), jnp.asarray(b).dtype)).astype(_wide(dtype)))
+  s, e = _two_sum(x, bw, r)
+  lo = r(lo + e)
+  hi, lo = _two_sum(s, lo, r)
+  return MCF(hi.astype(dtype), lo.astype(dtype))
+
+
+def add(m1: MCF, m2: MCF) -> MCF:
+  """The sum of two MCFs: ``(s, e) = two_sum(x1, x2); e = e ⊕ (r1 ⊕ r2); fast_two_sum(s, e)``.
+
+  Shewchuk 1997 / Dekker 1971 double-length addition, accurate to MCF
+  precision.
+  """
+  dtype = _check_same(m1.hi, m2.hi, "add")
+  r = _rounder(dtype)
+  s, e = _two_sum(_up(m1.hi, dtype), _up(m2.hi, dtype), r)
+  e = r(e + r(_up(m1.lo, dtype) + _up(m2.lo, dtype)))
+  hi, lo = _two_sum(s, e, r)
+  return MCF(hi.astype(dtype), lo.astype(dtype))
+
+
+def mul(m: MCF, s: Scalar) -> MCF:
+  """``m × s`` for a float or MCF scalar ``s = c + d`` (Dekker 1971 mul2).
+
+  ``(p, e) = two_prod(x, c); e = e ⊕ (x ⊗ d ⊕ r ⊗ c); (x', r') = fast_two_sum(p, e)``.
+  A float ``s`` is split with :func:`split_scalar` first, so ``mul(v, 0.999)``
+  multiplies by 0.999, not by ``bfloat16(0.999) == 1.0``.
+  """
+  dtype = _check_dtype(m.hi.dtype)
+  sm = split_scalar(s, dtype)
+  if jnp.dtype(sm.hi.dtype) != dtype:
+    raise TypeError(f"mul: scalar MCF of {sm.hi.dtype} for an MCF of {dtype}.")
+  r = _rounder(dtype)
+  x, lo = _up(m.hi, dtype), _up(m.lo, dtype)
+  c, d = _up(sm.hi, dtype), _up(sm.lo, dtype)
+  p, e = _two_prod(x, c, dtype, r)
+  e = r(e + r(r(x * d) + r(lo * c)))
+  hi, lo = _fast_two_sum(p, e, r)
+  return MCF(hi.astype(dtype), lo.astype(dtype))

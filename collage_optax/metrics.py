@@ -1,0 +1,76 @@
+"""Reading COLLAGE state: ``metrics`` and ``master_params``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from collage_optax import _tree
+from collage_optax.transform import CompensateState, PrecisionMetrics
+
+__all__ = ["master_params", "metrics"]
+
+
+def _find(tree: Any, kind: type) -> list[tuple[str, Any]]:
+  """Every ``kind`` node anywhere in a (chained, injected, masked) state."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, kind))
+  return [(_tree.path_str(p), x) for p, x in flat if isinstance(x, kind)]
+
+
+def metrics(opt_state: Any) -> dict[str, float]:
+  """EDQ and lost fraction from anywhere in an optimizer state, as Python floats.
+
+  Keys: ``edq``, ``lost_fraction``, and ``edq/<subtree>``,
+  ``lost_fraction/<subtree>`` per top-level subtree of the params. With several
+  tracked transformations in one state, each key is prefixed by its index
+  (``0/edq``). Empty when nothing is tracked. Call it outside ``jit``.
+  """
+  found = _find(opt_state, PrecisionMetrics)
+  out: dict[str, float] = {}
+  for i, (_, m) in enumerate(found):
+    prefix = f"{i}/" if len(found) > 1 else ""
+    out[prefix + "edq"] = float(m.edq)
+    out[prefix + "lost_fraction"] = float(m.lost_fraction)
+    for k, v in m.edq_by_subtree.items():
+      out[f"{prefix}edq/{k}"] = float(v)
+    for k, v in m.lost_fraction_by_subtree.items():
+      out[f"{prefix}lost_fraction/{k}"] = float(v)
+  return out
+
+
+def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
+  """The params at full precision: ``hi + lo`` as ``dtype`` (float32).
+
+  ``lo`` comes from the :func:`~collage_optax.compensate` state(s) anywhere in
+  ``opt_state`` (several, e.g. from ``optax.multi_transform``, are merged).
+  Float leaves without a low component are cast to ``dtype``; other leaves are
+  returned unchanged. Works under ``jit``; sharded inputs give sharded outputs.
+  """
+  states = _find(opt_state, CompensateState)
+  if not states:
+    raise ValueError(
+        "master_params: no collage_optax.compensate state in opt_state. Build the "
+        "optimizer with collage_optax.adamw(...) or optax.chain(..., collage_optax.compensate())."
+    )
+  p_flat, treedef = _tree.leaves_with_paths(params)
+  lo_flat = [None] * len(p_flat)
+  for where, st in states:
+    lo_tree = st.lo
+    _tree.check_structure("master_params", params, "params", lo_tree, f"the low components at {where}")
+    for i, lo in enumerate(treedef.flatten_up_to(lo_tree)):
+      if not _tree.is_empty(lo):
+        lo_flat[i] = lo
+  out = []
+  for (path, p), lo in zip(p_flat, lo_flat):
+    if lo is not None:
+      if jnp.shape(lo) != jnp.shape(p):
+        raise ValueError(f"master_params: leaf {path} has shape {jnp.shape(p)} but its low component {jnp.shape(lo)}.")
+      out.append(p.astype(dtype) + lo.astype(dtype))
+    elif _tree.is_float(p):
+      out.append(p.astype(dtype))
+    else:
+      out.append(p)
+  return treedef.unflatten(out)

@@ -1,0 +1,379 @@
+"""COLLAGE gradient transformations: ``compensate`` and ``scale_by_adam``.
+
+Yu et al., "Collage: Light-Weight Low-Precision Strategy for LLM Training",
+ICML 2024: keep every low-precision float whose updates rounding would destroy
+(parameters, Adam's second moment) as a multi-component float (MCF) and update
+it with error-free arithmetic.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import numerics
+
+from collage_optax import _tree
+from collage_optax import mcf
+from collage_optax.mcf import MCF
+
+__all__ = [
+    "CompensateState",
+    "PrecisionMetrics",
+    "PrecisionState",
+    "ScaleByAdamState",
+    "compensate",
+    "measure_precision",
+    "scale_by_adam",
+]
+
+
+# ---------------------------------------------------------------------------
+# Precision metrics: effective descent quality and lost fraction.
+# ---------------------------------------------------------------------------
+
+
+class PrecisionMetrics(NamedTuple):
+  """What precision cost in the last step (DESIGN §4).
+
+  ``edq = <Δθ_eff, u> / ||u||²`` (1.0 = nothing lost), ``lost_fraction`` = share
+  of elements with ``u != 0`` whose param did not change; globally and per
+  top-level subtree of the params.
+  """
+
+  edq: chex.Array
+  lost_fraction: chex.Array
+  edq_by_subtree: dict[str, chex.Array]
+  lost_fraction_by_subtree: dict[str, chex.Array]
+
+
+def _init_metrics(params: Any) -> PrecisionMetrics:
+  groups = _tree.top_level_groups(params)
+  one, zero = jnp.ones([], jnp.float32), jnp.zeros([], jnp.float32)
+  return PrecisionMetrics(one, zero, {k: one for k in groups}, {k: zero for k in groups})
+
+
+def _leaf_sums(delta: chex.Array, u: chex.Array) -> chex.Array:
+  """``[<Δ, u>, ||u||², #(u != 0), #(u != 0 and Δ == 0)]`` of one leaf, float32."""
+  delta, u = delta.astype(jnp.float32), u.astype(jnp.float32)
+  moved = u != 0
+  return jnp.stack([
+      jnp.sum(delta * u),
+      jnp.sum(u * u),
+      jnp.sum(moved, dtype=jnp.float32),
+      jnp.sum(moved & (delta == 0), dtype=jnp.float32),
+  ])
+
+
+def _ratios(sums: chex.Array) -> tuple[chex.Array, chex.Array]:
+  dot, uu, nz, lost = sums
+  edq = jnp.where(uu > 0, dot / jnp.where(uu > 0, uu, 1.0), 1.0)
+  lost_fraction = jnp.where(nz > 0, lost / jnp.where(nz > 0, nz, 1.0), 0.0)
+  return edq, lost_fraction
+
+
+def _compute_metrics(params: Any, sums: list[Optional[chex.Array]]) -> PrecisionMetrics:
+  """Global and per-subtree metrics from per-leaf sums (``None`` = not measured)."""
+  zero = jnp.zeros([4], jnp.float32)
+  sums = [zero if s is None else s for s in sums]
+  edq, lost = _ratios(sum(sums, zero))
+  by_edq, by_lost = {}, {}
+  for key, idx in _tree.top_level_groups(params).items():
+    by_edq[key], by_lost[key] = _ratios(sum((sums[i] for i in idx), zero))
+  return PrecisionMetrics(edq, lost, by_edq, by_lost)
+
+
+def _landed(p: chex.Array, u: chex.Array) -> chex.Array:
+  """``optax.apply_updates``' result ``(p + u).astype(p.dtype)``, in float32.
+
+  The rounding is explicit (``round_to``), so XLA's excess precision cannot
+  hide it.
+  """
+  wide = jnp.promote_types(p.dtype, jnp.float32)
+  return mcf.round_to(p.astype(wide) + u.astype(wide), p.dtype)
+
+
+class PrecisionState(NamedTuple):
+  """State of :func:`measure_precision`."""
+
+  metrics: PrecisionMetrics
+
+
+def measure_precision() -> optax.GradientTransformation:
+  """Records EDQ and lost fraction of plain ``apply_updates``, changing nothing.
+
+  The last link of a chain *without* compensation (e.g. ``optax.adamw`` on
+  bf16 or fp32 params), to see what rounding costs it:
+  ``Δθ_eff = round(θ + u) − θ``. Read with :func:`collage_optax.metrics`.
+  """
+
+  def init_fn(params):
+    return PrecisionState(_init_metrics(params))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "measure_precision needs `params`: call tx.update(updates, state, params)."
+      )
+    _tree.check_structure("measure_precision", params, "params", updates, "updates")
+    p_flat, treedef = _tree.leaves_with_paths(params)
+    u_flat = treedef.flatten_up_to(updates)
+    sums = [
+        _leaf_sums(_landed(p, u) - p.astype(jnp.float32), u)
+        if _tree.is_float(p) and _tree.is_float(u) else None
+        for (_, p), u in zip(p_flat, u_flat)
+    ]
+    return updates, PrecisionState(_compute_metrics(params, sums))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# compensate: COLLAGE-light for any optimizer.
+# ---------------------------------------------------------------------------
+
+
+class CompensateState(NamedTuple):
+  """State of :func:`compensate`.
+
+  ``lo`` mirrors the params: the second MCF component of every bfloat16/float16
+  leaf, ``None`` for every other leaf. ``metrics`` is ``None`` unless
+  ``track_metrics=True``.
+  """
+
+  lo: Any
+  metrics: Optional[PrecisionMetrics] = None
+
+
+def _init_lo(path: str, p: Any) -> Any:
+  _tree.check_supported_leaf("compensate", path, p)
+  return jnp.zeros_like(p) if _tree.is_low_precision(p) else None
+
+
+def _check_lo(path: str, p: Any, lo: Any) -> None:
+  expected = _tree.is_low_precision(p)
+  ok = (lo is None) if not expected else (
+      lo is not None and not _tree.is_empty(lo)
+      and jnp.shape(lo) == jnp.shape(p) and jnp.dtype(lo.dtype) == jnp.dtype(p.dtype)
+  )
+  if not ok and not (_tree.is_empty(lo) and _tree.is_empty(p)):
+    got = "nothing" if _tree.is_empty(lo) else f"{jnp.dtype(lo.dtype)}{list(jnp.shape(lo))}"
+    want = f"{jnp.dtype(p.dtype)}{list(jnp.shape(p))}" if expected else "nothing"
+    raise ValueError(
+        f"compensate: the state's low component for leaf {path} is {got} but the "
+        f"param needs {want}. The state was made for other params: call "
+        "tx.init(params) with the params you train."
+    )
+
+
+def compensate_leaf(p: chex.Array, lo: chex.Array, u: chex.Array) -> tuple[chex.Array, chex.Array, chex.Array]:
+  """One COLLAGE step on one leaf: ``(θ, lo) ← grow((θ, lo), u)``.
+
+  Returns ``(emitted update, new lo, Δθ_eff)``. The emitted update (dtype of
+  ``u``) is what makes ``apply_updates`` land on the new high component; should
+  rounding make it land elsewhere (adversarial zero crossings), the landing
+  point's miss is moved into ``lo``, so that ``θ + lo`` is still the MCF sum.
+  ``Δθ_eff`` is how far ``θ + lo`` moved, in float32.
+  """
+  wide = jnp.float32
+  new = mcf.grow(MCF(p, lo), u)
+  theta, hi = p.astype(wide), new.hi.astype(wide)
+  emitted = (hi - theta).astype(u.dtype)
+  landed = _landed(p, emitted)
+  lo_new = mcf.round_to((hi - landed) + new.lo.astype(wide), p.dtype)
+  delta = (landed + lo_new) - (theta + lo.astype(wide))
+  return emitted, lo_new.astype(p.dtype), delta
+
+
+def compensate(track_metrics: bool = False) -> optax.GradientTransformation:
+  """COLLAGE's compensated parameter update; the last link of any chain.
+
+  Keeps the second component ``lo`` of every bfloat16/float16 param ``θ`` and,
+  given the intended update ``u``, computes ``(θ', lo') = grow((θ, lo), u)``
+  (Yu et al. 2024, Algorithm 2). It emits ``θ' − θ`` in ``u``'s dtype, so that
+  ``optax.apply_updates(params, updates)`` lands exactly on ``θ'``; ``lo'``
+  goes into the state. float32 (and other) leaves pass through with no state.
+
+  Example::
+
+    tx = optax.chain(optax.lion(1e-4), collage_optax.compensate())
+
+  Args:
+    track_metrics: record EDQ and lost fraction in the state (read them with
+      :func:`collage_optax.metrics`).
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+  """
+
+  def init_fn(params):
+    lo = _tree.map_with_path(_init_lo, params)
+    return CompensateState(lo, _init_metrics(params) if track_metrics else None)
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "compensate needs `params`: call tx.update(updates, state, params) "
+          "(as for optax.adamw), with the current bf16 params."
+      )
+    if not isinstance(state, CompensateState):
+      raise TypeError(
+          f"compensate: got a state of type {type(state).__name__}, not "
+          "CompensateState. It comes from another optimizer: call tx.init(params) "
+          "with this transformation."
+      )
+    _tree.check_structure("compensate", params, "params", updates, "updates")
+    p_flat, treedef = _tree.leaves_with_paths(params)
+    u_flat = treedef.flatten_up_to(updates)
+    lo_flat = treedef.flatten_up_to(state.lo) if len(
+        _tree.leaves_with_paths(state.lo)[0]) == len(p_flat) else None
+    if lo_flat is None:
+      _tree.check_structure("compensate", params, "params", state.lo, "the state's low components")
+    out_u, out_lo, sums = [], [], []
+    for (path, p), u, lo in zip(p_flat, u_flat, lo_flat):
+      _check_lo(path, p, lo)
+      if lo is None or u is None:
+        out_u.append(u)
+        out_lo.append(lo)
+        sums.append(_leaf_sums(_landed(p, u) - p.astype(jnp.float32), u)
+                    if track_metrics and _tree.is_float(p) and _tree.is_float(u) else None)
+        continue
+      if not _tree.is_float(u):
+        raise TypeError(
+            f"compensate: the update for leaf {path} has dtype {getattr(u, 'dtype', type(u))}; "
+            "updates of bfloat16/float16 params must be floats."
+        )
+      emitted, lo_new, delta = compensate_leaf(p, lo, u)
+      out_u.append(emitted)
+      out_lo.append(lo_new)
+      sums.append(_leaf_sums(delta, u) if track_metrics else None)
+    metrics = _compute_metrics(params, sums) if track_metrics else None
+    return treedef.unflatten(out_u), CompensateState(treedef.unflatten(out_lo), metrics)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# scale_by_adam with MCF moments.
+# ---------------------------------------------------------------------------
+
+
+class ScaleByAdamState(NamedTuple):
+  """State of :func:`scale_by_adam`: step count and the two moments.
+
+  ``mu``/``nu`` mirror the params: an array of the param's dtype, an
+  :class:`~collage_optax.MCF` where ``mcf_mu``/``mcf_nu`` asks for one (on
+  bfloat16/float16 leaves), ``None`` for non-float leaves.
+  """
+
+  count: chex.Array  # shape=(), dtype=jnp.int32.
+  mu: Any
+  nu: Any
+
+
+def _ema(old: Any, target: chex.Array, decay: Any, dtype) -> tuple[Any, chex.Array]:
+  """``decay·old + (1 − decay)·target``; returns (stored value, float32 value).
+
+  An MCF ``old`` is updated as ``grow(mul(old, decay), (1 − decay)·target)``
+  with ``decay`` split into two storage-precision parts (``0.999`` stays 0.999
+  in bfloat16); a plain array is updated in float32 and rounded once to its
+  storage dtype.
+  """
+  wide = jnp.promote_types(dtype, jnp.float32)
+  if isinstance(old, MCF):
+    new = mcf.grow(mcf.mul(old, decay), (1 - decay) * target)
+    return new, mcf.to_float(new, wide)
+  value = decay * old.astype(wide) + (1 - decay) * target
+  return value.astype(dtype), value
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    *,
+    mcf_mu: bool = False,
+    mcf_nu: bool = True,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+  """Adam's scaling with moments stored at the params' precision.
+
+  ``m ← b1·m + (1−b1)·g``, ``v ← b2·v + (1−b2)·g²``,
+  ``u = m̂ / (√(v̂ + eps_root) + eps)`` with ``m̂ = m/(1−b1ᵗ)``,
+  ``v̂ = v/(1−b2ᵗ)`` (Kingma & Ba 2015; Nesterov as in ``optax.scale_by_adam``).
+  With ``mcf_nu`` the second moment of every bfloat16/float16 leaf is an MCF
+  updated as ``v ← grow(mul(v, β2), (1−β2)·g²)`` with ``β2`` itself an MCF,
+  so ``b2=0.999`` means 0.999 and ``v`` decays as in float64 (COLLAGE-plus, Yu
+  et al. 2024); ``mcf_mu`` does the same for the first moment. Arithmetic is
+  float32; per-parameter state stays at the params' precision. The step count
+  and bias corrections are float32 scalars. float32 leaves keep plain float32
+  moments; non-float leaves have no state and their updates pass through.
+
+  Returns:
+    An ``optax.GradientTransformation``; its updates have the gradients' dtypes.
+  """
+
+  def init_leaf(path, p, use_mcf):
+    _tree.check_supported_leaf("scale_by_adam", path, p)
+    if not _tree.is_float(p):
+      return None
+    zeros = jnp.zeros_like(p)
+    return MCF(zeros, jnp.zeros_like(p)) if use_mcf and _tree.is_low_precision(p) else zeros
+
+  def init_fn(params):
+    return ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=_tree.map_with_path(lambda k, p: init_leaf(k, p, mcf_mu), params),
+        nu=_tree.map_with_path(lambda k, p: init_leaf(k, p, mcf_nu), params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    if not isinstance(state, ScaleByAdamState):
+      raise TypeError(
+          f"collage_optax.scale_by_adam: got a state of type {type(state).__name__}, "
+          "not collage_optax ScaleByAdamState. It comes from another optimizer "
+          "(e.g. optax.adam): call tx.init(params) with this optimizer."
+      )
+    is_leaf = lambda x: _tree.is_empty(x) or isinstance(x, MCF)
+    mu_flat, treedef = jax.tree.flatten(state.mu, is_leaf=is_leaf)
+    try:
+      g_flat = treedef.flatten_up_to(updates)
+    except (ValueError, TypeError):
+      _tree.check_structure("scale_by_adam", state.mu, "the state's moments", updates, "updates")
+      raise
+    nu_flat = treedef.flatten_up_to(state.nu)
+    paths = [p for p, _ in _tree.leaves_with_paths(updates)[0]]
+    count_inc = numerics.safe_increment(state.count)
+    t = count_inc.astype(jnp.float32)
+    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    out_u, out_mu, out_nu = [], [], []
+    for path, g, m, v in zip(paths, g_flat, mu_flat, nu_flat):
+      if m is None or g is None:
+        out_u.append(g), out_mu.append(m), out_nu.append(v)
+        continue
+      if not _tree.is_float(g):
+        raise TypeError(f"scale_by_adam: the gradient for leaf {path} has dtype {g.dtype}; it must be a float.")
+      if jnp.shape(g) != jnp.shape(m):
+        raise ValueError(
+            f"scale_by_adam: the gradient for leaf {path} has shape {jnp.shape(g)} but "
+            f"the state was made for shape {jnp.shape(m)}: call tx.init(params) with the params you train."
+        )
+      dtype = m.dtype
+      g32 = g.astype(jnp.promote_types(dtype, jnp.float32))
+      m_new, m32 = _ema(m, g32, b1, dtype)
+      v_new, v32 = _ema(v, g32 * g32, b2, dtype)
+      if nesterov:
+        m_hat = b1 * m32 / (1 - b1 ** (t + 1)) + (1 - b1) * g32 / bc1
+      else:
+        m_hat = m32 / bc1
+      u = m_hat / (jnp.sqrt(v32 / bc2 + eps_root) + eps)
+      out_u.append(u.astype(g.dtype)), out_mu.append(m_new), out_nu.append(v_new)
+    return treedef.unflatten(out_u), ScaleByAdamState(
+        count_inc, treedef.unflatten(out_mu), treedef.unflatten(out_nu))
+
+  return optax.GradientTransformation(init_fn, update_fn)
