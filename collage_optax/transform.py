@@ -264,30 +264,37 @@ def compensate(track_metrics: bool = False) -> optax.GradientTransformation:
 class ScaleByAdamState(NamedTuple):
   """State of :func:`scale_by_adam`: step count and the two moments.
 
-  ``mu``/``nu`` mirror the params: an array of the param's dtype, an
-  :class:`~collage_optax.MCF` where ``mcf_mu``/``mcf_nu`` asks for one (on
-  bfloat16/float16 leaves), ``None`` for non-float leaves.
+  ``mu``/``nu`` mirror the params with arrays of the param's dtype (``None``
+  for non-float leaves). Where ``mcf_mu``/``mcf_nu`` asks for an MCF (on
+  bfloat16/float16 leaves), the moment is the MCF ``(mu, mu_lo)`` /
+  ``(nu, nu_lo)``; ``mu_lo``/``nu_lo`` mirror the params with ``None`` on the
+  other leaves, and are ``None`` altogether when not asked for (no placeholder
+  arrays). Keeping the components as parallel trees keeps the state a plain
+  tree of arrays for ``nnx.Optimizer``, shardings and checkpoints.
   """
 
   count: chex.Array  # shape=(), dtype=jnp.int32.
   mu: Any
   nu: Any
+  mu_lo: Any = None
+  nu_lo: Any = None
 
 
-def _ema(old: Any, target: chex.Array, decay: Any, dtype) -> tuple[Any, chex.Array]:
-  """``decay·old + (1 − decay)·target``; returns (stored value, float32 value).
+def _ema(old: Any, old_lo: Any, target: chex.Array, decay: Any) -> tuple[Any, Any, chex.Array]:
+  """``decay·old + (1 − decay)·target``; returns (stored hi, stored lo, float32 value).
 
-  An MCF ``old`` is updated as ``grow(mul(old, decay), (1 − decay)·target)``
-  with ``decay`` split into two storage-precision parts (``0.999`` stays 0.999
-  in bfloat16); a plain array is updated in float32 and rounded once to its
-  storage dtype.
+  With a low component, the MCF ``(old, old_lo)`` is updated as
+  ``grow(mul(m, decay), (1 − decay)·target)`` with ``decay`` split into two
+  storage-precision parts (``0.999`` stays 0.999 in bfloat16). Without, the
+  value is computed in float32 and rounded once to ``old``'s dtype.
   """
+  dtype = old.dtype
   wide = jnp.promote_types(dtype, jnp.float32)
-  if isinstance(old, MCF):
-    new = mcf.grow(mcf.mul(old, decay), (1 - decay) * target)
-    return new, mcf.to_float(new, wide)
+  if old_lo is not None:
+    new = mcf.grow(mcf.mul(MCF(old, old_lo), decay), (1 - decay) * target)
+    return new.hi, new.lo, mcf.to_float(new, wide)
   value = decay * old.astype(wide) + (1 - decay) * target
-  return value.astype(dtype), value
+  return value.astype(dtype), None, value
 
 
 def scale_by_adam(
@@ -317,18 +324,21 @@ def scale_by_adam(
     An ``optax.GradientTransformation``; its updates have the gradients' dtypes.
   """
 
-  def init_leaf(path, p, use_mcf):
+  def init_moment(path, p):
     _tree.check_supported_leaf("scale_by_adam", path, p)
-    if not _tree.is_float(p):
-      return None
-    zeros = jnp.zeros_like(p)
-    return MCF(zeros, jnp.zeros_like(p)) if use_mcf and _tree.is_low_precision(p) else zeros
+    return jnp.zeros_like(p) if _tree.is_float(p) else None
+
+  def init_lo(path, p):
+    return jnp.zeros_like(p) if _tree.is_low_precision(p) else None
 
   def init_fn(params):
+    lo = lambda use: _tree.map_with_path(init_lo, params) if use else None
     return ScaleByAdamState(
         count=jnp.zeros([], jnp.int32),
-        mu=_tree.map_with_path(lambda k, p: init_leaf(k, p, mcf_mu), params),
-        nu=_tree.map_with_path(lambda k, p: init_leaf(k, p, mcf_nu), params),
+        mu=_tree.map_with_path(init_moment, params),
+        nu=_tree.map_with_path(init_moment, params),
+        mu_lo=lo(mcf_mu),
+        nu_lo=lo(mcf_nu),
     )
 
   def update_fn(updates, state, params=None):
@@ -339,22 +349,17 @@ def scale_by_adam(
           "not collage_optax ScaleByAdamState. It comes from another optimizer "
           "(e.g. optax.adam): call tx.init(params) with this optimizer."
       )
-    is_leaf = lambda x: _tree.is_empty(x) or isinstance(x, MCF)
-    mu_flat, treedef = jax.tree.flatten(state.mu, is_leaf=is_leaf)
-    try:
-      g_flat = treedef.flatten_up_to(updates)
-    except (ValueError, TypeError):
-      _tree.check_structure("scale_by_adam", state.mu, "the state's moments", updates, "updates")
-      raise
-    nu_flat = treedef.flatten_up_to(state.nu)
-    paths = [p for p, _ in _tree.leaves_with_paths(updates)[0]]
+    _tree.check_structure("scale_by_adam", state.mu, "the state's moments", updates, "updates")
+    u_flat, treedef = _tree.leaves_with_paths(updates)
+    flat = lambda t: treedef.flatten_up_to(t) if t is not None else [None] * len(u_flat)
+    mu, nu, mu_lo, nu_lo = flat(state.mu), flat(state.nu), flat(state.mu_lo), flat(state.nu_lo)
     count_inc = numerics.safe_increment(state.count)
     t = count_inc.astype(jnp.float32)
     bc1, bc2 = 1 - b1**t, 1 - b2**t
-    out_u, out_mu, out_nu = [], [], []
-    for path, g, m, v in zip(paths, g_flat, mu_flat, nu_flat):
+    out = []
+    for (path, g), m, v, m_lo, v_lo in zip(u_flat, mu, nu, mu_lo, nu_lo):
       if m is None or g is None:
-        out_u.append(g), out_mu.append(m), out_nu.append(v)
+        out.append((g, m, v, m_lo, v_lo))
         continue
       if not _tree.is_float(g):
         raise TypeError(f"scale_by_adam: the gradient for leaf {path} has dtype {g.dtype}; it must be a float.")
@@ -363,17 +368,19 @@ def scale_by_adam(
             f"scale_by_adam: the gradient for leaf {path} has shape {jnp.shape(g)} but "
             f"the state was made for shape {jnp.shape(m)}: call tx.init(params) with the params you train."
         )
-      dtype = m.dtype
-      g32 = g.astype(jnp.promote_types(dtype, jnp.float32))
-      m_new, m32 = _ema(m, g32, b1, dtype)
-      v_new, v32 = _ema(v, g32 * g32, b2, dtype)
+      g32 = g.astype(jnp.promote_types(m.dtype, jnp.float32))
+      m, m_lo, m32 = _ema(m, m_lo, g32, b1)
+      v, v_lo, v32 = _ema(v, v_lo, g32 * g32, b2)
       if nesterov:
         m_hat = b1 * m32 / (1 - b1 ** (t + 1)) + (1 - b1) * g32 / bc1
       else:
         m_hat = m32 / bc1
       u = m_hat / (jnp.sqrt(v32 / bc2 + eps_root) + eps)
-      out_u.append(u.astype(g.dtype)), out_mu.append(m_new), out_nu.append(v_new)
-    return treedef.unflatten(out_u), ScaleByAdamState(
-        count_inc, treedef.unflatten(out_mu), treedef.unflatten(out_nu))
+      out.append((u.astype(g.dtype), m, v, m_lo, v_lo))
+    u, mu, nu, mu_lo, nu_lo = (treedef.unflatten(list(c)) for c in zip(*out)) if out else [treedef.unflatten([])] * 5
+    return u, ScaleByAdamState(
+        count_inc, mu, nu,
+        mu_lo if state.mu_lo is not None else None,
+        nu_lo if state.nu_lo is not None else None)
 
   return optax.GradientTransformation(init_fn, update_fn)
