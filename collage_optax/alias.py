@@ -6,6 +6,7 @@ import math
 from typing import Any, Callable, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from collage_optax import transform
@@ -16,12 +17,41 @@ MODES = ("light", "plus", "full")
 
 
 def _check_hyperparam(name: str, value: Any, *, upper: Optional[float] = None) -> None:
-  """Rejects negative or non-finite Python-number hyperparameters."""
+  """Rejects negative or non-finite Python numbers and sub-float32 arrays.
+
+  ``optax.inject_hyperparams`` casts hyperparameters to the params' widest
+  dtype; with all-bfloat16 params ``b2=0.999`` arrives as ``1.0`` and Adam's
+  bias correction ``1 − b2ᵗ`` is 0, so such arrays are refused.
+  """
+  dtype = getattr(value, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4:
+    raise TypeError(
+        f"collage_optax.adamw: {name} is a {jnp.dtype(dtype)} array; hyperparameters "
+        "must be float32 (0.999 is 1.0 in bfloat16). Under optax.inject_hyperparams "
+        "with bfloat16 params pass hyperparam_dtype=jnp.float32."
+    )
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     return  # arrays and schedules are checked by the user's own code.
   if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
     bound = f"in [0, {upper})" if upper is not None else "finite and >= 0"
     raise ValueError(f"collage_optax.adamw: {name}={value!r} must be {bound}.")
+
+
+def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``inner`` with its updates cast back to the dtypes of the updates it got.
+
+  Array hyperparameters (float32 under ``optax.inject_hyperparams``) would
+  promote bfloat16 updates to float32, and ``compensate`` emits its input's
+  dtype, which ``optax.apply_if_finite`` and ``optax.MultiSteps`` need to match
+  the gradients'. ``grow`` rounds the update to the storage precision anyway.
+  """
+
+  def update_fn(updates, state, params=None):
+    new, state = inner.update(updates, state, params)
+    cast = lambda n, u: n if n is None or u is None else n.astype(u.dtype)
+    return jax.tree.map(cast, new, updates, is_leaf=lambda x: x is None), state
+
+  return optax.GradientTransformation(inner.init, update_fn)
 
 
 def adamw(
@@ -76,7 +106,7 @@ def adamw(
       transform.scale_by_adam(
           b1, b2, eps, eps_root,
           mcf_mu=mode == "full", mcf_nu=mode in ("plus", "full"), nesterov=nesterov),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
+      _keep_dtypes(optax.add_decayed_weights(weight_decay, mask)),
+      _keep_dtypes(optax.scale_by_learning_rate(learning_rate)),
       transform.compensate(track_metrics=track_metrics),
   )

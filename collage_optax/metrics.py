@@ -41,6 +41,14 @@ def metrics(opt_state: Any) -> dict[str, float]:
   return out
 
 
+def _unbox(tree: Any) -> Any:
+  """Flax ``nnx.Variable`` nodes (``nnx.state``, ``nnx.Optimizer``'s state) as their values."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  return jax.tree.map(lambda x: x.get_value() if is_var(x) else x, tree, is_leaf=is_var)
+
+
 def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
   """The params at full precision: ``hi + lo`` as ``dtype`` (float32).
 
@@ -48,6 +56,8 @@ def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
   ``opt_state`` (several, e.g. from ``optax.multi_transform``, are merged).
   Float leaves without a low component are cast to ``dtype``; other leaves are
   returned unchanged. Works under ``jit``; sharded inputs give sharded outputs.
+  Flax NNX works too: ``master_params(nnx.state(model, nnx.Param),
+  optimizer.opt_state)`` returns an ``nnx.State`` of arrays.
   """
   states = _find(opt_state, CompensateState)
   if not states:
@@ -55,10 +65,11 @@ def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
         "master_params: no collage_optax.compensate state in opt_state. Build the "
         "optimizer with collage_optax.adamw(...) or optax.chain(..., collage_optax.compensate())."
     )
+  params = _unbox(params)
   p_flat, treedef = _tree.leaves_with_paths(params)
   lo_flat = [None] * len(p_flat)
   for where, st in states:
-    lo_tree = st.lo
+    lo_tree = _unbox(st.lo)
     _tree.check_structure("master_params", params, "params", lo_tree, f"the low components at {where}")
     for i, lo in enumerate(treedef.flatten_up_to(lo_tree)):
       if not _tree.is_empty(lo):

@@ -1,0 +1,361 @@
+"""COLLAGE inside optax's combinators.
+
+``collage_optax.adamw`` and ``compensate()`` inside ``optax.chain``,
+``inject_hyperparams``, ``masked``/``multi_transform``, ``MultiSteps``,
+``apply_if_finite``, with ``clip_by_global_norm`` and after ``lion`` and
+``sgd(momentum=...)``.
+
+The reference is optax itself: the same combinator around the plain optax
+optimizer, run on float32 copies of the params with the same (bfloat16-valued)
+gradients. ``master_params`` of the bfloat16 run must track it to within what
+bfloat16 MCF arithmetic allows, and the naive run (the same optax chain on the
+bfloat16 params) must be far off, so that the check has teeth: the setup (gains
+at 1.0, ``lr = 1e-3``) is one where plain bfloat16 rounds most updates away.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import optax
+import pytest
+
+import collage_optax as co
+
+BF16 = jnp.bfloat16
+STEPS = 120
+LR = 1e-3
+WD = 1e-4
+DTYPES = {"gain": BF16, "w": BF16, "b": jnp.float32}  # a mixed tree: fp32 leaves pass through.
+
+
+@functools.lru_cache(maxsize=None)
+def _stream(steps: int = STEPS, seed: int = 0):
+  """Initial params and a fixed gradient stream, both bfloat16-valued, in float64."""
+  rng = np.random.default_rng(seed)
+  p0 = {"gain": np.ones(16), "w": rng.normal(0.0, 0.5, (8, 8)), "b": rng.normal(0.0, 0.1, (8,))}
+  grads = [{k: 0.5 + rng.normal(0.0, 1.0, v.shape) for k, v in p0.items()} for _ in range(steps)]
+  as_bf16 = lambda t: {k: v.astype(ml_dtypes.bfloat16).astype(np.float64) for k, v in t.items()}
+  return as_bf16(p0), [as_bf16(g) for g in grads]
+
+
+def _cast(tree, dtypes):
+  """``tree`` as jax arrays: ``dtypes`` a dtype, or a dict of dtypes per key."""
+  pick = (lambda k: dtypes[k]) if isinstance(dtypes, dict) else (lambda k: dtypes)
+  return {k: jnp.asarray(v, pick(k)) for k, v in tree.items()}
+
+
+def _run(tx, dtypes, grads=None, *, on_step=None, check_dtypes=True):
+  """Trains with ``tx`` from the stream's params; returns (params, state).
+
+  ``on_step(i, params, state, updates, grads) -> state or None`` may inspect
+  every step and replace the state (e.g. to change a hyperparameter).
+  ``check_dtypes``: assert that the updates have the gradients' dtypes (plain
+  optax under ``inject_hyperparams`` does not: float32 hyperparameters promote).
+  """
+  p0, stream = _stream()
+  params = _cast(p0, dtypes)
+  state = tx.init(params)
+
+  @jax.jit
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s, u
+
+  for i, g in enumerate(stream if grads is None else grads):
+    g = _cast(g, dtypes)
+    new_params, state, u = step(params, state, g)
+    if check_dtypes:
+      _assert_dtypes_like(u, g)
+    if on_step is not None:
+      state = on_step(i, params, new_params, state) or state
+    params = new_params
+  return params, state
+
+
+def _assert_dtypes_like(updates, grads):
+  got = jax.tree.map(lambda x: jnp.dtype(x.dtype), updates)
+  want = jax.tree.map(lambda x: jnp.dtype(x.dtype), grads)
+  assert got == want, f"updates have dtypes {got}, the gradients {want}"
+
+
+def _flat64(tree) -> np.ndarray:
+  return np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(tree)])
+
+
+def _rel_err(x, ref) -> float:
+  """``||x − ref|| / ||ref − p0||``: error relative to how far the reference moved."""
+  p0 = {k: v for k, v in _stream()[0].items() if k in ref}
+  moved = np.linalg.norm(_flat64(ref) - _flat64(p0))
+  assert moved > 0.05, "the reference barely moved: the comparison would be vacuous"
+  return float(np.linalg.norm(_flat64(x) - _flat64(ref)) / moved)
+
+
+def _assert_tracks(ours_params, ours_state, ref_params, naive_params, tol):
+  """COLLAGE's ``hi + lo`` within ``tol`` of the fp32 reference; naive bf16 ≥ 20× worse."""
+  err = _rel_err(co.master_params(ours_params, ours_state), ref_params)
+  naive = _rel_err(naive_params, ref_params)
+  assert err < tol, f"COLLAGE off the fp32 reference by {err:.2e} (tol {tol:.0e})"
+  assert naive > 20 * err, f"naive bf16 {naive:.2e} vs COLLAGE {err:.2e}: the setup does not discriminate"
+  for k in ours_params:
+    assert ours_params[k].dtype == DTYPES[k], f"param {k} changed dtype to {ours_params[k].dtype}"
+  return err, naive
+
+
+_REF_CACHE: dict = {}
+
+
+def _reference(name: str, make_tx, dtypes=jnp.float32, **kw):
+  """The plain-optax run (cached: several tests share a reference)."""
+  key = (name, str(dtypes))
+  if key not in _REF_CACHE:
+    _REF_CACHE[key] = _run(make_tx(), dtypes, check_dtypes=False, **kw)[0]
+  return _REF_CACHE[key]
+
+
+def _optax_adamw():
+  return optax.adamw(LR, weight_decay=WD)
+
+
+# ---------------------------------------------------------------------------
+# chain, clip_by_global_norm, lion, sgd(momentum)
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,tol", [("light", 8e-3), ("plus", 5e-3), ("full", 5e-3)])
+def test_chain_with_clip_by_global_norm_tracks_fp32_optax(mode, tol):
+  p0, stream = _stream()
+  assert all(np.sqrt(sum(np.sum(v**2) for v in g.values())) > 2.0 for g in stream), "clipping must act"
+  make_ref = lambda: optax.chain(optax.clip_by_global_norm(1.0), _optax_adamw())
+  ours = _run(optax.chain(optax.clip_by_global_norm(1.0), co.adamw(LR, weight_decay=WD, mode=mode)), DTYPES)
+  _assert_tracks(*ours, _reference("clip+adamw", make_ref), _reference("clip+adamw", make_ref, DTYPES), tol)
+
+
+@pytest.mark.parametrize(
+    "name,make_inner,tol",
+    [
+        ("lion", lambda: optax.lion(1e-4), 2e-2),
+        ("sgd_momentum", lambda: optax.sgd(1e-4, momentum=0.9), 2e-2),
+    ],
+)
+def test_compensate_after_optimizer_tracks_fp32_optax(name, make_inner, tol):
+  ours = _run(optax.chain(make_inner(), co.compensate()), DTYPES)
+  _assert_tracks(*ours, _reference(name, make_inner), _reference(name, make_inner, DTYPES), tol)
+
+
+# ---------------------------------------------------------------------------
+# inject_hyperparams
+# ---------------------------------------------------------------------------
+
+
+def _set_lr(at: int, lr: float):
+  def on_step(i, params, new_params, state):
+    if i == at:
+      hp = dict(state.hyperparams)
+      hp["learning_rate"] = jnp.asarray(lr, hp["learning_rate"].dtype)
+      return state._replace(hyperparams=hp)
+    return None
+  return on_step
+
+
+def test_inject_hyperparams_learning_rate_change_takes_effect():
+  half = STEPS // 2
+  make_ref = lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=LR, weight_decay=WD)
+  ref = _run(make_ref(), jnp.float32, on_step=_set_lr(half, 4 * LR), check_dtypes=False)[0]
+  naive = _run(make_ref(), DTYPES, on_step=_set_lr(half, 4 * LR), check_dtypes=False)[0]
+  # Mixed tree: inject_hyperparams makes the hyperparameters float32 arrays.
+  tx = optax.inject_hyperparams(co.adamw)(learning_rate=LR, weight_decay=WD)
+  params, state = _run(tx, DTYPES, on_step=_set_lr(half, 4 * LR))
+  assert state.hyperparams["learning_rate"].dtype == jnp.float32
+  err, _ = _assert_tracks(params, state, ref, naive, 5e-3)
+  # The change took effect: the run that keeps lr is far from the one that changed it.
+  unchanged = _reference("adamw", _optax_adamw)
+  assert _rel_err(unchanged, ref) > 20 * err
+
+
+def test_inject_hyperparams_zero_learning_rate_freezes_hi_and_lo():
+  """After lr := 0 no step may move ``θ`` or its low component, bit for bit."""
+  snapshots = []
+
+  def on_step(i, params, new_params, state):
+    if i >= 20:
+      snapshots.append((new_params, state.inner_state[-1].lo))
+    return _set_lr(10, 0.0)(i, params, new_params, state)
+
+  tx = optax.inject_hyperparams(co.adamw, hyperparam_dtype=jnp.float32)(learning_rate=LR)
+  _run(tx, BF16, _stream()[1][:40], on_step=on_step)
+  (p_first, lo_first), rest = snapshots[0], snapshots[1:]
+  assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(lo_first)), "lo never moved"
+  for p, lo in rest:
+    for a, b in zip(jax.tree.leaves((p_first, lo_first)), jax.tree.leaves((p, lo))):
+      np.testing.assert_array_equal(np.asarray(a).view(np.uint16), np.asarray(b).view(np.uint16))
+
+
+def test_inject_hyperparams_with_bf16_hyperparameters_is_refused():
+  """All-bf16 params make inject_hyperparams cast b2=0.999 to bf16, i.e. 1.0."""
+  p0, _ = _stream()
+  tx = optax.inject_hyperparams(co.adamw)(learning_rate=LR)
+  with pytest.raises(TypeError, match="hyperparam_dtype=jnp.float32"):
+    tx.init(_cast(p0, BF16))
+  # The fix the message names works, and b2 really is 0.999 (not 1.0) then.
+  tx = optax.inject_hyperparams(co.adamw, hyperparam_dtype=jnp.float32)(learning_rate=LR)
+  state = tx.init(_cast(p0, BF16))
+  assert float(state.hyperparams["b2"]) == pytest.approx(0.999, rel=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# masked / multi_transform
+# ---------------------------------------------------------------------------
+
+
+def test_multi_transform_merges_lo_of_several_compensate_states():
+  labels = {"gain": "adamw", "w": "lion", "b": "adam"}
+  ours_tx = optax.multi_transform(
+      {"adamw": co.adamw(LR, weight_decay=WD),
+       "lion": optax.chain(optax.lion(1e-4), co.compensate()),
+       "adam": optax.adam(LR)},
+      labels)
+  make_ref = lambda: optax.multi_transform(
+      {"adamw": _optax_adamw(), "lion": optax.lion(1e-4), "adam": optax.adam(LR)}, labels)
+  params, state = _run(ours_tx, DTYPES)
+  ref = _reference("multi", make_ref)
+  _assert_tracks(params, state, ref, _reference("multi", make_ref, DTYPES), 2e-2)
+  # Two compensate states, each holding lo for its own bf16 leaf only.
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, co.CompensateState))
+           if isinstance(s, co.CompensateState)]
+  assert len(found) == 2
+  owners = sorted(k for s in found for k, lo in s.lo.items()
+                  if not isinstance(lo, optax.MaskedNode) and lo is not None)
+  assert owners == ["gain", "w"]
+  master = co.master_params(params, state)
+  for k in ("gain", "w"):  # hi + lo of every bf16 leaf, each from its own state
+    assert _rel_err({k: master[k]}, {k: ref[k]}) < _rel_err({k: params[k]}, {k: ref[k]}) / 5
+  # The fp32 leaf went through optax.adam untouched: equal to the reference.
+  np.testing.assert_allclose(np.asarray(params["b"]), np.asarray(ref["b"]), rtol=1e-6, atol=1e-7)
+
+
+def test_masked_chain_bf16_via_collage_fp32_via_optax():
+  bf16_mask = {"gain": True, "w": True, "b": False}
+  fp32_mask = {k: not v for k, v in bf16_mask.items()}
+  ours_tx = optax.chain(optax.masked(co.adamw(LR, weight_decay=WD), bf16_mask),
+                        optax.masked(optax.adam(LR), fp32_mask))
+  make_ref = lambda: optax.chain(optax.masked(_optax_adamw(), bf16_mask),
+                                 optax.masked(optax.adam(LR), fp32_mask))
+  params, state = _run(ours_tx, DTYPES)
+  ref = _reference("masked", make_ref)
+  _assert_tracks(params, state, ref, _reference("masked", make_ref, DTYPES), 5e-3)
+  np.testing.assert_allclose(np.asarray(params["b"]), np.asarray(ref["b"]), rtol=1e-6, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------
+# MultiSteps
+# ---------------------------------------------------------------------------
+
+
+def test_multisteps_applies_once_per_k_and_tracks_fp32_optax():
+  k = 4
+  moved_at = []
+
+  def on_step(i, params, new_params, state):
+    moved = any(np.any(np.asarray(a) != np.asarray(b))
+                for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(new_params)))
+    moved_at.append((i, moved, int(state.gradient_step)))
+
+  make_ref = lambda: optax.MultiSteps(_optax_adamw(), every_k_schedule=k)
+  params, state = _run(optax.MultiSteps(co.adamw(LR, weight_decay=WD), every_k_schedule=k),
+                       DTYPES, on_step=on_step)
+  for i, moved, gradient_step in moved_at:
+    boundary = (i + 1) % k == 0
+    assert gradient_step == (i + 1) // k
+    # Adam moves the fp32 leaf on every real step; nothing moves in between.
+    assert moved == boundary, f"micro-step {i}: params moved={moved}, every_k={k}"
+  _assert_tracks(params, state, _reference("multisteps", make_ref),
+                 _reference("multisteps", make_ref, DTYPES), 5e-3)
+
+
+def test_multisteps_low_component_only_changes_on_boundaries():
+  k = 3
+  los = []
+  tx = optax.MultiSteps(co.adamw(LR), every_k_schedule=k)
+
+  def on_step(i, params, new_params, state):
+    los.append(np.asarray(co.master_params(new_params, state)["gain"]))
+
+  _run(tx, DTYPES, _stream()[1][:12], on_step=on_step)
+  for i in range(1, 12):
+    changed = np.any(los[i] != los[i - 1])
+    assert changed == ((i + 1) % k == 0), f"micro-step {i}: hi+lo changed={changed}"
+
+
+# ---------------------------------------------------------------------------
+# apply_if_finite
+# ---------------------------------------------------------------------------
+
+
+def _bits(tree):
+  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
+
+
+def test_apply_if_finite_nan_step_changes_nothing_then_training_continues():
+  bad = 7
+  _, stream = _stream()
+  grads = [dict(g) for g in stream]
+  grads[bad]["w"] = grads[bad]["w"].copy()
+  grads[bad]["w"][2, 3] = np.nan
+  seen = {}
+
+  def on_step(i, params, new_params, state):
+    if i in (bad - 1, bad):
+      seen[i] = (params, new_params, state)
+
+  tx = optax.apply_if_finite(co.adamw(LR, weight_decay=WD), max_consecutive_errors=3)
+  params, state = _run(tx, DTYPES, grads, on_step=on_step)
+  before_params, after_params, after_state = seen[bad]
+  _, _, before_state = seen[bad - 1]
+  assert _bits(after_params) == _bits(before_params)
+  assert _bits(after_state.inner_state) == _bits(before_state.inner_state)
+  assert not bool(after_state.last_finite) and int(after_state.total_notfinite) == 1
+  assert int(state.notfinite_count) == 0 and bool(state.last_finite)
+  # Training continued as if the bad step had never been: bit for bit.
+  skipped = grads[:bad] + grads[bad + 1:]
+  params_skip, state_skip = _run(co.adamw(LR, weight_decay=WD), DTYPES, skipped)
+  # Every COLLAGE op is explicitly rounded, so the bf16 leaves and their low
+  # components are bit-identical; the fp32 leaf is plain fp32 arithmetic, which
+  # XLA compiles differently inside apply_if_finite's lax.cond (a last-bit matter).
+  master, master_skip = co.master_params(params, state), co.master_params(params_skip, state_skip)
+  for k in ("gain", "w"):
+    assert _bits((params[k], master[k])) == _bits((params_skip[k], master_skip[k])), k
+  np.testing.assert_allclose(np.asarray(params["b"]), np.asarray(params_skip["b"]), rtol=1e-6, atol=1e-8)
+  ref = _run(_optax_adamw(), jnp.float32, skipped, check_dtypes=False)[0]
+  naive = _run(_optax_adamw(), DTYPES, skipped, check_dtypes=False)[0]
+  _assert_tracks(params, state, ref, naive, 5e-3)
+
+
+# ---------------------------------------------------------------------------
+# dtypes: updates have the gradients' dtypes in every combination. The runs
+# above check it on every step; these are the nestings they do not cover.
+# ---------------------------------------------------------------------------
+
+COMBOS = {
+    "inject_schedule": lambda: optax.inject_hyperparams(co.adamw, hyperparam_dtype=jnp.float32)(
+        learning_rate=optax.cosine_decay_schedule(LR, 100), weight_decay=0.1),
+    "apply_if_finite_inject": lambda: optax.apply_if_finite(
+        optax.inject_hyperparams(co.adamw)(learning_rate=LR, mode="full"), max_consecutive_errors=2),
+    "multisteps_inject": lambda: optax.MultiSteps(
+        optax.inject_hyperparams(co.adamw)(learning_rate=LR, mode="light"), every_k_schedule=2),
+    "multi_transform_masked_decay": lambda: optax.multi_transform(
+        {"c": co.adamw(LR, mask={"gain": False, "w": True, "b": False}), "o": optax.adam(LR)},
+        {"gain": "c", "w": "c", "b": "o"}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COMBOS))
+def test_update_dtypes_equal_grad_dtypes(name):
+  _, stream = _stream()
+  params, state = _run(COMBOS[name](), DTYPES, stream[:3])  # _run asserts dtypes every step
+  assert jax.tree.map(lambda x: x.dtype, params) == {k: jnp.dtype(v) for k, v in DTYPES.items()}
+  assert np.all(np.isfinite(_flat64(co.master_params(params, state))))
