@@ -1,0 +1,197 @@
+"""Flax: bf16 models trained with ``collage_optax.adamw`` through NNX and Linen.
+
+NNX: ``nnx.Optimizer(model, collage_optax.adamw(...), wrt=nnx.Param)``; Linen:
+``flax.training.train_state.TrainState``. Params are bfloat16, the loss goes
+down, params stay bfloat16, the low components live in the optimizer state and
+survive ``nnx.Optimizer``'s state handling (``nnx.state`` turns unknown pytree
+nodes inside Variables into ``State`` dicts) step after step. In a mixed model
+the float32 LayerNorm params have no low component and train exactly like
+``optax.adamw``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from flax.training import train_state
+
+import collage_optax as co
+
+BF16 = jnp.bfloat16
+STEPS = 60
+
+
+def _task(n: int = 128, d: int = 8):
+  """A learnable regression: ``y = tanh(x @ w)`` with bf16 inputs."""
+  kx, kw = jax.random.split(jax.random.key(0))
+  x = jax.random.normal(kx, (n, d), jnp.float32)
+  y = jnp.tanh(x @ jax.random.normal(kw, (d, 1)) / jnp.sqrt(d))
+  return x.astype(BF16), y.astype(BF16)
+
+
+def _is_var(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _unbox(tree):
+  return jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
+
+
+def _compensate_state(opt_state) -> co.CompensateState:
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, co.CompensateState))
+           if isinstance(s, co.CompensateState)]
+  assert len(found) == 1, f"expected one compensate state, found {len(found)}"
+  return found[0]
+
+
+def _adam_state(opt_state) -> co.ScaleByAdamState:
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, co.ScaleByAdamState))
+           if isinstance(s, co.ScaleByAdamState)]
+  assert len(found) == 1
+  return found[0]
+
+
+def _nonzero_fraction(tree) -> float:
+  leaves = [np.asarray(x, np.float32) for x in jax.tree.leaves(tree)]
+  return sum(np.count_nonzero(x) for x in leaves) / sum(x.size for x in leaves)
+
+
+# ---------------------------------------------------------------------------
+# NNX
+# ---------------------------------------------------------------------------
+
+
+class _MLP(nnx.Module):
+  def __init__(self, rngs: nnx.Rngs, norm_dtype=None):
+    self.norm = None if norm_dtype is None else nnx.LayerNorm(8, param_dtype=norm_dtype, dtype=BF16, rngs=rngs)
+    self.fc1 = nnx.Linear(8, 32, param_dtype=BF16, dtype=BF16, rngs=rngs)
+    self.fc2 = nnx.Linear(32, 1, param_dtype=BF16, dtype=BF16, rngs=rngs)
+
+  def __call__(self, x):
+    if self.norm is not None:
+      x = self.norm(x)
+    return self.fc2(jax.nn.gelu(self.fc1(x)))
+
+
+@nnx.jit
+def _nnx_step(model, optimizer, x, y):
+  def loss_fn(m):
+    return jnp.mean((m(x).astype(jnp.float32) - y.astype(jnp.float32)) ** 2)
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss, grads
+
+
+def test_nnx_optimizer_trains_bf16_model_and_keeps_low_components():
+  x, y = _task()
+  model = _MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, co.adamw(3e-3, mode="plus", track_metrics=True), wrt=nnx.Param)
+  structure0 = jax.tree.structure(optimizer.opt_state)
+  losses = []
+  for _ in range(STEPS):
+    loss, _ = _nnx_step(model, optimizer, x, y)
+    losses.append(float(loss))
+    assert jax.tree.structure(optimizer.opt_state) == structure0, "the state changed its structure"
+  assert losses[-1] < 0.5 * losses[0], losses
+  params = nnx.state(model, nnx.Param)
+  assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(BF16)}
+  comp, adam = _compensate_state(optimizer.opt_state), _adam_state(optimizer.opt_state)
+  # The low components: bf16, one per param, and in use.
+  lo = _unbox(comp.lo)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), lo) == jax.tree.map(lambda a: (a.shape, a.dtype), _unbox(params))
+  assert _nonzero_fraction(lo) > 0.5
+  assert adam.mu_lo is None and _nonzero_fraction(_unbox(adam.nu_lo)) > 0.5  # "plus": MCF v only
+  # master_params reads them: hi + lo, off the bf16 params by at most half a bf16 ulp.
+  master = co.master_params(params, optimizer.opt_state)
+  for p, m, l in zip(jax.tree.leaves(_unbox(params)), jax.tree.leaves(master), jax.tree.leaves(lo)):
+    assert m.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(m), np.asarray(p, np.float32) + np.asarray(l, np.float32))
+    assert np.all(np.abs(np.asarray(l, np.float32)) <= np.spacing(np.abs(np.asarray(p, np.float32)), dtype=np.float32) * 2**15 + 1e-38)
+  assert abs(co.metrics(optimizer.opt_state)["edq"] - 1.0) < 0.05
+
+
+def test_nnx_mixed_model_fp32_layernorm_trains_like_optax():
+  """bf16 Linear + fp32 LayerNorm: the fp32 leaves have no low part and match optax.adamw."""
+  x, y = _task()
+  model = _MLP(nnx.Rngs(1), norm_dtype=jnp.float32)
+  lr, wd = 3e-3, 1e-4
+  optimizer = nnx.Optimizer(model, co.adamw(lr, weight_decay=wd, mode="full"), wrt=nnx.Param)
+  structure0 = jax.tree.structure(optimizer.opt_state)
+  # The reference: optax.adamw on the same LayerNorm gradients, in float32.
+  ref_tx = optax.adamw(lr, weight_decay=wd)
+  ref = _unbox(nnx.state(model.norm, nnx.Param))
+  ref_state = ref_tx.init(ref)
+  ref_step = jax.jit(lambda g, s, p: (lambda u, s: (optax.apply_updates(p, u), s))(*ref_tx.update(g, s, p)))
+  losses = []
+  for _ in range(STEPS):
+    loss, grads = _nnx_step(model, optimizer, x, y)
+    losses.append(float(loss))
+    ref, ref_state = ref_step(_unbox(grads["norm"]), ref_state, ref)
+  assert jax.tree.structure(optimizer.opt_state) == structure0
+  assert losses[-1] < 0.5 * losses[0], losses
+  dtypes = jax.tree.map(lambda a: a.dtype, _unbox(nnx.state(model, nnx.Param)))
+  assert dtypes["norm"] == {"scale": jnp.float32, "bias": jnp.float32}
+  assert all(d == BF16 for d in jax.tree.leaves(dtypes["fc1"]) + jax.tree.leaves(dtypes["fc2"]))
+  # No low component (nor MCF moment) for the fp32 leaves; present for bf16 ones.
+  lo = _unbox(_compensate_state(optimizer.opt_state).lo)
+  adam = _adam_state(optimizer.opt_state)
+  for tree in (lo, _unbox(adam.mu_lo), _unbox(adam.nu_lo)):
+    assert tree["norm"] == {"scale": None, "bias": None}
+    assert all(a.dtype == BF16 for a in jax.tree.leaves(tree["fc1"]))
+  assert _nonzero_fraction(lo["fc1"]) > 0.5
+  # The fp32 LayerNorm params went through plain fp32 Adam: as optax.adamw.
+  got = _unbox(nnx.state(model.norm, nnx.Param))
+  moved = max(float(jnp.max(jnp.abs(ref["scale"] - 1.0))), float(jnp.max(jnp.abs(ref["bias"]))))
+  assert moved > 10 * lr  # it trained (LayerNorm starts at scale 1, bias 0)
+  for k in ("scale", "bias"):
+    np.testing.assert_allclose(np.asarray(got[k]), np.asarray(ref[k]), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Linen
+# ---------------------------------------------------------------------------
+
+
+class _LinenMLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.Dense(32, param_dtype=BF16, dtype=BF16)(x)
+    return nn.Dense(1, param_dtype=BF16, dtype=BF16)(nn.gelu(x))
+
+
+def test_linen_train_state_trains_bf16_model_and_keeps_low_components():
+  x, y = _task()
+  model = _LinenMLP()
+  params = model.init(jax.random.key(0), x)["params"]
+  state = train_state.TrainState.create(apply_fn=model.apply, params=params, tx=co.adamw(3e-3, mode="light"))
+
+  @jax.jit
+  def step(state):
+    def loss_fn(p):
+      return jnp.mean((state.apply_fn({"params": p}, x).astype(jnp.float32) - y.astype(jnp.float32)) ** 2)
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+  structure0 = jax.tree.structure(state.opt_state)
+  losses = []
+  for _ in range(STEPS):
+    state, loss = step(state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.5 * losses[0], losses
+  assert jax.tree.structure(state.opt_state) == structure0
+  assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype(BF16)}
+  lo = _compensate_state(state.opt_state).lo
+  assert jax.tree.map(lambda a: a.dtype, lo) == jax.tree.map(lambda a: a.dtype, state.params)
+  assert _nonzero_fraction(lo) > 0.5
+  adam = _adam_state(state.opt_state)
+  assert adam.mu_lo is None and adam.nu_lo is None  # "light": no MCF moments, no placeholders
+  master = co.master_params(state.params, state.opt_state)
+  np.testing.assert_array_equal(
+      np.asarray(master["Dense_0"]["kernel"]),
+      np.asarray(state.params["Dense_0"]["kernel"], np.float32) + np.asarray(lo["Dense_0"]["kernel"], np.float32))
