@@ -15,6 +15,8 @@ from collage_optax import transform
 
 __all__ = ["MODES", "adamw"]
 
+#: The values of ``mode`` in :func:`adamw`; they keep MCF params (light),
+#: also MCF ``v`` (plus), also MCF ``m`` (full).
 MODES = ("light", "plus", "full")
 
 

@@ -59,6 +59,7 @@ __all__ = [
     "SUPPORTED_DTYPES",
 ]
 
+#: The component dtypes an MCF may have.
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32))
 
 Array = jax.Array
