@@ -284,21 +284,24 @@ def _ema(old: Any, old_lo: Any, target: chex.Array, decay: Any) -> tuple[Any, An
   """``decay·old + (1 − decay)·target``; returns (stored hi, stored lo, float32 value).
 
   With a low component, the MCF ``m = (old, old_lo)`` is updated in the
-  increment form of the same average, ``m ← grow(m, (1 − decay)·(target − m))``
+  increment form of the same average, ``m ← m + (1 − decay)·(target − m)``
   (COLLAGE-plus, Yu et al. 2024, who write ``grow(mul(m, β), (1 − β)·target)``).
   The increment is computed in float32 from the float32 value of ``m``, so
   ``decay`` never needs a storage-precision form: it is exact to float32,
   where the two-bfloat16 split of the product form, ``β = c + d``, is
   0.99900055 for 0.999 and the weights ``(c + d, 1 − β)`` then over-weight the
-  moment by 5.5e-4 and bias every Adam step by −2.7e-4. The only rounding left
-  is ``grow``'s, at MCF precision. Without a low component, the value is
-  computed in float32 and rounded once to ``old``'s dtype.
+  moment by 5.5e-4 and bias every Adam step by −2.7e-4. The increment ``δ`` is
+  added as an MCF, ``add(m, from_float(δ))``, not rounded to the storage
+  precision first as ``grow`` would (an error of up to 2**-9·δ per step: the
+  whole first step's value is ``δ``, and ``m``'s increments are 10% of it). The
+  only rounding left is ``add``'s, at MCF precision. Without a low component,
+  the value is computed in float32 and rounded once to ``old``'s dtype.
   """
   dtype = old.dtype
   wide = jnp.promote_types(dtype, jnp.float32)
   if old_lo is not None:
     m = MCF(old, old_lo)
-    new = mcf.grow(m, (1 - decay) * (target - mcf.to_float(m, wide)))
+    new = mcf.add(m, mcf.from_float((1 - decay) * (target - mcf.to_float(m, wide)), dtype))
     return new.hi, new.lo, mcf.to_float(new, wide)
   value = decay * old.astype(wide) + (1 - decay) * target
   return value.astype(dtype), None, value
@@ -320,7 +323,7 @@ def scale_by_adam(
   ``u = m̂ / (√(v̂ + eps_root) + eps)`` with ``m̂ = m/(1−b1ᵗ)``,
   ``v̂ = v/(1−b2ᵗ)`` (Kingma & Ba 2015; Nesterov as in ``optax.scale_by_adam``).
   With ``mcf_nu`` the second moment of every bfloat16/float16 leaf is an MCF
-  updated as ``v ← grow(v, (1−β2)·(g² − v))`` (the increment form of Yu et
+  updated as ``v ← v + (1−β2)·(g² − v)`` (the increment form of Yu et
   al. 2024's ``grow(mul(v, β2), (1−β2)·g²)``, with ``1−β2`` a float32 scalar),
   so ``b2=0.999`` means 0.999 and ``v`` decays as in float64 (COLLAGE-plus);
   ``mcf_mu`` does the same for the first moment. Arithmetic is
