@@ -9,6 +9,7 @@ from collage_optax import mcf
 from collage_optax.alias import MODES, adamw
 from collage_optax.mcf import MCF
 from collage_optax.metrics import master_params, metrics
+from collage_optax.sharding import abstract_state, sharded_init, state_shardings
 from collage_optax.transform import (
     CompensateState,
     PrecisionMetrics,
@@ -28,6 +29,7 @@ __all__ = [
     "PrecisionMetrics",
     "PrecisionState",
     "ScaleByAdamState",
+    "abstract_state",
     "adamw",
     "compensate",
     "master_params",
@@ -35,4 +37,6 @@ __all__ = [
     "measure_precision",
     "metrics",
     "scale_by_adam",
+    "sharded_init",
+    "state_shardings",
 ]

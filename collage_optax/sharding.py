@@ -1,0 +1,146 @@
+"""Optimizer state that follows the params' sharding (``jax.sharding``, GSPMD).
+
+Every per-parameter array of a COLLAGE state (``compensate``'s ``lo``, Adam's
+``mu``/``nu`` and their low components ``mu_lo``/``nu_lo``) is made with
+``jnp.zeros_like(param)`` and updated elementwise, so an eager ``tx.init`` and
+every jitted step already give it its parameter's sharding. Only
+``jax.jit(tx.init)`` needs help: its outputs are constants, and XLA is free to
+replicate them (a full copy per device). :func:`state_shardings` derives the
+state's shardings from the params' (``jax.eval_shape`` + tree matching), for
+``out_shardings`` or for an orbax restore target; :func:`sharded_init` is the jitted
+``tx.init`` that uses them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import jax
+import optax
+from jax.sharding import NamedSharding, PartitionSpec, Sharding
+
+from collage_optax import _tree
+
+__all__ = ["abstract_state", "sharded_init", "state_shardings"]
+
+
+def _mirrors(node: Any, params: Any, params_def: Any) -> bool:
+  """True if ``node`` is a per-parameter tree: the params' structure and shapes.
+
+  ``None``/``MaskedNode`` leaves (no state for that param) match any param.
+  """
+  if jax.tree.structure(node, is_leaf=_tree.is_empty) != params_def:
+    return False
+  leaves = params_def.flatten_up_to(node)
+  return all(
+      _tree.is_empty(x) or (hasattr(x, "shape") and tuple(x.shape) == tuple(p.shape))
+      for x, p in zip(leaves, params_def.flatten_up_to(params)))
+
+
+def _replicated(params: Any) -> Sharding:
+  """A fully replicated sharding over the devices that hold the params."""
+  shardings = [getattr(p, "sharding", None) for p in jax.tree.leaves(params)]
+  for s in shardings:
+    if isinstance(s, NamedSharding):
+      return NamedSharding(s.mesh, PartitionSpec())
+  for s in shardings:
+    if s is not None and s.is_fully_replicated:
+      return s
+  raise ValueError(
+      "state_shardings: no param carries a NamedSharding or a replicated sharding, "
+      "so the sharding of the state's scalars (step counts) is unknown. Put the "
+      "params on a mesh first (jax.device_put(params, NamedSharding(mesh, spec))) "
+      "or pass replicated=NamedSharding(mesh, PartitionSpec()).")
+
+
+def _param_sharding(path: str, p: Any) -> Sharding:
+  sharding = getattr(p, "sharding", None)
+  if sharding is None:
+    raise ValueError(
+        f"state_shardings: param {path} has no sharding ({type(p).__name__}). Pass "
+        "jax.Arrays placed with jax.device_put, or jax.ShapeDtypeStruct(shape, "
+        "dtype, sharding=...) for every leaf.")
+  return sharding
+
+
+def state_shardings(
+    tx: optax.GradientTransformation,
+    params: Any,
+    *,
+    replicated: Optional[Sharding] = None,
+) -> Any:
+  """The shardings of ``tx.init(params)``, derived from the params' shardings.
+
+  The state's structure comes from ``jax.eval_shape(tx.init, params)`` (no
+  memory is allocated). Every subtree of the state with the params' tree
+  structure and leaf shapes — ``mu``, ``nu``, ``mu_lo``, ``nu_lo``, ``lo``, and
+  the per-parameter trees of any other optax transformation — gets the params'
+  shardings leaf by leaf (``None`` stays ``None``). Every other array (step
+  counts, injected hyperparameters, metrics) gets ``replicated``: by default
+  ``NamedSharding(mesh, PartitionSpec())`` on the params' mesh.
+
+  Use it as ``out_shardings`` of a jitted ``tx.init`` (see :func:`sharded_init`) or of a
+  jitted train step, or to build an orbax restore target (see
+  :func:`abstract_state`).
+
+  Args:
+    tx: the optimizer.
+    params: the params, as ``jax.Array`` or ``jax.ShapeDtypeStruct`` leaves with
+      shardings.
+    replicated: the sharding of state arrays that mirror no param.
+
+  Returns:
+    A tree of ``jax.sharding.Sharding`` with the structure of ``tx.init(params)``.
+  """
+  p_flat, params_def = _tree.leaves_with_paths(params)
+  p_shardings = params_def.unflatten([
+      None if _tree.is_empty(p) else _param_sharding(path, p) for path, p in p_flat])
+  abstract = jax.eval_shape(tx.init, params)
+  is_mirror = lambda x: _mirrors(x, params, params_def)
+  default = replicated
+
+  def sharding_of(node):
+    nonlocal default
+    if is_mirror(node):
+      return jax.tree.map(
+          lambda x, s: None if _tree.is_empty(x) else s, node, p_shardings,
+          is_leaf=_tree.is_empty)
+    if default is None:
+      default = _replicated(params)
+    return default
+
+  return jax.tree.map(sharding_of, abstract, is_leaf=is_mirror)
+
+
+def abstract_state(
+    tx: optax.GradientTransformation,
+    params: Any,
+    *,
+    replicated: Optional[Sharding] = None,
+) -> Any:
+  """``tx.init(params)`` as ``jax.ShapeDtypeStruct`` leaves carrying :func:`state_shardings`.
+
+  The target for restoring a checkpointed state onto any mesh, e.g.
+  ``orbax.checkpoint.args.StandardRestore(abstract_state(tx, abstract_params))``.
+  """
+  shapes = jax.eval_shape(tx.init, params)
+  shardings = state_shardings(tx, params, replicated=replicated)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+
+
+def sharded_init(
+    tx: optax.GradientTransformation,
+    params: Any,
+    *,
+    replicated: Optional[Sharding] = None,
+) -> Any:
+  """``jax.jit(tx.init)(params)`` with every state array sharded like its param.
+
+  A plain ``jax.jit(tx.init)`` may replicate the zero-initialised moments (with
+  ``optax.adamw`` too): a full copy of every moment on every device. This one
+  pins ``out_shardings`` to :func:`state_shardings`, so FSDP-sharded params get
+  FSDP-sharded ``mu``, ``nu``, ``nu_lo`` and ``lo``.
+  """
+  shardings = state_shardings(tx, params, replicated=replicated)
+  return jax.jit(tx.init, out_shardings=shardings)(params)

@@ -1,0 +1,265 @@
+"""Sharded COLLAGE training (issue 5): the state follows the params' sharding.
+
+The multi-device checks run ``examples/sharded_training.py`` once, in a
+subprocess with 8 simulated CPU devices (``XLA_FLAGS`` must be set before jax
+starts; this process keeps its single device), and check what it wrote: the
+shardings of every state array from every way of making the state, the
+compiled HLO of the update and of the train step, and the final params and
+state of ten steps on the mesh and on one device. The references are the
+params' own shardings, ``optax.adamw``'s HLO and the one-device run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+import collage_optax as co
+
+ROOT = Path(__file__).resolve().parents[1]
+COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
+# Global shapes of the FSDP-sharded params of examples/mlp.py.
+SHARDED_GLOBAL_SHAPES = ("24,64", "64", "64,40", "40")
+
+
+def run_example(script: str, *args: str, devices: int = 8, timeout: int = 600) -> str:
+  """Runs ``examples/<script>`` on ``devices`` simulated CPU devices; returns stdout."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], env=env,
+                        capture_output=True, text=True, timeout=timeout)
+  assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+  return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory):
+  out = tmp_path_factory.mktemp("sharded")
+  stdout = run_example("sharded_training.py", "--out", str(out))
+  return out, json.loads((out / "results.json").read_text()), stdout
+
+
+def _spec(s: str) -> tuple[str, ...]:
+  """``"P(None, 'fsdp')"`` -> ``("None", "fsdp")``, trailing ``None``s dropped (they mean the same)."""
+  parts = [p.strip().strip("'\"") for p in s[s.index("(") + 1:s.rindex(")")].split(",")]
+  parts = [p for p in parts if p]
+  while parts and parts[-1] == "None":
+    parts.pop()
+  return tuple(parts)
+
+
+def _param_of(state_path: str, params: dict) -> str | None:
+  """The param a state leaf belongs to: the longest param path its own path ends with."""
+  found = [p for p in params if state_path.endswith(p)]
+  return max(found, key=len) if found else None
+
+
+def _check_follows(rec: dict, source: str, same_dtype: bool = True) -> set[tuple[str, str]]:
+  """Asserts every per-parameter state array of ``rec[source]`` is laid out like its param.
+
+  Returns the ``(state kind, param)`` pairs found, e.g. ``("nu_lo", "['dense1']['kernel']")``.
+  """
+  params, found = rec["params"], set()
+  for path, leaf in rec[source].items():
+    ppath = _param_of(path, params)
+    if not leaf["shape"]:  # step count, hyperparameters
+      assert ppath is None or params[ppath]["shape"] == [], (source, path)
+      continue
+    assert ppath is not None, f"{source}: state leaf {path} matches no param"
+    p = params[ppath]
+    where = f"{source}: {path} (param {ppath} is {p['spec']} {p['shard_shape']})"
+    assert leaf["shape"] == p["shape"], where
+    if same_dtype:  # a bf16 param keeps bf16 state: no fp32 copy
+      assert leaf["dtype"] == p["dtype"], where
+    assert _spec(leaf["spec"]) == _spec(p["spec"]), where + f" got {leaf['spec']}"
+    assert leaf["shard_shape"] == p["shard_shape"], where + f" got {leaf['shard_shape']}"
+    assert leaf["devices"] == p["devices"], where
+    kind = re.search(r"\.(\w+)$", path[: len(path) - len(ppath)])
+    found.add((kind.group(1) if kind else path, ppath))
+  return found
+
+
+BF16 = ("['dense1']['bias']", "['dense1']['kernel']", "['dense2']['bias']", "['dense2']['kernel']")
+FP32 = ("['temperature']",)
+EXPECTED_STATE = {
+    "collage full": {(k, p) for p in BF16 for k in ("mu", "nu", "mu_lo", "nu_lo", "lo")}
+    | {(k, p) for p in FP32 for k in ("mu", "nu")},
+    "collage plus": {(k, p) for p in BF16 for k in ("mu", "nu", "nu_lo", "lo")}
+    | {(k, p) for p in FP32 for k in ("mu", "nu")},
+    "optax.adamw": {(k, p) for p in BF16 + FP32 for k in ("mu", "nu")},
+}
+SOURCES = ["eager init", "sharded_init"] + [f"step {i}" for i in range(1, 11)]
+
+
+@pytest.mark.parametrize("run", ["dp/collage full", "fsdp/collage full", "fsdp/collage plus",
+                                 "dp/optax.adamw", "fsdp/optax.adamw"])
+def test_every_state_array_has_its_params_sharding(example, run):
+  _, results, _ = example
+  rec = results["shardings"][run]
+  if run.startswith("fsdp"):  # the layout really shards: 1/8 of each bf16 weight per device
+    for p in BF16:
+      assert np.prod(rec["params"][p]["shard_shape"]) * 8 == np.prod(rec["params"][p]["shape"])
+  for source in SOURCES:
+    assert _check_follows(rec, source) == EXPECTED_STATE[run.split("/")[1]], source
+
+
+def test_sharded_init_replicates_scalars_over_the_mesh(example):
+  """``sharded_init`` puts the step count on the whole mesh (its per-parameter
+  arrays are checked above). For the record, it prints what a plain
+  ``jax.jit(tx.init)`` does: with ``Auto`` axes XLA may replicate the zero
+  moments, ``optax.adamw``'s as COLLAGE's."""
+  _, results, _ = example
+  for run in ("fsdp/collage full", "fsdp/optax.adamw"):
+    rec = results["shardings"][run]
+    plain = rec["jit(tx.init)"]
+    sharded = [p for p, leaf in plain.items() if leaf["shape"] and leaf["shard_shape"] != leaf["shape"]]
+    replicated = [p for p, leaf in plain.items() if leaf["shape"] and leaf["shard_shape"] == leaf["shape"]]
+    print(f"{run}: plain jax.jit(tx.init): {len(sharded)} arrays sharded, {len(replicated)} replicated")
+    counts = [leaf for leaf in rec["sharded_init"].values() if not leaf["shape"]]
+    assert counts and all(c["devices"] == 8 for c in counts)
+
+
+def test_explicit_mesh_axes_and_optax_wrappers(example):
+  """With ``Explicit`` axes even a plain ``jax.jit(tx.init)`` follows the params;
+  inside ``inject_hyperparams``, ``MultiSteps`` and a ``lion``+``compensate``
+  chain, ``sharded_init`` gives every per-parameter array its param's sharding."""
+  _, results, _ = example
+  rec = results["shardings"]["fsdp-explicit/collage full"]
+  for source in ("eager init", "jit(tx.init)", "sharded_init", "step 1", "step 2", "step 3"):
+    assert _check_follows(rec, source) == EXPECTED_STATE["collage full"], source
+  for name in ("inject_hyperparams", "MultiSteps", "chain(clip, lion, compensate)"):
+    # (MultiSteps accumulates gradients in float32: its own choice.)
+    found = _check_follows(results["shardings"][f"fsdp/{name}"], "sharded_init", same_dtype=False)
+    assert {("lo", p) for p in BF16} <= found, name
+
+
+def _count(hlo: str) -> dict[str, int]:
+  return {c: len(re.findall(rf"\s{c}(?:-start)?\(", hlo)) for c in COLLECTIVES}
+
+
+@pytest.mark.parametrize("layout", ["dp", "fsdp"])
+def test_no_collectives_beyond_optax_adamw(example, layout):
+  out, _, _ = example
+  read = lambda name, what: (out / "hlo" / f"{layout}_{name}_{what}.txt").read_text()
+  for name in ("collage-full", "collage-plus") if layout == "fsdp" else ("collage-full",):
+    assert _count(read(name, "update")) == dict.fromkeys(COLLECTIVES, 0), name
+    assert _count(read(name, "step")) == _count(read("optax.adamw", "step")), name
+  assert _count(read("optax.adamw", "update")) == dict.fromkeys(COLLECTIVES, 0)
+  assert sum(_count(read("optax.adamw", "step")).values()) > 0  # the counter sees collectives
+
+
+def _shapes(hlo: str) -> set[str]:
+  return set(re.findall(r"(?:bf16|f16|f32|f64)\[([\d,]*)\]", hlo))
+
+
+def test_fsdp_update_holds_no_full_size_array(example):
+  """No replicated copy (fp32 or bf16) of a sharded param, moment or low part
+  exists anywhere in the compiled FSDP update: only per-device shards."""
+  out, _, _ = example
+  for name in ("collage-full", "collage-plus"):
+    shapes = _shapes((out / "hlo" / f"fsdp_{name}_update.txt").read_text())
+    assert "24,8" in shapes and "8,40" in shapes, name  # the shards are there
+    assert not shapes & set(SHARDED_GLOBAL_SHAPES), (name, shapes & set(SHARDED_GLOBAL_SHAPES))
+  # The check can fail: replicated (data-parallel) params are full size.
+  assert "24,64" in _shapes((out / "hlo" / "dp_collage-full_update.txt").read_text())
+
+
+@pytest.mark.parametrize("run", ["dp_collage-full", "fsdp_collage-full", "fsdp_collage-plus"])
+def test_ten_steps_on_the_mesh_are_bitwise_one_device(example, run):
+  out, _, _ = example
+  mesh = np.load(out / f"{run}_mesh.npz")
+  single = np.load(out / f"single_{run.split('_')[1]}.npz")
+  assert sorted(mesh.files) == sorted(single.files)
+  for key in mesh.files:
+    assert mesh[key].dtype == single[key].dtype, key
+    assert mesh[key].tobytes() == single[key].tobytes(), f"{run}: {key} differs"
+  # It trained, and the low components carry something.
+  sys.path.insert(0, str(ROOT / "examples"))
+  import mlp  # noqa: PLC0415
+  init = mlp.init_params()
+  kernel = mesh["[0]['dense1']['kernel']"].view(np.uint16)
+  assert (kernel != np.asarray(init["dense1"]["kernel"]).view(np.uint16)).mean() > 0.5
+  lo = [k for k in mesh.files if ".lo[" in k]
+  assert lo and all(np.any(mesh[k].view(np.uint16) & 0x7FFF) for k in lo)
+
+
+def test_master_params_of_a_sharded_state_stay_sharded(example):
+  _, results, _ = example
+  for run in ("dp/collage full", "fsdp/collage full", "fsdp/collage plus"):
+    rec = results["shardings"][run]
+    for source in ("master_params", "jit(master_params)"):
+      for path, leaf in rec[source].items():
+        p = rec["params"][path]
+        assert leaf["dtype"] == "float32", (run, source, path)
+        assert leaf["shard_shape"] == p["shard_shape"] and leaf["devices"] == p["devices"], (
+            run, source, path, leaf, p)
+
+
+def test_example_prints_the_state_table(example):
+  _, _, stdout = example
+  assert "fsdp/collage full: param sharding" in stdout
+  assert "nu_lo=P(None, 'fsdp')" in stdout
+
+
+# --- state_shardings in this (single-device) process -------------------------
+
+
+def _params():
+  return {"w": jnp.ones((4, 3), jnp.bfloat16), "b": jnp.zeros((3,), jnp.bfloat16),
+          "f": jnp.ones((2,), jnp.float32), "step": jnp.zeros((), jnp.int32)}
+
+
+@pytest.mark.parametrize("tx", [
+    co.adamw(1e-3, mode="full", track_metrics=True),
+    optax.inject_hyperparams(co.adamw)(learning_rate=1e-3),
+    optax.MultiSteps(co.adamw(1e-3), every_k_schedule=2),
+    optax.chain(optax.lion(1e-4), co.compensate()),
+    optax.adamw(1e-3),
+], ids=["full+metrics", "inject_hyperparams", "MultiSteps", "lion+compensate", "optax.adamw"])
+def test_state_shardings_mirror_the_state_tree(tx):
+  params = _params()
+  state = tx.init(params)
+  shardings = co.state_shardings(tx, params)
+  assert jax.tree.structure(shardings) == jax.tree.structure(state)
+  assert all(isinstance(s, SingleDeviceSharding) for s in jax.tree.leaves(shardings))
+  jitted = co.sharded_init(tx, params)
+  for a, b in zip(jax.tree.leaves(jitted), jax.tree.leaves(state)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert a.dtype == b.dtype
+  abstract = co.abstract_state(tx, params)
+  assert [(x.shape, x.dtype) for x in jax.tree.leaves(abstract)] == [
+      (x.shape, x.dtype) for x in jax.tree.leaves(state)]
+
+
+def test_state_shardings_maps_each_array_to_its_own_param():
+  """Each state array gets its own param's sharding (distinct PartitionSpecs on
+  a one-device mesh tell them apart); scalars get the mesh, replicated."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+  specs = {"w": PartitionSpec("x", None), "b": PartitionSpec("x"), "f": PartitionSpec(),
+           "step": PartitionSpec()}
+  params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in _params().items()}
+  tx = co.adamw(1e-3, mode="full")
+  adam, *_, comp = co.state_shardings(tx, params)
+  for tree in (adam.mu, adam.nu, adam.mu_lo, adam.nu_lo, comp.lo):
+    for k, s in tree.items():
+      assert s is None or s.spec == specs[k], (k, s)
+  assert {k for k, s in comp.lo.items() if s is not None} == {"w", "b"}
+  assert adam.count.spec == PartitionSpec()
+  assert adam.mu_lo["f"] is None and comp.lo["step"] is None
+
+
+def test_state_shardings_names_the_leaf_without_a_sharding():
+  params = {"w": np.ones((4,), jnp.bfloat16)}
+  with pytest.raises(ValueError, match=r"param \['w'\] has no sharding"):
+    co.state_shardings(co.adamw(1e-3), params)
