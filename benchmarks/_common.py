@@ -1,0 +1,129 @@
+"""Shared helpers of the performance benchmarks: strategies, machine, JSON, HLO."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import collage_optax
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+
+LR, WD = 1e-3, 0.1
+
+#: name -> (label, param dtype, optimizer factory). The letters follow DESIGN §1.
+STRATEGIES: dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]]] = {
+    "fp32": ("D: optax.adamw, fp32 params", jnp.float32, lambda: optax.adamw(LR, weight_decay=WD)),
+    "bf16": ("A: optax.adamw, bf16 params", jnp.bfloat16, lambda: optax.adamw(LR, weight_decay=WD)),
+    "light": ("B: collage adamw light", jnp.bfloat16,
+              lambda: collage_optax.adamw(LR, weight_decay=WD, mode="light")),
+    "plus": ("C: collage adamw plus", jnp.bfloat16,
+             lambda: collage_optax.adamw(LR, weight_decay=WD, mode="plus")),
+    "full": ("C+: collage adamw full", jnp.bfloat16,
+             lambda: collage_optax.adamw(LR, weight_decay=WD, mode="full")),
+    "lion_compensate": ("optax.lion + compensate, bf16", jnp.bfloat16,
+                        lambda: optax.chain(optax.lion(1e-4), collage_optax.compensate())),
+}
+BASELINE = "fp32"
+
+
+def parse_count(text: str) -> int:
+  """``"16M"`` -> 16_000_000; ``"4k"`` -> 4_000; plain integers pass."""
+  text = text.strip()
+  scale = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
+  return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+def nbytes(tree: Any) -> int:
+  """Bytes of all array leaves of a pytree (concrete or ``ShapeDtypeStruct``)."""
+  return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def machine() -> dict[str, Any]:
+  """What the numbers were measured on."""
+  info: dict[str, Any] = {
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "optax": optax.__version__,
+      "backend": jax.default_backend(),
+      "devices": [str(d.device_kind) for d in jax.devices()],
+      "cpu_count": os.cpu_count(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  try:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    for key in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache",
+                "Hypervisor vendor"):
+      if key in fields:
+        info["lscpu_" + key.lower().replace(" ", "_").replace("(s)", "s")] = fields[key].strip()
+    flags = fields.get("Flags", "").split()
+    info["simd"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "fma") if f in flags]
+  except (OSError, subprocess.SubprocessError, ValueError):
+    pass
+  try:
+    info["mem_total_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+  except (ValueError, OSError):
+    pass
+  return info
+
+
+def load_average() -> list[float]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return []
+
+
+def hlo_stats(compiled: Any, n_params: int) -> dict[str, Any]:
+  """What XLA made of a step: kernels, and bytes and flops per parameter.
+
+  ``xla_bytes_accessed_per_param`` is XLA's own count over every kernel's
+  inputs and outputs (so re-reads by several fusions and materialised
+  temporaries count): the number to compare with the bytes the dtypes imply.
+  ``loop_kernels`` counts the fusions and copies over arrays of at least
+  ``n_params / 4`` elements (compile a one-leaf step to read it per leaf).
+  """
+  text = compiled.as_text()
+  entry = text[text.find("\nENTRY"):]
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  found = re.findall(r"= \w+\[(\d+(?:,\d+)*)\]\{[^}]*\} (fusion|copy)\(", entry)
+  loops = [kind for dims, kind in found if _prod(dims) * 4 >= n_params]
+  return {
+      "loop_kernels": len(loops),
+      "copies": loops.count("copy"),
+      "xla_bytes_accessed_per_param": round(float(cost.get("bytes accessed", 0.0)) / n_params, 2),
+      "xla_flops_per_param": round(float(cost.get("flops", 0.0)) / n_params, 1),
+  }
+
+
+def _prod(dims: str) -> int:
+  out = 1
+  for d in dims.split(","):
+    out *= int(d)
+  return out
+
+
+def write_json(data: Any, path: Path) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def format_table(header: list[str], rows: list[list[Any]]) -> str:
+  """A GitHub-markdown table."""
+  cells = [[str(c) for c in r] for r in [header] + rows]
+  widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+  line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
+  return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])

@@ -1,0 +1,264 @@
+"""Speed of one optimizer step (update + apply), against the copy-bandwidth roofline.
+
+For each parameter count (about 1M, 16M, 64M by default) and each strategy
+
+* ``fp32``  (D): ``optax.adamw`` on float32 params and float32 gradients;
+* ``bf16``  (A): ``optax.adamw`` on bfloat16 params and gradients;
+* ``light`` (B), ``plus`` (C), ``full`` (C+): ``collage_optax.adamw(mode=...)``;
+* ``lion_compensate``: ``optax.chain(optax.lion(1e-4), collage_optax.compensate())``;
+
+one jitted step ``params, state = apply_updates(params, tx.update(grads, state,
+params))`` is timed with params and state donated (updated in place, as in a
+training loop). In the same run a jitted in-place elementwise kernel
+``x ← 1.0001·x`` over float32 (4 bytes read + 4 written per element) measures
+the copy bandwidth; its array has ``4 × n_params`` elements, so that it moves
+about as many bytes as step D.
+
+Protocol: everything is compiled and warmed up first; then ``--rounds`` rounds,
+each running every strategy (and the copy kernel) ``--calls`` times, in an
+order rotated from round to round, so that a burst of load from other
+processes hits all strategies alike. Reported per strategy: the median step
+time, its interquartile range, the median over rounds of the per-round ratio
+to D, the bytes per parameter implied by the dtypes (reads of params, grads and
+state + writes of params and state), the achieved bandwidth (those bytes over
+the median time) and its fraction of the copy bandwidth; and from the compiled
+HLO, XLA's own count of bytes accessed and flops per parameter and the number
+of loop kernels (fusions and copies) per parameter leaf.
+
+Run: ``python benchmarks/step.py`` (writes ``benchmarks/results/step.json``),
+``--sizes 16M`` for one size, ``--quick`` for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402
+
+OUT = _common.RESULTS / "step.json"
+COPY = "copy"
+
+
+def param_shapes(n_params: int, layers: int = 4) -> dict[str, tuple[int, ...]]:
+  """A GPT-2-like parameter tree of about ``n_params`` parameters.
+
+  ``layers`` pre-LayerNorm blocks of width ``w`` (qkv, projection, 4w MLP, with
+  biases and LayerNorm gains/biases), byte embeddings and 256 positions: about
+  ``12·layers·w²`` parameters, ``w`` a multiple of 16.
+  """
+  w = max(16, int(round(math.sqrt(n_params / (12 * layers)) / 16)) * 16)
+  shapes: dict[str, tuple[int, ...]] = {"embed": (256, w), "pos": (256, w)}
+  for i in range(layers):
+    for name, shape in (("ln1_scale", (w,)), ("ln1_bias", (w,)), ("qkv_kernel", (w, 3 * w)),
+                        ("qkv_bias", (3 * w,)), ("proj_kernel", (w, w)), ("proj_bias", (w,)),
+                        ("ln2_scale", (w,)), ("ln2_bias", (w,)), ("fc_kernel", (w, 4 * w)),
+                        ("fc_bias", (4 * w,)), ("out_kernel", (4 * w, w)), ("out_bias", (w,))):
+      shapes[f"block{i}/{name}"] = shape
+  shapes["ln_f_scale"], shapes["ln_f_bias"] = (w,), (w,)
+  return shapes
+
+
+def _tree(shapes: dict[str, tuple[int, ...]], dtype: Any, seed: int, scale: float) -> dict[str, jax.Array]:
+  key = jax.random.key(seed)
+  return {name: (scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
+          for i, (name, shape) in enumerate(sorted(shapes.items()))}
+
+
+def compile_step(tx: optax.GradientTransformation, params: Any, grads: Any) -> Any:
+  """``apply_updates(params, tx.update(grads, state, params))``, jitted with params and state donated."""
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.eval_shape(tx.init, params)
+  return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+
+
+def leaf_hlo(name: str, shape: tuple[int, ...] = (1024, 1024)) -> dict[str, Any]:
+  """The compiled step of one strategy on a single ``shape`` leaf: kernels, bytes, flops."""
+  _, dtype, make = _common.STRATEGIES[name]
+  leaf = {"w": jax.ShapeDtypeStruct(shape, dtype)}
+  return _common.hlo_stats(compile_step(make(), leaf, leaf), int(np.prod(shape)))
+
+
+class _Runner:
+  """One strategy's compiled step and its live (donated) buffers."""
+
+  def __init__(self, name: str, shapes: dict[str, tuple[int, ...]]):
+    self.name = name
+    self.label, dtype, make = _common.STRATEGIES[name]
+    tx = make()
+    self.params = _tree(shapes, dtype, 0, 0.02)
+    self.grads = _tree(shapes, dtype, 1, 1e-3)  # Gradients have the params' dtypes.
+    self.state = tx.init(self.params)
+    n = sum(int(np.prod(s)) for s in shapes.values())
+    self.bytes_read = (_common.nbytes(self.params) + _common.nbytes(self.grads) + _common.nbytes(self.state)) / n
+    self.bytes_written = (_common.nbytes(self.params) + _common.nbytes(self.state)) / n
+
+    self.compiled = compile_step(tx, self.params, self.grads)
+    self.hlo = _common.hlo_stats(self.compiled, n)
+
+  def __call__(self) -> float:
+    start = time.perf_counter()
+    self.params, self.state = self.compiled(self.params, self.state, self.grads)
+    jax.block_until_ready((self.params, self.state))
+    return time.perf_counter() - start
+
+
+class _Copy:
+  """The roofline: ``x ← 1.0001·x`` in place over ``4·n`` float32 elements."""
+
+  def __init__(self, n_params: int):
+    self.n = 4 * n_params
+    self.x = jnp.ones((self.n,), jnp.float32)
+    self.compiled = jax.jit(lambda x: x * jnp.float32(1.0001), donate_argnums=0).lower(self.x).compile()
+
+  def __call__(self) -> float:
+    start = time.perf_counter()
+    self.x = self.compiled(self.x)
+    self.x.block_until_ready()
+    return time.perf_counter() - start
+
+
+def _quartiles(xs: list[float]) -> tuple[float, float, float]:
+  q = np.percentile(np.asarray(xs), [25, 50, 75])
+  return float(q[0]), float(q[1]), float(q[2])
+
+
+def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: int = 2) -> dict[str, Any]:
+  """Times every strategy and the copy kernel at one size, interleaved."""
+  shapes = param_shapes(n_target)
+  n = sum(int(np.prod(s)) for s in shapes.values())
+  runners: dict[str, Any] = {name: _Runner(name, shapes) for name in names}
+  runners[COPY] = _Copy(n)
+  for run in runners.values():
+    for _ in range(warmup):
+      run()
+  order = list(runners)
+  times: dict[str, list[float]] = {k: [] for k in order}
+  per_round: list[dict[str, float]] = []
+  for r in range(rounds):
+    this_round: dict[str, list[float]] = {k: [] for k in order}
+    for k in order[r % len(order):] + order[: r % len(order)]:
+      for _ in range(calls):
+        this_round[k].append(runners[k]())
+    for k, ts in this_round.items():
+      times[k].extend(ts)
+    per_round.append({k: statistics.median(ts) for k, ts in this_round.items()})
+  copy_t = statistics.median(times[COPY])
+  copy_bw = 8 * runners[COPY].n / copy_t
+  out: dict[str, Any] = {
+      "n_params": n,
+      "n_leaves": len(shapes),
+      "copy": {"elements": runners[COPY].n, "median_ms": copy_t * 1e3, "GBps": copy_bw / 1e9,
+               "iqr_rel": _iqr_rel(times[COPY])},
+      "strategies": {},
+  }
+  base = _common.BASELINE
+  for k in names:
+    q1, med, q3 = _quartiles(times[k])
+    run = runners[k]
+    total = run.bytes_read + run.bytes_written
+    entry = {
+        "label": run.label,
+        "median_ms": med * 1e3,
+        "q1_ms": q1 * 1e3,
+        "q3_ms": q3 * 1e3,
+        "iqr_rel": (q3 - q1) / med,
+        "bytes_per_param": {"read": run.bytes_read, "written": run.bytes_written, "total": total},
+        "achieved_GBps": total * n / med / 1e9,
+        "fraction_of_copy_bandwidth": total * n / med / copy_bw,
+        "hlo": run.hlo,
+    }
+    if base in names:
+      ratios = [pr[k] / pr[base] for pr in per_round]
+      entry["ratio_to_fp32"] = statistics.median(ratios)
+      entry["ratio_to_fp32_q1_q3"] = list(np.percentile(ratios, [25, 75]).astype(float))
+      entry["ratio_of_medians"] = med / _quartiles(times[base])[1]
+    out["strategies"][k] = entry
+  del runners
+  return out
+
+
+def _iqr_rel(xs: list[float]) -> float:
+  q1, med, q3 = _quartiles(xs)
+  return (q3 - q1) / med
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e6:.1f}M" if n >= 10**5 else f"{n / 1e3:.0f}k"
+
+
+def table(result: dict[str, Any]) -> str:
+  rows = []
+  for size in result["sizes"]:
+    for k, s in size["strategies"].items():
+      rows.append([
+          _count(size['n_params']), k, f"{s['median_ms']:.2f}", f"±{100 * s['iqr_rel'] / 2:.0f}%",
+          f"{s.get('ratio_to_fp32', float('nan')):.2f}", f"{s['bytes_per_param']['total']:g}",
+          f"{s['hlo']['xla_bytes_accessed_per_param']:g}", f"{s['achieved_GBps']:.1f}",
+          f"{100 * s['fraction_of_copy_bandwidth']:.0f}%", str(result["per_leaf_hlo"][k]["loop_kernels"]),
+      ])
+    rows.append([_count(size['n_params']), "copy", f"{size['copy']['median_ms']:.2f}",
+                 f"±{100 * size['copy']['iqr_rel'] / 2:.0f}%", "", "8", "8",
+                 f"{size['copy']['GBps']:.1f}", "100%", "1"])
+  return _common.format_table(
+      ["params", "strategy", "median ms", "spread", "× fp32", "B/param (dtypes)", "B/param (XLA)",
+       "GB/s", "of copy BW", "kernels per leaf"], rows)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--sizes", default="1M,16M,64M", help="comma-separated parameter counts (k/M suffixes)")
+  parser.add_argument("--strategies", default=",".join(_common.STRATEGIES),
+                      help=f"comma-separated subset of {', '.join(_common.STRATEGIES)}")
+  parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--calls", type=int, default=3, help="timed calls per strategy per round")
+  parser.add_argument("--out", type=Path, default=OUT)
+  parser.add_argument("--quick", action="store_true", help="tiny smoke run: --sizes 20k --rounds 2 --calls 1")
+  args = parser.parse_args(argv)
+  if args.quick:
+    args.sizes, args.rounds, args.calls = "20k", 2, 1
+  names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+  unknown = [s for s in names if s not in _common.STRATEGIES]
+  if unknown:
+    parser.error(f"unknown strategies {unknown}; choose from {', '.join(_common.STRATEGIES)}")
+  result: dict[str, Any] = {
+      "benchmark": "optimizer step (update + apply_updates), jitted, params and state donated",
+      "machine": _common.machine(),
+      "protocol": {"rounds": args.rounds, "calls_per_round": args.calls, "warmup_calls": 2,
+                   "copy_kernel": "x <- 1.0001*x in place, float32, 4*n_params elements",
+                   "baseline": _common.BASELINE, "lr": _common.LR, "weight_decay": _common.WD},
+      "load_average_before": _common.load_average(),
+      "sizes": [],
+  }
+  result["per_leaf_hlo"] = {name: leaf_hlo(name) for name in names}
+  started = time.time()
+  for size in args.sizes.split(","):
+    result["sizes"].append(measure(_common.parse_count(size), names, args.rounds, args.calls))
+    print(f"[step] {size}: done after {time.time() - started:.0f} s", file=sys.stderr, flush=True)
+  result["load_average_after"] = _common.load_average()
+  result["wall_s"] = round(time.time() - started, 1)
+  _common.write_json(result, args.out)
+  print(table(result))
+  print(f"machine: {result['machine'].get('lscpu_model_name', '?')}, {result['machine']['cpu_count']} CPUs; "
+        f"load average before {result['load_average_before']}, after {result['load_average_after']}")
+  print(f"wrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main()

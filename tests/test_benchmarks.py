@@ -1,0 +1,84 @@
+"""The performance benchmarks run end to end on a tiny size and write valid JSON.
+
+Nothing here is timed: the checks are on structure and on the byte counts,
+which follow from the dtypes (DESIGN §1) and must not drift.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+  sys.path.insert(0, str(BENCH))
+  try:
+    return importlib.import_module(name)
+  finally:
+    sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def step_json(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "step.json"
+  _load("step").main(["--quick", "--strategies", "fp32,plus", "--out", str(out)])
+  return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def memory_json(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "memory.json"
+  _load("memory").main(["--quick", "--strategies", "fp32,bf16,light,plus,full", "--out", str(out)])
+  return json.loads(out.read_text())
+
+
+def test_step_json_has_times_ratios_and_bandwidth(step_json):
+  assert step_json["machine"]["cpu_count"] >= 1
+  assert "jax" in step_json["machine"]
+  (size,) = step_json["sizes"]
+  assert 10_000 <= size["n_params"] <= 40_000
+  assert size["copy"]["GBps"] > 0 and math.isfinite(size["copy"]["GBps"])
+  for name in ("fp32", "plus"):
+    s = size["strategies"][name]
+    assert 0 < s["q1_ms"] <= s["median_ms"] <= s["q3_ms"]
+    assert s["ratio_to_fp32"] > 0 and math.isfinite(s["ratio_to_fp32"])
+    assert s["achieved_GBps"] > 0 and s["fraction_of_copy_bandwidth"] > 0
+    assert s["hlo"]["xla_bytes_accessed_per_param"] > 0
+    assert step_json["per_leaf_hlo"][name]["loop_kernels"] >= 1
+  assert size["strategies"]["fp32"]["ratio_to_fp32"] == 1.0
+
+
+def test_step_bytes_follow_the_dtypes(step_json):
+  """D reads params, grads, m, v in fp32 and writes three; plus reads bf16 θ, lo, g, m, v, v_lo and writes five."""
+  (size,) = step_json["sizes"]
+  fp32 = size["strategies"]["fp32"]["bytes_per_param"]
+  plus = size["strategies"]["plus"]["bytes_per_param"]
+  assert fp32["read"] == pytest.approx(16, abs=0.01) and fp32["written"] == pytest.approx(12, abs=0.01)
+  assert plus["read"] == pytest.approx(12, abs=0.01) and plus["written"] == pytest.approx(10, abs=0.01)
+
+
+def test_memory_persistent_bytes_match_design_table(memory_json):
+  table = memory_json["persistent_bytes_per_param"]
+  expected = {"bf16": 8, "light": 10, "plus": 12, "full": 14, "fp32": 16}  # DESIGN §1, incl. grads.
+  for name, total in expected.items():
+    assert table[name]["total_with_gradients"] == pytest.approx(total, abs=0.01), name
+  assert table["plus"]["params"] == pytest.approx(2)
+
+
+def test_memory_train_step_is_compiled_and_donated(memory_json):
+  step = memory_json["train_step"]
+  for name, entry in step.items():
+    b = entry["bytes"]
+    assert b["arguments"] > 0 and b["outputs"] > 0, name
+    assert b["aliased"] > 0, f"{name}: donated params/state were not aliased to the outputs"
+    assert b["peak"] == b["arguments"] + b["outputs"] - b["aliased"] + b["temporaries"]
+  # Persistent state: the bf16 strategies take fewer argument bytes than fp32 (D).
+  assert step["plus"]["bytes"]["arguments"] < step["fp32"]["bytes"]["arguments"]
+  assert step["bf16"]["bytes"]["arguments"] < step["light"]["bytes"]["arguments"] < step["plus"]["bytes"]["arguments"]
