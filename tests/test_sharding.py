@@ -159,6 +159,15 @@ def test_no_collectives_beyond_optax_adamw(example, layout):
   assert sum(_count(read("optax.adamw", "step")).values()) > 0  # the counter sees collectives
 
 
+def test_measuring_precision_costs_one_all_reduce_either_way(example):
+  """``track_metrics`` sums over all leaves: one all-reduce of scalars, as
+  ``measure_precision`` after ``optax.adamw`` needs."""
+  out, _, _ = example
+  read = lambda name: _count((out / "hlo" / f"fsdp_{name}_update.txt").read_text())
+  assert read("collage-plus+track_metrics") == read("optax.adamw+measure_precision")
+  assert read("collage-plus+track_metrics")["all-reduce"] >= 1
+
+
 def _shapes(hlo: str) -> set[str]:
   return set(re.findall(r"(?:bf16|f16|f32|f64)\[([\d,]*)\]", hlo))
 
@@ -210,6 +219,19 @@ def test_example_prints_the_state_table(example):
   _, _, stdout = example
   assert "fsdp/collage full: param sharding" in stdout
   assert "nu_lo=P(None, 'fsdp')" in stdout
+
+
+def test_scaling_table_is_current():
+  """benchmarks/results/scaling.json and the table in docs/scaling.md are what
+  benchmarks/scaling_table.py computes, and its bytes/param are DESIGN §1's."""
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  import scaling_table  # noqa: PLC0415
+  data = scaling_table.compute()
+  assert data["bytes_per_param"] == {"A": 8, "B": 10, "C": 12, "C+": 14, "D": 16}
+  assert data["gib_per_device"]["70B"]["C"]["fsdp-64"] == round(12 * 70e9 / 64 / 2**30, 2)
+  assert json.loads((ROOT / "benchmarks" / "results" / "scaling.json").read_text()) == json.loads(
+      json.dumps(data))
+  assert scaling_table.markdown(data) in (ROOT / "docs" / "scaling.md").read_text()
 
 
 # --- state_shardings in this (single-device) process -------------------------
