@@ -18,11 +18,19 @@ float32 storage uses native float32 arithmetic, with the products of
 :func:`two_prod` split by bit masks so that fused multiply-adds cannot change
 them.
 
-Subnormals: XLA flushes float32 subnormals to zero (FTZ/DAZ) on CPU and TPU, so
-for bfloat16 and float32 storage the transformations are exact for values in the
-normal range and flush to (signed) zero below it, an absolute error below the
-smallest normal (``2**-126``). float16 subnormals are normal float32 numbers,
-so float16 results are exact including its subnormals.
+Subnormals: XLA on CPU and TPU reads float32 subnormal operands as zero (DAZ) and
+flushes subnormal float32 results to zero (FTZ). For bfloat16 and float32
+storage the error-free transformations are therefore exact whenever the
+operands, the rounded result and the exact error term are zero or at least the
+smallest normal ``2**-126``. Otherwise a subnormal operand is read as (signed)
+zero -- so ``two_prod`` of a subnormal and any number returns zeros -- and
+``s + e`` misses the exact result on the operands as read by less than
+``2**-126``. ``grow``, ``add`` and ``mul`` inherit a few multiples of
+``2**-126`` of absolute error (times the other factor's magnitude in ``mul``
+when an operand is subnormal). float16 subnormals are normal float32 numbers, so
+float16 results are exact including its subnormals (``two_prod`` is exact
+whenever its error term is a float16 number). Backends that keep subnormals
+(GPUs by default) are exact in those cases too.
 
 References:
   T. J. Dekker, "A floating-point technique for extending the available
@@ -117,19 +125,17 @@ def _wide(dtype) -> jnp.dtype:
   return jnp.dtype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
 
 
-_F16_MIN_NORMAL = 2.0**-14
-_F16_SUBNORMAL_QUANTUM = 2.0**-24
-
-
 def round_to(x: Array, dtype) -> Array:
   """Rounds ``x`` (a wider float) to ``dtype``'s precision, keeping its type.
 
   Round to nearest, ties to even, with overflow to ``±inf``; the result is a
   ``dtype`` number stored in ``x``'s wider type, so that ``x.astype(dtype)`` is
   then exact. Uses ``lax.reduce_precision``, which XLA must honour (unlike a
-  ``convert`` pair, which it may elide under excess precision). float16's
-  subnormal range is rounded to multiples of ``2**-24`` by exact scaling and
-  integer rounding, since ``reduce_precision`` flushes it.
+  ``convert`` pair, which it may elide under excess precision). When ``dtype``
+  has fewer exponent bits than ``x`` (float16 from float32; anything from
+  float64), ``reduce_precision`` flushes ``dtype``'s subnormal range; those
+  numbers are normal in ``x``'s type, so they are rounded to multiples of the
+  smallest subnormal by exact power-of-two scaling and integer rounding.
   """
   dtype = jnp.dtype(dtype)
   x = jnp.asarray(x)
@@ -139,10 +145,10 @@ def round_to(x: Array, dtype) -> Array:
     raise TypeError(f"round_to: {dtype} is not narrower than {x.dtype}.")
   info = jnp.finfo(dtype)
   rounded = lax.reduce_precision(x, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-  if dtype == jnp.float16:
-    q = jnp.asarray(_F16_SUBNORMAL_QUANTUM, x.dtype)
+  if info.nexp < jnp.finfo(x.dtype).nexp:
+    q = jnp.asarray(float(info.smallest_subnormal), x.dtype)
     sub = lax.round(x / q, lax.RoundingMethod.TO_NEAREST_EVEN) * q
-    rounded = jnp.where(jnp.abs(x) < _F16_MIN_NORMAL, sub, rounded)
+    rounded = jnp.where(jnp.abs(x) < float(info.smallest_normal), sub, rounded)
   return rounded
 
 
@@ -190,6 +196,17 @@ def _split_f32(a):
   return hi, a - hi
 
 
+def _exponent_f32(a):
+  """``floor(log2|a|)`` of a normal float32, ``-126`` for zero and subnormals."""
+  biased = (lax.bitcast_convert_type(a, jnp.uint32) >> 23) & 0xFF
+  return jnp.clip(biased.astype(jnp.int32), 1, 254) - 127
+
+
+def _pow2_f32(k):
+  """``2**k`` as a float32, for integer ``k`` in ``[-126, 127]``."""
+  return lax.bitcast_convert_type((k + 127).astype(jnp.uint32) << 23, jnp.float32)
+
+
 def _two_prod(a, b, dtype, r):
   if jnp.dtype(dtype).itemsize < 4:
     # The product of two 8- or 11-bit significands is exact in float32.
@@ -197,12 +214,21 @@ def _two_prod(a, b, dtype, r):
     p = r(ab)
     return p, r(ab - p)
   # float32: Dekker's product with a bit-mask split; every partial product is
-  # exact (12 x 12 bits), so fused multiply-adds cannot change the result.
-  p = a * b
-  ah, al = _split_f32(a)
-  bh, bl = _split_f32(b)
-  e = ((ah * bh - p) + ah * bl + al * bh) + al * bl
-  return p, e
+  # exact (12 x 12 bits), so fused multiply-adds cannot change the result. The
+  # split runs on a and b scaled by powers of two into [2, 4): unscaled, the
+  # low halves of small normal numbers are subnormal and flushed (DAZ/FTZ),
+  # and e would miss their products with the other factor.
+  ka, kb = _exponent_f32(a), _exponent_f32(b)
+  a_s, b_s = a * _pow2_f32(1 - ka), b * _pow2_f32(1 - kb)
+  p_s = a_s * b_s
+  ah, al = _split_f32(a_s)
+  bh, bl = _split_f32(b_s)
+  e_s = ((ah * bh - p_s) + ah * bl + al * bh) + al * bl
+  # e = e_s * 2**(ka + kb - 2), in two steps that stay in range; below -252
+  # the result underflows to zero either way.
+  k = jnp.maximum(ka + kb - 2, -252)
+  k1 = lax.shift_right_arithmetic(k, 1)
+  return a * b, e_s * _pow2_f32(k1) * _pow2_f32(k - k1)
 
 
 def _check_same(a, b, name):
@@ -254,7 +280,10 @@ def two_prod(a: Array, b: Array) -> tuple[Array, Array]:
 def from_float(x: Array, dtype=jnp.bfloat16) -> MCF:
   """Splits ``x`` into an MCF of ``dtype``: ``hi = round(x)``, ``lo = round(x − hi)``.
 
-  ``x`` may be any float (a Python float is taken at float64 precision).
+  ``x`` may be any float (a Python float is taken at float64 precision). A
+  float32 subnormal ``x`` (bfloat16/float32 storage) gives ``hi = round(x)``
+  and ``lo = 0``: arithmetic reads ``x`` as zero on CPU/TPU (see the module
+  docstring).
   """
   dtype = _check_dtype(dtype)
   if isinstance(x, (float, int, np.floating, np.integer)) or (
@@ -271,6 +300,9 @@ def from_float(x: Array, dtype=jnp.bfloat16) -> MCF:
   r = lambda v: round_to(v, dtype)
   hi = r(xw)
   lo = r(xw - hi)
+  # |lo| <= ulp(hi)/2 < |hi| unless x is a float32 subnormal that hi rounds up
+  # to the smallest normal: arithmetic reads x as 0 (DAZ), so lo came out -hi.
+  lo = jnp.where((lo == -hi) & (hi != 0), jnp.zeros_like(lo), lo)
   return MCF(hi.astype(dtype), lo.astype(dtype))
 
 
@@ -306,7 +338,8 @@ def grow(m: MCF, b: Array) -> MCF:
   dtype = _check_dtype(m.hi.dtype)
   r = _rounder(dtype)
   x, lo = _up(m.hi, dtype), _up(m.lo, dtype)
-  bw = r(jnp.asarray(b).astype(jnp.promote_types(_wide(dtype), jnp.asarray(b).dtype)).astype(_wide(dtype)))
+  b = jnp.asarray(b)
+  bw = r(b.astype(jnp.promote_types(_wide(dtype), b.dtype))).astype(_wide(dtype))  # rounded once
   s, e = _two_sum(x, bw, r)
   lo = r(lo + e)
   hi, lo = _two_sum(s, lo, r)
