@@ -54,8 +54,17 @@ def check_supported_leaf(who: str, path: str, x: Any) -> None:
     )
 
 
-def check_structure(who: str, ref: Any, ref_name: str, other: Any, other_name: str) -> None:
-  """Raises a ValueError naming the first leaf path where two trees differ."""
+_SAME_TREE_FIX = (
+    "Pass the same tree for both, e.g. the grads of the params the optimizer "
+    "was initialised with."
+)
+
+
+def check_structure(
+    who: str, ref: Any, ref_name: str, other: Any, other_name: str,
+    fix: str = _SAME_TREE_FIX,
+) -> None:
+  """Raises a ValueError naming the first leaf path where two trees differ; ``fix`` says what to do."""
   if jax.tree.structure(ref, is_leaf=is_empty) == jax.tree.structure(other, is_leaf=is_empty):
     return
   ref_paths = [p for p, _ in leaves_with_paths(ref)[0]]
@@ -74,9 +83,21 @@ def check_structure(who: str, ref: Any, ref_name: str, other: Any, other_name: s
     )
   raise ValueError(
       f"{who}: {other_name} and {ref_name} have different tree structures "
-      f"({'; '.join(detail)}). Pass the same tree for both, e.g. the grads of "
-      "the params the optimizer was initialised with."
+      f"({'; '.join(detail)}). {fix}"
   )
+
+
+def check_shapes(who: str, ref: Any, ref_name: str, other: Any, other_name: str) -> None:
+  """Raises a ValueError naming the first leaf path where two same-structure trees differ in shape."""
+  ref_flat, treedef = leaves_with_paths(ref)
+  for (path, a), b in zip(ref_flat, treedef.flatten_up_to(other)):
+    if is_empty(a) or is_empty(b) or not hasattr(a, "shape") or not hasattr(b, "shape"):
+      continue
+    if jnp.shape(a) != jnp.shape(b):
+      raise ValueError(
+          f"{who}: leaf {path} has shape {jnp.shape(a)} in {ref_name} but "
+          f"{jnp.shape(b)} in {other_name}. {_SAME_TREE_FIX}"
+      )
 
 
 def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:

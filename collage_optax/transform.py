@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from optax import tree_utils as otu
 from optax._src import numerics
 
 from collage_optax import _tree
@@ -94,6 +95,34 @@ def _landed(p: chex.Array, u: chex.Array) -> chex.Array:
   """
   wide = jnp.promote_types(p.dtype, jnp.float32)
   return mcf.round_to(p.astype(wide) + u.astype(wide), p.dtype)
+
+
+def _cast(x: chex.Array, dtype: Any) -> chex.Array:
+  """``x.astype(dtype)`` with the rounding made explicit (``round_to``).
+
+  XLA may skip the rounding of a narrowing ``convert`` when it fuses it with
+  the consumer (excess precision), so a jitted ``apply_updates`` could add the
+  unrounded float32 value; ``reduce_precision`` it must honour, so consumers
+  see the same value eagerly and under ``jit``.
+  """
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < jnp.finfo(x.dtype).bits:
+    x = mcf.round_to(x, dtype)
+  return x.astype(dtype)
+
+
+def _saturate(x: chex.Array, dtype: Any, finite: chex.Array) -> chex.Array:
+  """``x`` clipped to ``dtype``'s finite range where ``finite``, else ``x``.
+
+  ``finite`` marks the elements whose inputs (the gradient) were finite: there
+  a result beyond the format (``g²`` for ``|g| > 1.8e19`` in bfloat16/float32,
+  a moment above 65504 in float16) saturates instead of becoming ``inf``, which
+  would freeze Adam (``u = m / √inf = 0`` for good) or, through ``inf − inf``
+  in the error-free sums, turn the MCF into NaN. Non-finite gradients still
+  propagate, as in optax (use ``optax.apply_if_finite`` to skip them).
+  """
+  big = float(jnp.finfo(dtype).max)
+  return jnp.where(finite, jnp.clip(x, -big, big), x)
 
 
 class PrecisionState(NamedTuple):
@@ -181,7 +210,7 @@ def compensate_leaf(p: chex.Array, lo: chex.Array, u: chex.Array) -> tuple[chex.
   wide = jnp.float32
   new = mcf.grow(MCF(p, lo), u)
   theta, hi = p.astype(wide), new.hi.astype(wide)
-  emitted = (hi - theta).astype(u.dtype)
+  emitted = _cast(hi - theta, u.dtype)
   landed = _landed(p, emitted)
   lo_new = mcf.round_to((hi - landed) + new.lo.astype(wide), p.dtype)
   delta = (landed + lo_new) - (theta + lo.astype(wide))
@@ -196,6 +225,11 @@ def compensate(track_metrics: bool = False) -> optax.GradientTransformation:
   (Yu et al. 2024, Algorithm 2). It emits ``θ' − θ`` in ``u``'s dtype, so that
   ``optax.apply_updates(params, updates)`` lands exactly on ``θ'``; ``lo'``
   goes into the state. float32 (and other) leaves pass through with no state.
+  The emitted update is rounded explicitly to its dtype, so a jitted
+  ``apply_updates`` fused with it sees the same value as an eager one. A NaN or
+  ±inf update element makes that element of ``θ`` and ``lo`` non-finite (skip
+  such steps with ``optax.apply_if_finite``); a finite update that carries
+  ``θ`` past its dtype's largest value overflows, as ``apply_updates`` does.
 
   Example::
 
@@ -280,7 +314,9 @@ class ScaleByAdamState(NamedTuple):
   nu_lo: Any = None
 
 
-def _ema(old: Any, old_lo: Any, target: chex.Array, decay: Any) -> tuple[Any, Any, chex.Array]:
+def _ema(
+    old: Any, old_lo: Any, target: chex.Array, decay: Any, finite: chex.Array,
+) -> tuple[Any, Any, chex.Array]:
   """``decay·old + (1 − decay)·target``; returns (stored hi, stored lo, float32 value).
 
   With a low component, the MCF ``m = (old, old_lo)`` is updated in the
@@ -294,17 +330,40 @@ def _ema(old: Any, old_lo: Any, target: chex.Array, decay: Any) -> tuple[Any, An
   added as an MCF, ``add(m, from_float(δ))``, not rounded to the storage
   precision first as ``grow`` would (an error of up to 2**-9·δ per step: the
   whole first step's value is ``δ``, and ``m``'s increments are 10% of it). The
-  only rounding left is ``add``'s, at MCF precision. Without a low component,
-  the value is computed in float32 and rounded once to ``old``'s dtype.
+  only rounding left is ``add``'s, at MCF precision; the float32 value
+  returned (for this step's update) is ``m + δ`` before that rounding. Without
+  a low component, the value is computed in float32 and rounded once to
+  ``old``'s dtype. Where ``finite``
+  (the gradient was), target and result saturate at ``old``'s largest finite
+  value (:func:`_saturate`).
   """
   dtype = old.dtype
   wide = jnp.promote_types(dtype, jnp.float32)
+  target = _saturate(target, dtype, finite)
   if old_lo is not None:
     m = MCF(old, old_lo)
-    new = mcf.add(m, mcf.from_float((1 - decay) * (target - mcf.to_float(m, wide)), dtype))
-    return new.hi, new.lo, mcf.to_float(new, wide)
-  value = decay * old.astype(wide) + (1 - decay) * target
+    m32 = mcf.to_float(m, wide)
+    delta = (1 - decay) * (target - m32)
+    new = mcf.add(m, mcf.from_float(delta, dtype))
+    # This step uses the value before storage rounding, as without a low
+    # component: in float16 a small ``(1 − b2)·g²`` underflows the storage,
+    # and a stored 0 would make the step ``m̂ / eps``.
+    return new.hi, new.lo, m32 + delta
+  value = _saturate(decay * old.astype(wide) + (1 - decay) * target, dtype, finite)
   return value.astype(dtype), None, value
+
+
+def _check_state_kind(state: ScaleByAdamState, mcf_mu: bool, mcf_nu: bool) -> None:
+  """Refuses a state made with other ``mcf_mu``/``mcf_nu`` (another ``adamw`` mode)."""
+  has_mu, has_nu = state.mu_lo is not None, state.nu_lo is not None
+  if (has_mu, has_nu) != (mcf_mu, mcf_nu):
+    mode = lambda mu, nu: {(False, False): "light", (False, True): "plus", (True, True): "full"}.get((mu, nu), "custom")
+    raise ValueError(
+        f"scale_by_adam: the state was made with mcf_mu={has_mu}, mcf_nu={has_nu} "
+        f"(adamw mode={mode(has_mu, has_nu)!r}) but this transformation has "
+        f"mcf_mu={mcf_mu}, mcf_nu={mcf_nu} (mode={mode(mcf_mu, mcf_nu)!r}). Call "
+        "tx.init(params) with this optimizer, or build it with the state's mode."
+    )
 
 
 def scale_by_adam(
@@ -328,8 +387,17 @@ def scale_by_adam(
   so ``b2=0.999`` means 0.999 and ``v`` decays as in float64 (COLLAGE-plus);
   ``mcf_mu`` does the same for the first moment. Arithmetic is
   float32; per-parameter state stays at the params' precision. The step count
-  and bias corrections are float32 scalars. float32 leaves keep plain float32
-  moments; non-float leaves have no state and their updates pass through.
+  and bias corrections are scalars, computed by optax's own
+  ``tree_bias_correction``. float32 and float64 leaves keep plain moments of
+  their dtype; non-float leaves have no state and their updates pass through.
+
+  Finite gradients keep the state finite: ``g²``, the moments, ``m̂``, ``v̂``
+  and the update saturate at their dtype's largest finite value instead of
+  overflowing (``|g| > 1.8e19`` for bfloat16/float32; for float16 a second
+  moment above 65504, i.e. ``|g|`` sustained above 256). A NaN or ±inf
+  gradient element makes that element of the moments and of the update
+  non-finite, as in optax; wrap the optimizer in ``optax.apply_if_finite`` to
+  skip such steps.
 
   Returns:
     An ``optax.GradientTransformation``; its updates have the gradients' dtypes.
@@ -360,34 +428,46 @@ def scale_by_adam(
           "not collage_optax ScaleByAdamState. It comes from another optimizer "
           "(e.g. optax.adam): call tx.init(params) with this optimizer."
       )
+    _check_state_kind(state, mcf_mu, mcf_nu)
     _tree.check_structure("scale_by_adam", state.mu, "the state's moments", updates, "updates")
     u_flat, treedef = _tree.leaves_with_paths(updates)
     flat = lambda t: treedef.flatten_up_to(t) if t is not None else [None] * len(u_flat)
     mu, nu, mu_lo, nu_lo = flat(state.mu), flat(state.nu), flat(state.mu_lo), flat(state.nu_lo)
     count_inc = numerics.safe_increment(state.count)
-    t = count_inc.astype(jnp.float32)
-    bc1, bc2 = 1 - b1**t, 1 - b2**t
+    # Bias corrections with optax's own function (``1 − bᵗ`` computed under
+    # jit in the default float type, then cast to the moment's), so float32
+    # and float64 leaves get optax.adamw's update at its precision.
+    unbias = otu.tree_bias_correction
     out = []
     for (path, g), m, v, m_lo, v_lo in zip(u_flat, mu, nu, mu_lo, nu_lo):
       if m is None or g is None:
         out.append((g, m, v, m_lo, v_lo))
         continue
       if not _tree.is_float(g):
-        raise TypeError(f"scale_by_adam: the gradient for leaf {path} has dtype {g.dtype}; it must be a float.")
+        raise TypeError(
+            f"scale_by_adam: the gradient for leaf {path} has dtype {g.dtype}; it must be "
+            f"a real float like its moments ({m.dtype}). Pass real float gradients (e.g. "
+            "jax.grad of a real loss); optimise complex leaves with a plain optax optimizer."
+        )
       if jnp.shape(g) != jnp.shape(m):
         raise ValueError(
             f"scale_by_adam: the gradient for leaf {path} has shape {jnp.shape(g)} but "
             f"the state was made for shape {jnp.shape(m)}: call tx.init(params) with the params you train."
         )
-      g32 = g.astype(jnp.promote_types(m.dtype, jnp.float32))
-      m, m_lo, m32 = _ema(m, m_lo, g32, b1)
-      v, v_lo, v32 = _ema(v, v_lo, g32 * g32, b2)
+      wide = jnp.promote_types(m.dtype, jnp.float32)
+      g32 = g.astype(wide)
+      finite = jnp.isfinite(g32)
+      m, m_lo, m32 = _ema(m, m_lo, g32, b1, finite)
+      v, v_lo, v32 = _ema(v, v_lo, _saturate(g32 * g32, wide, finite), b2, finite)
       if nesterov:
-        m_hat = b1 * m32 / (1 - b1 ** (t + 1)) + (1 - b1) * g32 / bc1
+        m_hat = (b1 * unbias(m32, b1, numerics.safe_increment(count_inc))
+                 + (1 - b1) * unbias(g32, b1, count_inc))
       else:
-        m_hat = m32 / bc1
-      u = m_hat / (jnp.sqrt(v32 / bc2 + eps_root) + eps)
-      out.append((u.astype(g.dtype), m, v, m_lo, v_lo))
+        m_hat = unbias(m32, b1, count_inc)
+      v_hat = unbias(v32, b2, count_inc)
+      m_hat, v_hat = _saturate(m_hat, wide, finite), _saturate(v_hat, wide, finite)
+      u = _saturate(m_hat / (jnp.sqrt(v_hat + eps_root) + eps), g.dtype, finite)
+      out.append((_cast(u, g.dtype), m, v, m_lo, v_lo))
     u, mu, nu, mu_lo, nu_lo = (treedef.unflatten(list(c)) for c in zip(*out)) if out else [treedef.unflatten([])] * 5
     return u, ScaleByAdamState(
         count_inc, mu, nu,
