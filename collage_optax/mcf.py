@@ -179,10 +179,17 @@ def _fast_two_sum(a, b, r):
 
 
 def _two_sum(a, b, r):
+  # Knuth's TwoSum with every operation rounded by ``r``, except those whose
+  # wide result is always a storage-precision number already, so that their
+  # rounding is the identity: ``s ⊖ b'``, ``a ⊖ a'``, ``b ⊖ b'`` and the final
+  # sum are exact (only ``b' = s ⊖ a`` may round; Knuth, TAOCP 4.2.2, Thm B).
+  # Checked bit for bit (NaN for NaN) against the fully rounded sequence on all
+  # 2**32 bfloat16 and all 2**32 float16 operand pairs, float32
+  # flush-to-zero included.
   s = r(a + b)
   bb = r(s - a)
-  aa = r(s - bb)
-  e = r(r(a - aa) + r(b - bb))
+  aa = s - bb
+  e = (a - aa) + (b - bb)
   return s, e
 
 
