@@ -1,0 +1,235 @@
+"""``collage-optax compare``: an end-to-end tiny run, the corpus loader, flag errors."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from collage_optax import cli
+from collage_optax import corpus
+
+STRATEGIES = ("fp32", "bf16", "light", "plus")
+# Optimizer + param bytes per param (DESIGN §1's table without the bf16 gradients):
+# fp32 params, m, v = 12; bf16 params, m, v = 6; + lo(params) = 8; + lo(v) = 10.
+BYTES_PER_PARAM = {"fp32": 12, "bf16": 6, "light": 8, "plus": 10}
+
+
+def _text(n: int) -> bytes:
+  """``n`` bytes of varied, deterministic, Python-like text."""
+  rng = np.random.default_rng(0)
+  words = [b"def", b"return", b"self", b"import", b"x", b"for", b"in", b"range", b"(", b")", b":", b"\n    "]
+  out = b" ".join(words[i] for i in rng.integers(0, len(words), n))
+  return out[:n]
+
+
+def _run(argv, capsys):
+  """``main(argv)`` in-process: (exit code, stdout, stderr)."""
+  try:
+    code = cli.main(argv)
+  except SystemExit as e:
+    code = e.code
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+# ---------------------------------------------------------------------------
+# End to end.
+# ---------------------------------------------------------------------------
+
+
+def test_compare_tiny_end_to_end(tmp_path, capsys):
+  text = tmp_path / "corpus.txt"
+  text.write_bytes(_text(40_000))
+  out = tmp_path / "out"
+  steps = 8
+  code, stdout, stderr = _run(
+      ["compare", "--preset", "tiny", "--steps", str(steps), "--corpus", str(text), "--out", str(out),
+       "--no-progress"], capsys)
+  assert code == 0, stderr
+
+  # The table: a header and one row per strategy, with finite numbers.
+  rows = [line for line in stdout.splitlines() if line.startswith("|")]
+  assert "val loss" in rows[0] and "Δ vs fp32" in rows[0] and "lost fraction" in rows[0]
+  names = [r.split("|")[1].strip() for r in rows[2:]]
+  assert names == list(STRATEGIES)
+  assert (out / "table.md").read_text().strip() == "\n".join(rows)
+
+  res = json.loads((out / "results.json").read_text())
+  assert res["config"]["train"]["steps"] == steps
+  assert res["config"]["model"]["layers"] == cli.PRESETS["tiny"]["layers"]
+  assert set(res["strategies"]) == set(STRATEGIES)
+  for name, r in res["strategies"].items():
+    # Trained a little below the uniform byte distribution's ln(256) nats.
+    assert 0 < r["val_loss"] < math.log(256), name
+    assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-4)
+    assert 0.0 <= r["lost_fraction"] <= 1.0 and 0.0 <= r["edq"] <= 1.01, name
+    assert r["bytes_per_param"] == pytest.approx(BYTES_PER_PARAM[name], abs=0.05), name
+    assert r["step_time_ratio"] > 0
+    curves = r["curves"]
+    assert len(curves["train_loss"]) == len(curves["edq"]) == len(curves["lost_fraction"]) == steps
+    assert curves["val_step"][0] == 0 and curves["val_step"][-1] == steps
+    assert curves["val_loss"][-1] == r["val_loss"]
+  fp32, bf16, plus = (res["strategies"][k] for k in ("fp32", "bf16", "plus"))
+  assert fp32["step_time_ratio"] == 1.0 and fp32["delta_vs_fp32"] == 0.0
+  # Same init (the fp32 init cast to bf16, computing in bf16) and the same first batch:
+  # the step-0 losses agree exactly across strategies.
+  for r in res["strategies"].values():
+    assert r["curves"]["val_loss"][0] == fp32["curves"]["val_loss"][0]
+    assert r["curves"]["train_loss"][0] == fp32["curves"]["train_loss"][0]
+  # LayerNorm gains sit at 1.0, where bf16 rounds lr-sized updates away; fp32 and COLLAGE keep them.
+  assert bf16["lost_fraction"] > 0.01 > fp32["lost_fraction"]
+  assert plus["lost_fraction"] < bf16["lost_fraction"] and plus["edq"] > bf16["edq"]
+
+  assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert (out / "loss.png").stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------
+# Corpus.
+# ---------------------------------------------------------------------------
+
+
+def test_default_corpus_is_the_stdlib_without_tests():
+  stdlib = Path(sysconfig.get_paths()["stdlib"])
+  files = corpus.stdlib_files()
+  assert files == corpus.stdlib_files()  # Deterministic.
+  rel = [f.relative_to(stdlib).as_posix() for f in files]
+  assert rel == sorted(rel)
+  assert "os.py" in rel and "json/decoder.py" in rel
+  for r in rel:
+    parts = r.split("/")
+    assert r.endswith(".py")
+    assert not {"site-packages", "dist-packages", "test", "tests", "idle_test"} & set(parts), r
+  data, source, n = corpus.read(None)
+  assert n == len(files) and len(data) > 1_000_000
+  assert data.startswith(files[0].read_bytes())
+  assert "standard library" in source
+
+
+def test_split_is_every_tenth_block():
+  data = _text(2_000)
+  train, val = corpus.split(data, min_len=5, val_every=10, block=10)
+  want_val = b"".join(data[i:i + 10] for i in range(90, 2_000, 100))
+  want_train = b"".join(data[i:i + 10] for i in range(0, 2_000, 10) if i % 100 != 90)
+  assert val.tobytes() == want_val and train.tobytes() == want_train
+  again = corpus.split(data, min_len=5, val_every=10, block=10)
+  assert again[0].tobytes() == want_train and again[1].tobytes() == want_val
+
+
+def test_split_of_a_small_corpus_uses_small_blocks():
+  data = _text(5_000)  # Below the 64 KiB block: blocks shrink so both parts get text.
+  train, val = corpus.split(data, min_len=33)
+  assert len(train) + len(val) == len(data)
+  assert 0.05 < len(val) / len(data) < 0.15
+
+
+def test_corpus_file(tmp_path):
+  f = tmp_path / "my text.txt"
+  f.write_bytes(_text(30_000))
+  c = corpus.load(str(f), context=32)
+  assert c.n_files == 1 and c.source == str(f)
+  assert len(c.train) + len(c.val) == 30_000
+  assert c.train.dtype == np.uint8
+
+
+def test_corpus_directory_reads_text_files_in_order(tmp_path):
+  (tmp_path / "b").mkdir()
+  (tmp_path / ".git").mkdir()
+  (tmp_path / "b" / "z.txt").write_bytes(b"zzz\n")
+  (tmp_path / "a.py").write_bytes(b"aaa\n")
+  (tmp_path / "c.md").write_bytes(b"ccc\n")
+  (tmp_path / ".hidden").write_bytes(b"hidden\n")
+  (tmp_path / ".git" / "HEAD").write_bytes(b"ref\n")
+  (tmp_path / "blob.bin").write_bytes(b"\x00\x01binary")
+  data, source, n = corpus.read(str(tmp_path))
+  assert data == b"aaa\nzzz\nccc\n" and n == 3 and source == str(tmp_path)
+
+
+def _bad_corpus(root: Path, kind: str) -> Path:
+  """A corpus path that cannot be used, of one kind."""
+  if kind == "missing":
+    return root / "missing.txt"
+  if kind == "empty":
+    (root / "empty.txt").write_bytes(b"")
+    return root / "empty.txt"
+  if kind == "binary only":
+    (root / "only").mkdir()
+    (root / "only" / "x.bin").write_bytes(b"\0\0data")
+    return root / "only"
+  (root / "short.txt").write_bytes(b"tiny text")
+  return root / "short.txt"
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("missing", "no such file or directory"),
+    ("empty", "is empty"),
+    ("binary only", "has no text files"),
+    ("short", "too small for windows of 33 bytes"),
+])
+def test_bad_corpus_is_a_clear_error(tmp_path, kind, message):
+  with pytest.raises(corpus.CorpusError, match=message):
+    corpus.load(str(_bad_corpus(tmp_path, kind)), context=32)
+
+
+def test_unreadable_corpus_is_a_clear_error(tmp_path, monkeypatch):
+  f = tmp_path / "locked.txt"
+  f.write_bytes(_text(10_000))
+
+  def deny(self):
+    raise PermissionError(13, "Permission denied", str(self))
+
+  monkeypatch.setattr(Path, "read_bytes", deny)
+  with pytest.raises(corpus.CorpusError, match=r"cannot read corpus file .*locked\.txt: Permission denied"):
+    corpus.read(str(f))
+
+
+def test_bad_corpus_exits_2_without_traceback(tmp_path, capsys):
+  code, _, err = _run(["compare", "--corpus", str(tmp_path / "nope"), "--no-progress"], capsys)
+  assert code == 2
+  assert "no such file or directory" in err and "Traceback" not in err
+  (tmp_path / "empty").mkdir()
+  code, _, err = _run(["compare", "--corpus", str(tmp_path / "empty"), "--no-progress"], capsys)
+  assert code == 2 and "has no text files" in err
+
+
+# ---------------------------------------------------------------------------
+# Flags.
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--strategies", "fp32,fp16"], "unknown strategy 'fp16'; choose from fp32,bf16,light,plus,full"),
+    (["--strategies", "plus,plus"], "names a strategy twice"),
+    (["--steps", "-5"], "--steps: -5 must be a positive integer"),
+    (["--steps", "ten"], "--steps: 'ten' is not an integer"),
+    (["--lr", "0"], "--lr: 0 must be in (0, inf)"),
+    (["--b2", "1.0"], "--b2: 1.0 must be in [0, 1)"),
+    (["--width", "30", "--heads", "4"], "--width 30 must be a multiple of --heads 4"),
+    (["--preset", "huge"], "invalid choice: 'huge'"),
+])
+def test_flag_errors_exit_2_with_a_message(flags, message, capsys):
+  code, _, err = _run(["compare", *flags], capsys)
+  assert code == 2
+  assert message in err and "Traceback" not in err
+
+
+def test_out_must_be_a_directory(tmp_path, capsys):
+  f = tmp_path / "file"
+  f.write_text("x")
+  code, _, err = _run(["compare", "--out", str(f), "--no-progress"], capsys)
+  assert code == 2 and "is not a directory" in err
+
+
+def test_python_dash_m_entry_point():
+  proc = subprocess.run(
+      [sys.executable, "-m", "collage_optax", "compare", "--steps", "0"],
+      capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2
+  assert "collage-optax compare: error: argument --steps: 0 must be a positive integer" in proc.stderr
