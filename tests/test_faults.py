@@ -395,6 +395,7 @@ def test_float16_params_train_close_to_float64():
     params, state = _run_plain(co.adamw(sched, weight_decay=WD, mode=mode), {"x": jnp.asarray(p0, F16)}, gs)
     assert params["x"].dtype == F16
     err = np.linalg.norm(np.asarray(co.master_params(params, state, jnp.float32)["x"], np.float64) - want) / moved
+    # Measured 3.9e-4 / 1.6e-4 / 4.4e-5 (light / plus / full); no-lo baseline 0.21.
     assert err < 2e-3, f"{mode}: float16 COLLAGE off float64 by {err:.2e}"
     assert naive_err > 20 * err, f"{mode}: naive fp16 {naive_err:.2e} vs COLLAGE {err:.2e}"
 
@@ -463,6 +464,7 @@ def test_weight_decay_mask_is_applied_exactly_where_asked(mode):
   naive, _ = _run_plain(optax.adamw(LR, weight_decay=0.5, mask=mask), _tree(p0, dt), [_tree(g, dt) for g in grads])
   err = _rel_err(co.master_params(params, state), want, p0)
   naive_err = _rel_err(naive, want, p0)
+  # Measured 1.2e-3 / 7.9e-4 / 4.5e-4 (light / plus / full); optax.adamw on bf16: 0.99.
   assert err < 5e-3, f"{mode}: {err:.2e}"
   assert naive_err > 10 * err, f"naive {naive_err:.2e} vs COLLAGE {err:.2e}"
 
@@ -471,7 +473,10 @@ def test_clip_by_global_norm_is_applied_once():
   """``clip_by_global_norm → sgd → compensate`` on bf16 params tracks the same
   chain in float64 (global norms of 20–80 clipped to 1): the scale is applied
   once, nothing is lost. SGD is not scale-invariant, so a doubled or skipped
-  clip would show."""
+  clip would show (an error of 50% or more). Measured 8.3e-3, from optax's own
+  bfloat16 arithmetic upstream of ``compensate`` (the norm and ``−lr·g/‖g‖``
+  rounded to bfloat16, the same way for every element of a step); plain bf16
+  params: 0.95."""
   rng = np.random.default_rng(3)
   p0 = {"gain": np.ones(32), "w": _round(rng.normal(0, 0.5, (8, 8)), BF16)}
   grads = [{k: _round(rng.normal(0, 5.0, np.shape(v)), BF16) for k, v in p0.items()} for _ in range(100)]
@@ -488,7 +493,7 @@ def test_clip_by_global_norm_is_applied_once():
                              _tree(p0, dt), gs)
   naive, _ = _run_plain(optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr)), _tree(p0, dt), gs)
   err, naive_err = _rel_err(co.master_params(params, state), want, p0), _rel_err(naive, want, p0)
-  assert err < 1e-2, err
+  assert err < 2e-2, err
   assert naive_err > 10 * err, (naive_err, err)
 
 
@@ -508,4 +513,5 @@ def test_multisteps_accumulation_nothing_lost_or_double_applied(mode):
   assert int(state.gradient_step) == micro // k
   assert int(_scale_state(state.inner_opt_state)[0].count) == micro // k
   err = _rel_err(co.master_params(params, state), want, p0)
-  assert err < 1e-2, f"{mode}: MultiSteps COLLAGE off float64 by {err:.2e}"
+  # Measured 2.4e-3 / 2.1e-3 / 1.7e-3 (light / plus / full); optax.adamw on bf16: 0.81.
+  assert err < 5e-3, f"{mode}: MultiSteps COLLAGE off float64 by {err:.2e}"
