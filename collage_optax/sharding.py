@@ -24,17 +24,16 @@ from collage_optax import _tree
 __all__ = ["abstract_state", "sharded_init", "state_shardings"]
 
 
-def _mirrors(node: Any, params: Any, params_def: Any) -> bool:
+def _mirrors(node: Any, params_def: Any, shapes: list[Any]) -> bool:
   """True if ``node`` is a per-parameter tree: the params' structure and shapes.
 
   ``None``/``MaskedNode`` leaves (no state for that param) match any param.
   """
   if jax.tree.structure(node, is_leaf=_tree.is_empty) != params_def:
     return False
-  leaves = params_def.flatten_up_to(node)
   return all(
-      _tree.is_empty(x) or (hasattr(x, "shape") and tuple(x.shape) == tuple(p.shape))
-      for x, p in zip(leaves, params_def.flatten_up_to(params)))
+      _tree.is_empty(x) or (hasattr(x, "shape") and tuple(x.shape) == shape)
+      for x, shape in zip(params_def.flatten_up_to(node), shapes))
 
 
 def _replicated(params: Any) -> Sharding:
@@ -95,15 +94,16 @@ def state_shardings(
   p_flat, params_def = _tree.leaves_with_paths(params)
   p_shardings = params_def.unflatten([
       None if _tree.is_empty(p) else _param_sharding(path, p) for path, p in p_flat])
+  shapes = [None if _tree.is_empty(p) else tuple(p.shape) for _, p in p_flat]
   abstract = jax.eval_shape(tx.init, params)
-  is_mirror = lambda x: _mirrors(x, params, params_def)
+  is_mirror = lambda x: _mirrors(x, params_def, shapes)
   default = replicated
 
   def sharding_of(node):
     nonlocal default
-    if is_mirror(node):
+    if is_mirror(node):  # empty leaves (None, MaskedNode) stay as they are
       return jax.tree.map(
-          lambda x, s: None if _tree.is_empty(x) else s, node, p_shardings,
+          lambda x, s: x if _tree.is_empty(x) else s, node, p_shardings,
           is_leaf=_tree.is_empty)
     if default is None:
       default = _replicated(params)

@@ -102,7 +102,7 @@ def train(tx, params, batch, compute_sharding=None, record=None):
   return (params, state), step.as_text()
 
 
-def mesh_run(mesh, layout: str, name: str, out: Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+def mesh_run(mesh, layout: str, name: str, out: Path | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, np.ndarray]]:
   """Init the state every way, train on the mesh; shardings and collectives."""
   params, batch = setup(mesh, layout)
   tx = optimizer(name)
@@ -116,21 +116,29 @@ def mesh_run(mesh, layout: str, name: str, out: Path | None) -> tuple[dict[str, 
   if name != "optax.adamw":
     rec["master_params"] = describe(collage_optax.master_params(*final))
     rec["jit(master_params)"] = describe(jax.jit(collage_optax.master_params)(*final))
+  arrays = to_numpy(final)
   if out is not None:
     tag = f"{layout}_{name.replace(' ', '-')}"
-    np.savez(out / f"{tag}_mesh.npz", **to_numpy(final))
+    np.savez(out / f"{tag}_mesh.npz", **arrays)
     (out / "hlo" / f"{tag}_step.txt").write_text(step_hlo)
     (out / "hlo" / f"{tag}_update.txt").write_text(update_hlo)
-  return rec, {"update": count_collectives(update_hlo), "step": count_collectives(step_hlo)}
+  return rec, {"update": count_collectives(update_hlo), "step": count_collectives(step_hlo)}, arrays
 
 
-def single_device_run(name: str, out: Path | None) -> None:
+def single_device_run(name: str, out: Path | None) -> dict[str, np.ndarray]:
   """The reference: the same steps on one device."""
   device = jax.devices()[0]
   params = jax.device_put(mlp.init_params(), device)
   final, _ = train(optimizer(name), params, jax.device_put(mlp.batch(), device))
+  arrays = to_numpy(final)
   if out is not None:
-    np.savez(out / f"single_{name.replace(' ', '-')}.npz", **to_numpy(final))
+    np.savez(out / f"single_{name.replace(' ', '-')}.npz", **arrays)
+  return arrays
+
+
+def bitwise_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> bool:
+  return a.keys() == b.keys() and all(
+      a[k].dtype == b[k].dtype and a[k].tobytes() == b[k].tobytes() for k in a)
 
 
 def explicit_mesh_run() -> dict[str, Any]:
@@ -206,16 +214,19 @@ def main() -> None:
   if out is not None:
     (out / "hlo").mkdir(parents=True, exist_ok=True)
   meshes = {"dp": mlp.host_mesh((8,), ("data",)), "fsdp": mlp.host_mesh((8,), ("fsdp",))}
-  results: dict[str, Any] = {"shardings": {}, "collectives": {}, "seconds": {}}
+  results: dict[str, Any] = {"shardings": {}, "collectives": {}, "bitwise": {}, "seconds": {}}
+  single = {}
   for name in REFERENCES:
     t0 = time.perf_counter()
-    single_device_run(name, out)
+    single[name] = single_device_run(name, out)
     results["seconds"][f"single/{name}"] = time.perf_counter() - t0
   for layout, name in RUNS:
     t0 = time.perf_counter()
-    rec, counts = mesh_run(meshes[layout], layout, name, out)
+    rec, counts, arrays = mesh_run(meshes[layout], layout, name, out)
     results["shardings"][f"{layout}/{name}"] = rec
     results["collectives"][f"{layout}/{name}"] = counts
+    if name in single:
+      results["bitwise"][f"{layout}/{name}"] = bitwise_equal(arrays, single[name])
     results["seconds"][f"{layout}/{name}"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   results["shardings"]["fsdp-explicit/collage full"] = explicit_mesh_run()
@@ -230,7 +241,8 @@ def main() -> None:
   print("\ncollectives in the compiled HLO: update alone | whole train step")
   fmt = lambda d: " ".join(f"{k}={v}" for k, v in d.items() if v) or "none"
   for key, c in results["collectives"].items():
-    print(f"  {key:36s} {fmt(c['update']):12s} | {fmt(c.get('step', {})) if 'step' in c else '-'}")
+    print(f"  {key:36s} {fmt(c['update']):12s} | {fmt(c['step']) if 'step' in c else '-'}")
+  print(f"\nparams and state after {STEPS} steps, bitwise equal to one device:", results["bitwise"])
   print("\nseconds:", {k: round(v, 1) for k, v in results["seconds"].items()})
 
 

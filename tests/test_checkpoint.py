@@ -11,50 +11,38 @@ references are the arrays the trainer saved and its uninterrupted run;
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "examples" / "checkpoint_resume.py"
+import multidevice
+
 MESHES = {"4x2": 8, "2": 2}  # mesh -> simulated devices of its process
 
 
-def _command(*args: str, devices: int) -> tuple[list[str], dict[str, str]]:
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  return [sys.executable, str(SCRIPT), *args], env
-
-
-def _check(proc: subprocess.CompletedProcess | subprocess.Popen, out: str, err: str) -> None:
-  assert proc.returncode == 0, f"{' '.join(proc.args)} failed:\n{out}\n{err}"
+def _train_and_resume(d: Path) -> None:
+  multidevice.run_example("checkpoint_resume.py", "train", "--dir", str(d), devices=8)
+  resumes = []
+  for mesh, devices in MESHES.items():  # fresh processes, side by side
+    argv, env = multidevice.command("checkpoint_resume.py", "resume", "--dir", str(d), "--mesh", mesh,
+                                    devices=devices)
+    resumes.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  for proc in resumes:
+    multidevice.check(proc, *proc.communicate(timeout=600))
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-  d = tmp_path_factory.mktemp("ckpt")
-  cmd, env = _command("train", "--dir", str(d), devices=8)
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-  _check(proc, proc.stdout, proc.stderr)
-  resumes = []
-  for mesh, devices in MESHES.items():  # fresh processes, side by side
-    cmd, env = _command("resume", "--dir", str(d), "--mesh", mesh, devices=devices)
-    resumes.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-  for proc in resumes:
-    out, err = proc.communicate(timeout=600)
-    _check(proc, out, err)
-  return d
+  return multidevice.shared_dir(tmp_path_factory, "checkpoint_resume", _train_and_resume)
 
 
 def _assert_bitwise(got: Path, want: Path) -> None:
-  a, b = np.load(got), np.load(want)
-  assert sorted(a.files) == sorted(b.files), (got.name, sorted(set(a.files) ^ set(b.files)))
-  for key in a.files:
+  a, b = multidevice.load_npz(got), multidevice.load_npz(want)
+  assert sorted(a) == sorted(b), (got.name, sorted(set(a) ^ set(b)))
+  for key in a:
     assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, (got.name, key)
     assert a[key].tobytes() == b[key].tobytes(), f"{got.name}: {key} differs from {want.name}"
 
@@ -68,8 +56,8 @@ def _as_float64(a: np.ndarray) -> np.ndarray:
 def test_restored_state_is_exactly_the_saved_one(ckpt, mesh):
   """Params and every state array (count, mu, nu, nu_lo, lo) come back bit for bit."""
   _assert_bitwise(ckpt / f"restored_{mesh}.npz", ckpt / "saved.npz")
-  saved = np.load(ckpt / "saved.npz")
-  mcf_parts = [k for k in saved.files if "nu_lo[" in k or ".lo[" in k]
+  saved = multidevice.load_npz(ckpt / "saved.npz")
+  mcf_parts = [k for k in saved if "nu_lo[" in k or ".lo[" in k]
   assert len(mcf_parts) == 8 and all(np.any(saved[k].view(np.uint16) & 0x7FFF) for k in mcf_parts)
 
 
@@ -97,11 +85,11 @@ def test_restored_state_is_sharded_for_the_new_mesh(ckpt, mesh):
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_a_plain_bf16_checkpoint_starts_collage_with_lo_zero(ckpt, mesh):
-  init = np.load(ckpt / f"from_bf16_init_{mesh}.npz")
-  plain = np.load(ckpt / "bf16_model.npz")
-  for key in plain.files:  # the restored params are the bf16 model's
+  init = multidevice.load_npz(ckpt / f"from_bf16_init_{mesh}.npz")
+  plain = multidevice.load_npz(ckpt / "bf16_model.npz")
+  for key in plain:  # the restored params are the bf16 model's
     assert init[f"[0]{key}"].tobytes() == plain[key].tobytes(), key
-  lo = [k for k in init.files if "_lo[" in k or ".lo[" in k]
+  lo = [k for k in init if "_lo[" in k or ".lo[" in k]
   assert lo and all(not np.any(init[k].view(np.uint16)) for k in lo)
   # ... and training from it equals training from the in-memory model.
   _assert_bitwise(ckpt / f"from_bf16_{mesh}.npz", ckpt / "from_bf16_reference.npz")
@@ -109,15 +97,15 @@ def test_a_plain_bf16_checkpoint_starts_collage_with_lo_zero(ckpt, mesh):
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_exported_fp32_model_is_hi_plus_lo(ckpt, mesh):
-  final = np.load(ckpt / "uninterrupted.npz")
-  fp32 = np.load(ckpt / f"fp32_model_{mesh}.npz")
-  assert len(fp32.files) == 5
-  for key in fp32.files:
+  final = multidevice.load_npz(ckpt / "uninterrupted.npz")
+  fp32 = multidevice.load_npz(ckpt / f"fp32_model_{mesh}.npz")
+  assert len(fp32) == 5
+  for key in fp32:
     hi = _as_float64(final[f"[0]{key}"])
     lo_key = f"[1][3].lo{key}"
-    lo = _as_float64(final[lo_key]) if lo_key in final.files else 0.0
+    lo = _as_float64(final[lo_key]) if lo_key in final else 0.0
     want = (hi + lo).astype(np.float32)
     assert fp32[key].dtype == np.float32
     np.testing.assert_array_equal(fp32[key], want, err_msg=key)
-    if lo_key in final.files:  # the export carries more than the bf16 params
+    if lo_key in final:  # the export carries more than the bf16 params
       assert np.any(fp32[key] != hi.astype(np.float32)), key

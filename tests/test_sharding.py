@@ -12,9 +12,7 @@ params' own shardings, ``optax.adamw``'s HLO and the one-device run.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 import collage_optax as co
+import multidevice
 
 ROOT = Path(__file__).resolve().parents[1]
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
@@ -33,21 +32,12 @@ COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter
 SHARDED_GLOBAL_SHAPES = ("24,64", "64", "64,40", "40")
 
 
-def run_example(script: str, *args: str, devices: int = 8, timeout: int = 600) -> str:
-  """Runs ``examples/<script>`` on ``devices`` simulated CPU devices; returns stdout."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args], env=env,
-                        capture_output=True, text=True, timeout=timeout)
-  assert proc.returncode == 0, f"{script} {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-  return proc.stdout
-
-
 @pytest.fixture(scope="module")
 def example(tmp_path_factory):
-  out = tmp_path_factory.mktemp("sharded")
-  stdout = run_example("sharded_training.py", "--out", str(out))
-  return out, json.loads((out / "results.json").read_text()), stdout
+  out = multidevice.shared_dir(
+      tmp_path_factory, "sharded_training",
+      lambda d: (d / "stdout.txt").write_text(multidevice.run_example("sharded_training.py", "--out", str(d))))
+  return out, json.loads((out / "results.json").read_text()), (out / "stdout.txt").read_text()
 
 
 def _spec(s: str) -> tuple[str, ...]:
@@ -187,10 +177,10 @@ def test_fsdp_update_holds_no_full_size_array(example):
 @pytest.mark.parametrize("run", ["dp_collage-full", "fsdp_collage-full", "fsdp_collage-plus"])
 def test_ten_steps_on_the_mesh_are_bitwise_one_device(example, run):
   out, _, _ = example
-  mesh = np.load(out / f"{run}_mesh.npz")
-  single = np.load(out / f"single_{run.split('_')[1]}.npz")
-  assert sorted(mesh.files) == sorted(single.files)
-  for key in mesh.files:
+  mesh = multidevice.load_npz(out / f"{run}_mesh.npz")
+  single = multidevice.load_npz(out / f"single_{run.split('_')[1]}.npz")
+  assert sorted(mesh) == sorted(single)
+  for key in mesh:
     assert mesh[key].dtype == single[key].dtype, key
     assert mesh[key].tobytes() == single[key].tobytes(), f"{run}: {key} differs"
   # It trained, and the low components carry something.
@@ -199,7 +189,7 @@ def test_ten_steps_on_the_mesh_are_bitwise_one_device(example, run):
   init = mlp.init_params()
   kernel = mesh["[0]['dense1']['kernel']"].view(np.uint16)
   assert (kernel != np.asarray(init["dense1"]["kernel"]).view(np.uint16)).mean() > 0.5
-  lo = [k for k in mesh.files if ".lo[" in k]
+  lo = [k for k in mesh if ".lo[" in k]
   assert lo and all(np.any(mesh[k].view(np.uint16) & 0x7FFF) for k in lo)
 
 
@@ -219,6 +209,7 @@ def test_example_prints_the_state_table(example):
   _, _, stdout = example
   assert "fsdp/collage full: param sharding" in stdout
   assert "nu_lo=P(None, 'fsdp')" in stdout
+  assert "bitwise equal to one device: {'dp/collage full': True, 'fsdp/collage full': True, " in stdout
 
 
 def test_scaling_table_is_current():
@@ -247,8 +238,11 @@ def _params():
     optax.inject_hyperparams(co.adamw)(learning_rate=1e-3),
     optax.MultiSteps(co.adamw(1e-3), every_k_schedule=2),
     optax.chain(optax.lion(1e-4), co.compensate()),
+    optax.multi_transform({"collage": co.adamw(1e-3), "sgd": optax.sgd(1e-3, momentum=0.9)},
+                          {"w": "collage", "b": "collage", "f": "sgd", "step": "sgd"}),
     optax.adamw(1e-3),
-], ids=["full+metrics", "inject_hyperparams", "MultiSteps", "lion+compensate", "optax.adamw"])
+], ids=["full+metrics", "inject_hyperparams", "MultiSteps", "lion+compensate", "multi_transform",
+        "optax.adamw"])
 def test_state_shardings_mirror_the_state_tree(tx):
   params = _params()
   state = tx.init(params)
