@@ -18,11 +18,12 @@ Subnormals. XLA on CPU (and TPU) reads float32 subnormal operands as zero
 (DAZ) and flushes subnormal float32 results to zero (FTZ); numpy does neither.
 The reference applies what the backend does, detected by a probe below, to each
 of its float32 operations. The documented contract (``mcf.py``'s module
-docstring) is checked with exact arithmetic: bfloat16/float32 results are exact
-when operands, the correctly rounded result and the exact error are zero or at
-least ``2**-126``; otherwise ``s + e`` misses the exact result on the operands as
-read by less than ``2**-126``. float16 subnormals are normal float32 numbers, so
-float16 is exact including them.
+docstring) is checked with exact arithmetic: for bfloat16/float32, ``two_prod``
+is exact when operands, the correctly rounded product and its exact error are
+zero or at least ``2**-126``, ``two_sum``/``fast_two_sum`` when each operand is
+zero or at least ``2**(p - 127)``; otherwise ``s + e`` misses the exact result on
+the operands as read by less than ``2**-126``. float16 subnormals are normal
+float32 numbers, so float16 is exact including them.
 
 Each hypothesis example is a batch of 64 elements (a drawn seed for the bulk
 plus a few bit patterns hypothesis draws itself), run under ``jit`` and
@@ -396,13 +397,27 @@ def check_error_free(name: str, fmt: S.Format, a, b, modes=("jit", "vmap")) -> N
       continue  # overflow
     e_star = exact - s_star
     where = f"{name}({a[i]!r}, {b[i]!r}) = ({s[i]!r}, {e[i]!r})"
-    if representable(e_star, fmt) and (not flushes(fmt) or zero_or_normal(A, B, s_star, e_star)):
+    if product:  # operands, product and error zero or normal
+      clear = zero_or_normal(A, B, s_star, e_star)
+    else:  # operands zero or >= 2**(p - 127): every intermediate is a multiple of 2**-126
+      clear = all(x == 0 or abs(x) >= LAMBDA << (fmt.p - 1) for x in (A, B))
+    if representable(e_star, fmt) and (not flushes(fmt) or clear):
       assert S_ == s_star, f"{where}: s is not the correctly rounded result"
       assert S_ + E_ == exact, f"{where}: s + e != exact by {val(S_ + E_ - exact)!r}"
     else:  # Flushed or underflowed: exact on the operands as read, up to a tiny error.
       A, B = as_read(A, fmt), as_read(B, fmt)
       dev = abs(S_ + E_ - (xmul(A, B) if product else A + B))
       assert within(dev), f"{where}: off by {val(dev)!r}"
+
+
+def test_two_sum_near_the_flush_threshold():
+  """The documented example: operands, result and error normal, yet an
+  intermediate below 2**-126 is flushed; the miss stays below 2**-126."""
+  a, b = np.array([-1.8e-37], ml_dtypes.bfloat16), np.array([-1.2e-35], ml_dtypes.bfloat16)
+  check_error_free("two_sum", S.BF16, a, b, ("eager", "jit", "vmap"))
+  s, e = mcf.two_sum(jnp.asarray(a), jnp.asarray(b))
+  dev = abs(sum(ex(s) + ex(e)) - sum(ex(a) + ex(b)))
+  assert dev < LAMBDA and (dev == 0 or flushes(S.BF16))
 
 
 def _dominant_first(fmt, a, b):
