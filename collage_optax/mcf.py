@@ -27,12 +27,12 @@ zero or at least ``2**(p - 127)`` (``2**-119`` for bfloat16, ``2**-103`` for
 float32), since every intermediate value is then a multiple of ``2**-126``.
 (Closer to the threshold an intermediate below ``2**-126`` can be flushed
 although the operands, the result and its error are normal:
-``two_sum(-1.8e-37, -1.2e-35)`` in bfloat16 misses by ``8e-39``.) Otherwise a subnormal operand is read as (signed) zero --
-so ``two_prod`` of a subnormal and any number returns zeros -- and ``s + e``
-misses the exact result on the operands as read by less than ``2**-126``.
-``grow``, ``add`` and ``mul`` inherit a few multiples of
-``2**-126`` of absolute error (times the other factor's magnitude in ``mul``
-when an operand is subnormal). float16 subnormals are normal float32 numbers, so
+``two_sum(-1.8e-37, -1.2e-35)`` in bfloat16 misses by ``8e-39``.) Otherwise a
+subnormal operand is read as (signed) zero -- so ``two_prod`` of a subnormal
+and any number returns zeros -- and ``s + e`` misses the exact result on the
+operands as read by less than ``2**-126``. ``grow``, ``add`` and ``mul`` inherit
+a few multiples of ``2**-126`` of absolute error (times the other factor's
+magnitude in ``mul`` when an operand is subnormal). float16 subnormals are normal float32 numbers, so
 float16 results are exact including its subnormals (``two_prod`` is exact
 whenever its error term is a float16 number). On backends that keep float32
 subnormals (GPUs by default) sums are exact including subnormals, and products
