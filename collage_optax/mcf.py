@@ -34,9 +34,10 @@ operands as read by less than ``2**-126``. ``grow``, ``add`` and ``mul`` inherit
 a few multiples of ``2**-126`` of absolute error (times the other factor's
 magnitude in ``mul`` when an operand is subnormal). float16 subnormals are
 normal float32 numbers, so float16 results are exact including its subnormals
-(``two_prod`` is exact whenever its error term is a float16 number). On backends that keep float32
-subnormals (GPUs by default) sums are exact including subnormals, and products
-whenever their error term is a number of the storage dtype.
+(``two_prod`` is exact whenever its error term is a float16 number). On
+backends that keep float32 subnormals (GPUs by default) sums are exact
+including subnormals, and products whenever their error term is a number of
+the storage dtype.
 
 References:
   T. J. Dekker, "A floating-point technique for extending the available
