@@ -164,6 +164,54 @@ def _rounder(dtype) -> Callable[[Array], Array]:
   return lambda x: round_to(x, dtype)
 
 
+_BF16_ROUND_BIAS = np.uint32(0x7FFF)
+_BF16_HIGH_HALF = np.uint32(0xFFFF0000)
+
+
+def _round_bf16_bits(x: Array) -> Array:
+  """``round_to(x, bfloat16)`` for a float32 ``x`` computed from bfloat16 numbers.
+
+  Round to nearest even on the bit pattern: add ``0x7FFF`` plus the lowest
+  kept bit, clear the low half (overflow carries into the exponent: ``inf``).
+  This is ``reduce_precision``'s own integer rounding, without its NaN select:
+  a NaN passes unchanged as long as its low 16 bits are 0, which holds for
+  every result of ``+ - ×`` on bfloat16 numbers (a propagated operand's
+  payload, or the default NaN). Five integer operations instead of eight.
+  """
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  bits = (bits + (_BF16_ROUND_BIAS + ((bits >> 16) & 1))) & _BF16_HIGH_HALF
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _clear_nan_low_bits(x: Array) -> Array:
+  """A float32 ``x`` with the low 16 bits of its NaNs cleared (a NaN stays a NaN).
+
+  Storing to bfloat16 keeps only the high half, so stored results do not
+  change; afterwards :func:`_round_bf16_bits` may be used on the arithmetic.
+  """
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  return lax.bitcast_convert_type(jnp.where(jnp.isnan(x), bits & _BF16_HIGH_HALF, bits), jnp.float32)
+
+
+def _arith_rounder(dtype) -> Callable[[Array], Array]:
+  """:func:`_rounder` for wide values computed from ``dtype`` numbers (see :func:`_round_bf16_bits`)."""
+  return _round_bf16_bits if jnp.dtype(dtype) == jnp.bfloat16 else _rounder(dtype)
+
+
+def _store(x: Array, dtype) -> Array:
+  """``x.astype(dtype)`` for a wide ``x`` holding a ``dtype`` number computed by arithmetic.
+
+  For bfloat16 the upper half of the float32 bits, which is what the
+  conversion returns for such values (its rounding is exact, and their NaNs
+  are quiet already); XLA:CPU treats a float32 -> bfloat16 conversion as
+  expensive and materialises its result rather than fuse it into several
+  consumers, a bit shift it fuses.
+  """
+  if jnp.dtype(dtype) == jnp.bfloat16 and x.dtype == jnp.float32:
+    return lax.bitcast_convert_type((lax.bitcast_convert_type(x, jnp.uint32) >> 16).astype(jnp.uint16), dtype)
+  return x.astype(dtype)
+
+
 def _common_dtype(*xs) -> jnp.dtype:
   dtype = jnp.result_type(*xs)
   return _check_dtype(dtype)
@@ -310,14 +358,18 @@ def from_float(x: Array, dtype=jnp.bfloat16) -> MCF:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(_wide(dtype))
   wide = x.dtype if jnp.finfo(x.dtype).bits > jnp.finfo(_wide(dtype)).bits else _wide(dtype)
-  xw = x.astype(wide)
-  r = lambda v: round_to(v, dtype)
+  hi, lo = _split(x.astype(wide), lambda v: round_to(v, dtype))
+  return MCF(hi.astype(dtype), lo.astype(dtype))
+
+
+def _split(xw: Array, r: Callable[[Array], Array]) -> tuple[Array, Array]:
+  """:func:`from_float` of a wide ``xw``, rounding with ``r``: ``(hi, lo)`` in ``xw``'s type."""
   hi = r(xw)
   lo = r(xw - hi)
   # |lo| <= ulp(hi)/2 < |hi| unless x is a float32 subnormal that hi rounds up
   # to the smallest normal: arithmetic reads x as 0 (DAZ), so lo came out -hi.
   lo = jnp.where((lo == -hi) & (hi != 0), jnp.zeros_like(lo), lo)
-  return MCF(hi.astype(dtype), lo.astype(dtype))
+  return hi, lo
 
 
 def to_float(m: MCF, dtype=jnp.float32) -> Array:
@@ -354,10 +406,13 @@ def grow(m: MCF, b: Array) -> MCF:
   x, lo = _up(m.hi, dtype), _up(m.lo, dtype)
   b = jnp.asarray(b)
   bw = r(b.astype(jnp.promote_types(_wide(dtype), b.dtype))).astype(_wide(dtype))  # rounded once
+  if dtype == jnp.bfloat16 and b.dtype != dtype:
+    bw = _clear_nan_low_bits(bw)  # A wider b's NaN may carry low payload bits.
+  r = _arith_rounder(dtype)  # From here on every value is computed from bfloat16 numbers.
   s, e = _two_sum(x, bw, r)
   lo = r(lo + e)
   hi, lo = _two_sum(s, lo, r)
-  return MCF(hi.astype(dtype), lo.astype(dtype))
+  return MCF(_store(hi, dtype), _store(lo, dtype))
 
 
 def add(m1: MCF, m2: MCF) -> MCF:
@@ -367,11 +422,35 @@ def add(m1: MCF, m2: MCF) -> MCF:
   precision.
   """
   dtype = _check_same(m1.hi, m2.hi, "add")
-  r = _rounder(dtype)
-  s, e = _two_sum(_up(m1.hi, dtype), _up(m2.hi, dtype), r)
-  e = r(e + r(_up(m1.lo, dtype) + _up(m2.lo, dtype)))
-  hi, lo = _two_sum(s, e, r)
+  hi, lo = _add(_up(m1.hi, dtype), _up(m1.lo, dtype), _up(m2.hi, dtype), _up(m2.lo, dtype), _rounder(dtype))
   return MCF(hi.astype(dtype), lo.astype(dtype))
+
+
+def _add(x1, r1, x2, r2, r):
+  """:func:`add` of wide components, rounding with ``r``; returns wide ``(hi, lo)``."""
+  s, e = _two_sum(x1, x2, r)
+  e = r(e + r(r1 + r2))
+  return _two_sum(s, e, r)
+
+
+def _add_float(m: MCF, x: Array) -> MCF:
+  """``add(m, from_float(x))`` for a float32 ``x`` (of a bfloat16/float16 ``m``), in one chain.
+
+  The same operations as the composition, but ``from_float``'s components
+  stay float32 instead of going to the storage dtype and back (exact for
+  values computed by arithmetic: quiet NaNs, no subnormals), so that XLA sees
+  one chain of float32 operations and does not materialise the intermediate
+  components.
+  """
+  dtype = _check_dtype(m.hi.dtype)
+  x = jnp.asarray(x)
+  if x.dtype != _wide(dtype):
+    return add(m, from_float(x, dtype))
+  if dtype == jnp.bfloat16:
+    x = _clear_nan_low_bits(x)
+  r = _arith_rounder(dtype)
+  hi, lo = _add(_up(m.hi, dtype), _up(m.lo, dtype), *_split(x, r), r)
+  return MCF(_store(hi, dtype), _store(lo, dtype))
 
 
 def mul(m: MCF, s: Scalar) -> MCF:

@@ -122,7 +122,10 @@ def _saturate(x: chex.Array, dtype: Any, finite: chex.Array) -> chex.Array:
   propagate, as in optax (use ``optax.apply_if_finite`` to skip them).
   """
   big = float(jnp.finfo(dtype).max)
-  return jnp.where(finite, jnp.clip(x, -big, big), x)
+  # Clipping to ±inf where not finite leaves x as it is, and uses x once: XLA
+  # then fuses its producer (Adam's sqrt and division) into each consumer
+  # instead of writing a float32 temporary.
+  return jnp.clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
 
 
 class PrecisionState(NamedTuple):
@@ -344,7 +347,7 @@ def _ema(
     m = MCF(old, old_lo)
     m32 = mcf.to_float(m, wide)
     delta = (1 - decay) * (target - m32)
-    new = mcf.add(m, mcf.from_float(delta, dtype))
+    new = mcf._add_float(m, delta)  # add(m, from_float(delta, dtype)), in one chain.
     # This step uses the value before storage rounding, as without a low
     # component: in float16 a small ``(1 − b2)·g²`` underflows the storage,
     # and a stored 0 would make the step ``m̂ / eps``.
