@@ -147,6 +147,7 @@ def _compare(args: argparse.Namespace) -> int:
   t0 = time.perf_counter()
   results = compare.run(args.strategies, model, cfg, data, progress=progress)
   results["config"]["wall_time_s"] = time.perf_counter() - t0
+  print(f"trained {len(args.strategies)} strategies in {results['config']['wall_time_s']:.0f} s", file=sys.stderr)
   table = compare.format_table(results)
   print(table)
   if args.out is not None:

@@ -90,6 +90,21 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
   assert (out / "loss.png").stat().st_size > 10_000
 
 
+def test_every_strategy_stores_what_design_says():
+  """Optimizer + param bytes per param of all five strategies, from their initial pytrees."""
+  import jax
+  from collage_optax import compare, gpt
+  _, params = gpt.init_params(gpt.GPTConfig(layers=1, width=16, heads=2, context=8), seed=0)
+  n = sum(p.size for p in jax.tree.leaves(params))
+  want = {**BYTES_PER_PARAM, "full": 12}
+  assert set(want) == set(compare.STRATEGIES)
+  for name in compare.STRATEGIES:
+    p = jax.tree.map(lambda x: x.astype(compare.param_dtype(name)), params)
+    state = compare.make_optimizer(name, compare.TrainConfig()).init(p)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves((p, state)))
+    assert nbytes / n == pytest.approx(want[name], abs=0.05), name
+
+
 # ---------------------------------------------------------------------------
 # Corpus.
 # ---------------------------------------------------------------------------
