@@ -394,12 +394,14 @@ def grow(m: MCF, b: Array) -> MCF:
   """Adds a float ``b`` to the MCF ``m`` (Yu et al. 2024, Algorithm "Grow").
 
   ``b`` is first rounded to the storage precision. Then
-  ``(s, e) = two_sum(x, b); r = r ⊕ e; (x', r') = two_sum(s, r)``. Using TwoSum
-  instead of the paper's Fast2Sum keeps the step exact when ``|b| > |x|``
-  (zero crossings, updates larger than the parameter) and when a previous step
-  left ``lo`` un-normalised. The result equals ``x + r + b`` to within
-  ``ulp(r')/2 + ulp(r ⊕ e)/2`` (MCF precision, about ``2**-16`` relative for
-  bfloat16).
+  ``(s, e) = two_sum(x, b); t = r + e; x' = s ⊕ t; r' = round((s − x') + t)``
+  with ``t`` and ``(s − x') + t`` computed in float32 (for float32 storage:
+  ``t = r ⊕ e; (x', r') = two_sum(s, t)``). Using TwoSum instead of the paper's
+  Fast2Sum keeps the step exact when ``|b| > |x|`` (zero crossings, updates
+  larger than the parameter); keeping ``t`` wide stops a low part at exactly
+  ``ulp(x)/2`` (a tie) from swallowing every later small increment. The result
+  equals ``x + r + b`` to within ``ulp(r')/2`` plus float32 rounding (MCF
+  precision, about ``2**-16`` relative for bfloat16).
   """
   dtype = _check_dtype(m.hi.dtype)
   r = _rounder(dtype)
@@ -410,8 +412,18 @@ def grow(m: MCF, b: Array) -> MCF:
     bw = _clear_nan_low_bits(bw)  # A wider b's NaN may carry low payload bits.
   r = _arith_rounder(dtype)  # From here on every value is computed from bfloat16 numbers.
   s, e = _two_sum(x, bw, r)
-  lo = r(lo + e)
-  hi, lo = _two_sum(s, lo, r)
+  if _wide(dtype) == dtype:  # float32 storage: no wider type.
+    hi, lo = _two_sum(s, r(lo + e), r)
+  else:
+    # t = r + e stays wide (it is exact in float32 unless the two are 2**16
+    # apart): rounding it to storage precision first would let a low part at
+    # exactly ulp(hi)/2 stick there, since hi + ulp(hi)/2 ties to even and small
+    # increments to lo are below half its own ulp (a constant +1e-5 on θ = 1
+    # then lost 98% of its sum). hi = s ⊕ t; lo = round((s − hi) + t): s − hi
+    # is exact (two nearby storage numbers) and the float32 sum errs by 2**-24.
+    t = lo + e
+    hi = r(s + t)
+    lo = r((s - hi) + t)
   return MCF(_store(hi, dtype), _store(lo, dtype))
 
 

@@ -170,12 +170,17 @@ def ref_two_prod(a, b, fmt):
 
 
 def ref_grow(hi, lo, b, fmt):
-  """``grow`` as documented: ``b' = round(b); (s, e) = two_sum(x, b');
-  t = r ⊕ e; (x', r') = two_sum(s, t)``."""
+  """``grow`` as documented: ``b' = round(b); (s, e) = two_sum(x, b')``; then
+  for 16-bit formats ``t = r + e`` (float32), ``x' = s ⊕ t``,
+  ``r' = round((s − x') + t)``; for float32 ``(x', r') = two_sum(s, r ⊕ e)``."""
   R = rounder(fmt)
   x, r = _wide(hi, lo)
   s, e = _ref_two_sum(x, R(np.asarray(b, F32)), R)
-  return _ref_two_sum(s, R(op32(np.add, r, e)), R)
+  if fmt is S.F32:
+    return _ref_two_sum(s, R(op32(np.add, r, e)), R)
+  t = op32(np.add, r, e)
+  h = R(op32(np.add, s, t))
+  return h, R(op32(np.add, op32(np.subtract, s, h), t))
 
 
 def ref_add(h1, l1, h2, l2, fmt):
@@ -673,8 +678,10 @@ def test_from_float_of_a_float32_scalar_eager_and_traced(fmt):
 # or tiny(fmt) (absolute: a flush, or half a quantum among float16 subnormals).
 #
 # grow((x, r), b), b' = round(b): (s, e) = two_sum(x, b') is exact, |e| <= u|x + b'|;
-#   t = fl(r + e) errs by <= u(|r| + |e|) <= u²(|x| + |x + b'|) (|r| <= u|x|);
-#   (x', r') = two_sum(s, t) is exact. Flushes: x, r, b' read as zero (3), two
+#   float32 storage: t = fl(r + e) errs by <= u(|r| + |e|) <= u²(|x| + |x + b'|)
+#   (|r| <= u|x|) and (x', r') = two_sum(s, t) is exact; 16-bit storage: t is a
+#   float32 sum, x' = s ⊕ t, and rounding r' = (s − x') + t errs by
+#   <= u|r'| <= u·ulp(x')/2 <= u²(|x + b'| + u|x|), plus two float32 roundings. Flushes: x, r, b' read as zero (3), two
 #   two_sum deviations (2), t (1), and u·tiny slack: 7·tiny.
 # add((x1, r1), (x2, r2)): errors of q = fl(r1 + r2) and fl(e + q):
 #   <= u²((2 + u)(|x1| + |x2|) + |x1 + x2|) (no bound relative to the result
@@ -691,7 +698,10 @@ def test_from_float_of_a_float32_scalar_eager_and_traced(fmt):
 
 
 def grow_bound(X, Bw, fmt) -> int:
-  return ((abs(X) + abs(X + Bw)) >> (2 * fmt.p)) + 7 * tiny(fmt)
+  # 16-bit formats: t and (s − x') + t are float32 sums of values below
+  # u(|x| + |x + b'|): two more roundings of 2**-24 relative each.
+  wide = 0 if fmt is S.F32 else (abs(X) + abs(X + Bw)) >> (fmt.p + 23)
+  return ((abs(X) + abs(X + Bw)) >> (2 * fmt.p)) + wide + 7 * tiny(fmt)
 
 
 def add_bound(X1, X2, fmt) -> int:
