@@ -15,6 +15,10 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from collage_optax import compare
+from collage_optax import corpus
+from collage_optax import gpt
+
 __all__ = ["PRESETS", "main"]
 
 # Model and run sizes. "default" finishes in about 5 minutes on 2 CPU cores;
@@ -26,24 +30,23 @@ PRESETS = {
 }
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-  return value
+def _int_at_least(low: int):
+  """An integer parser for ``low, low + 1, ...``."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f"{value} must be a positive integer" if low == 1 else f"{value} must be >= {low}")
+    return value
+
+  return parse
 
 
-def _nonnegative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"{value} must be >= 0")
-  return value
+_positive_int = _int_at_least(1)
+_nonnegative_int = _int_at_least(0)
 
 
 def _float_in(low: float, high: float, *, low_open: bool = False, high_open: bool = True):
@@ -65,12 +68,12 @@ def _float_in(low: float, high: float, *, low_open: bool = False, high_open: boo
 
 
 def _strategies(text: str) -> tuple[str, ...]:
-  from collage_optax.compare import STRATEGIES  # pylint: disable=import-outside-toplevel
+  """``"fp32,plus"`` -> ``("fp32", "plus")``, each a known strategy, none twice."""
   names = tuple(s.strip() for s in text.split(",") if s.strip())
-  unknown = [s for s in names if s not in STRATEGIES]
+  unknown = [s for s in names if s not in compare.STRATEGIES]
   if unknown or not names:
     what = f"unknown strategy {unknown[0]!r}" if unknown else "no strategy given"
-    raise argparse.ArgumentTypeError(f"{what}; choose from {','.join(STRATEGIES)} (comma-separated)")
+    raise argparse.ArgumentTypeError(f"{what}; choose from {','.join(compare.STRATEGIES)} (comma-separated)")
   if len(set(names)) != len(names):
     raise argparse.ArgumentTypeError(f"{text!r} names a strategy twice")
   return names
@@ -89,27 +92,27 @@ def build_parser() -> argparse.ArgumentParser:
           "Train the same byte-level GPT (bfloat16 compute) from the same init on the same "
           "batches under each precision strategy: fp32 (fp32 params, optax.adamw), bf16 "
           "(optax.adamw on bf16 params), light and plus (collage_optax.adamw), full on request. "
-          "Prints a table; with --out, writes results.json and loss.png."),
-      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+          "Prints a table; with --out, writes results.json, table.md and loss.png."))
+  d = lambda name: f"(default: {PRESETS['default'][name]:g} with --preset default)"
   p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                 help="model and run size; the flags below override it")
-  model = p.add_argument_group("model (default: from --preset)")
-  model.add_argument("--layers", type=_positive_int, help="transformer blocks")
-  model.add_argument("--width", type=_positive_int, help="channels (a multiple of --heads)")
-  model.add_argument("--heads", type=_positive_int, help="attention heads")
-  model.add_argument("--context", type=_positive_int, help="context length in bytes")
-  train = p.add_argument_group("training (default: from --preset)")
-  train.add_argument("--steps", type=_positive_int, help="optimizer steps")
-  train.add_argument("--batch", type=_positive_int, help="sequences per step")
+                 help="model and run size; the flags below override it (default: default)")
+  model = p.add_argument_group("model")
+  model.add_argument("--layers", type=_positive_int, help=f"transformer blocks {d('layers')}")
+  model.add_argument("--width", type=_positive_int, help=f"channels, a multiple of --heads {d('width')}")
+  model.add_argument("--heads", type=_positive_int, help=f"attention heads {d('heads')}")
+  model.add_argument("--context", type=_positive_int, help=f"context length in bytes {d('context')}")
+  train = p.add_argument_group("training")
+  train.add_argument("--steps", type=_positive_int, help=f"optimizer steps {d('steps')}")
+  train.add_argument("--batch", type=_positive_int, help=f"sequences per step {d('batch')}")
   train.add_argument("--lr", type=_float_in(0.0, math.inf, low_open=True),
-                     help="peak learning rate (linear warmup, cosine decay to 0)")
-  train.add_argument("--warmup", type=_nonnegative_int, help="warmup steps")
-  train.add_argument("--b2", type=_float_in(0.0, 1.0), default=0.999, help="Adam's beta2")
+                     help=f"peak learning rate; linear warmup, cosine decay to 0 {d('lr')}")
+  train.add_argument("--warmup", type=_nonnegative_int, help=f"warmup steps {d('warmup')}")
+  train.add_argument("--b2", type=_float_in(0.0, 1.0), default=0.999, help="Adam's beta2 (default: 0.999)")
   train.add_argument("--weight-decay", type=_float_in(0.0, math.inf), default=0.1,
-                     help="decoupled weight decay (matrices only)")
-  train.add_argument("--seed", type=_nonnegative_int, default=0, help="init and batch seed")
-  p.add_argument("--strategies", type=_strategies, default=("fp32", "bf16", "light", "plus"),
-                 help="comma-separated subset of fp32,bf16,light,plus,full")
+                     help="decoupled weight decay, matrices only (default: 0.1)")
+  train.add_argument("--seed", type=_nonnegative_int, default=0, help="init and batch seed (default: 0)")
+  p.add_argument("--strategies", type=_strategies, default=",".join(compare.DEFAULT_STRATEGIES),
+                 help="comma-separated subset of fp32,bf16,light,plus,full (default: fp32,bf16,light,plus)")
   p.add_argument("--corpus", metavar="PATH",
                  help="a text file or directory to train on (default: the Python standard library's .py files)")
   p.add_argument("--out", metavar="DIR", type=Path, help="write results.json, loss.png and table.md here")
@@ -121,9 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _compare(args: argparse.Namespace) -> int:
   """Runs ``compare``; bad flag combinations and corpora exit with code 2 and a message."""
   error = args.error
-  # Heavy imports (jax, flax) only once the flags are known to be good.
-  from collage_optax import compare, corpus, gpt  # pylint: disable=import-outside-toplevel
-
   preset = PRESETS[args.preset]
   pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
   if args.out is not None and args.out.exists() and not args.out.is_dir():
@@ -145,7 +145,11 @@ def _compare(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     progress = tqdm
   t0 = time.perf_counter()
-  results = compare.run(args.strategies, model, cfg, data, progress=progress)
+  try:
+    results = compare.run(args.strategies, model, cfg, data, progress=progress)
+  except FloatingPointError as e:
+    print(f"collage-optax compare: {e}", file=sys.stderr)
+    return 1
   results["config"]["wall_time_s"] = time.perf_counter() - t0
   print(f"trained {len(args.strategies)} strategies in {results['config']['wall_time_s']:.0f} s", file=sys.stderr)
   table = compare.format_table(results)

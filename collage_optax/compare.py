@@ -158,6 +158,20 @@ def _shared(graphdef: Any, corpus: Corpus, context: int, cfg: TrainConfig) -> _S
       jax.jit(evaluate))
 
 
+def _make_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig, length: int) -> Callable:
+  """The jitted training step ``(params, opt_state, train, step) -> (params, opt_state, [loss, edq, lost])``."""
+
+  def step_fn(params, opt_state, train, step):
+    windows = _batch(train, step, cfg.seed, cfg.batch, length)
+    loss, grads = jax.value_and_grad(gpt.loss, argnums=1)(graphdef, params, windows)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    edq, lost = _precision(opt_state)
+    return params, opt_state, jnp.stack([loss, edq, lost])
+
+  return jax.jit(step_fn, donate_argnums=(0, 1))
+
+
 def train_strategy(
     strategy: str,
     graphdef: Any,
@@ -179,15 +193,7 @@ def train_strategy(
   state_bytes = _nbytes(params) + _nbytes(opt_state)
   grad_bytes = _nbytes(params)  # Gradients have the params' dtypes.
 
-  def step_fn(params, opt_state, train, step):
-    windows = _batch(train, step, cfg.seed, cfg.batch, length)
-    loss, grads = jax.value_and_grad(gpt.loss, argnums=1)(graphdef, params, windows)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    edq, lost = _precision(opt_state)
-    return params, opt_state, jnp.stack([loss, edq, lost])
-
-  step_jit = jax.jit(step_fn, donate_argnums=(0, 1))
+  step_jit = _make_step(graphdef, tx, cfg, length)
   eval_at = sorted({round(i * cfg.steps / cfg.evals) for i in range(cfg.evals + 1)})
   curves: dict[str, list] = {"train_loss": [], "edq": [], "lost_fraction": [], "val_step": [], "val_loss": []}
   step_times, step_cpu = [], []
