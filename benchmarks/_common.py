@@ -60,6 +60,7 @@ def machine() -> dict[str, Any]:
       "devices": [str(d.device_kind) for d in jax.devices()],
       "cpu_count": os.cpu_count(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "collage_optax": str(Path(collage_optax.__file__).parent),
   }
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
@@ -94,6 +95,9 @@ def hlo_stats(compiled: Any, n_params: int) -> dict[str, Any]:
   temporaries count): the number to compare with the bytes the dtypes imply.
   ``loop_kernels`` counts the fusions and copies over arrays of at least
   ``n_params / 4`` elements (compile a one-leaf step to read it per leaf).
+  ``temp_bytes_per_param`` is the scratch XLA allocates per call (on CPU a
+  fresh, page-faulted allocation: donated params and state are updated in
+  place, temporaries are not).
   """
   text = compiled.as_text()
   entry = text[text.find("\nENTRY"):]
@@ -101,11 +105,13 @@ def hlo_stats(compiled: Any, n_params: int) -> dict[str, Any]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   found = re.findall(r"= \w+\[(\d+(?:,\d+)*)\]\{[^}]*\} (fusion|copy)\(", entry)
   loops = [kind for dims, kind in found if _prod(dims) * 4 >= n_params]
+  mem = compiled.memory_analysis()
   return {
       "loop_kernels": len(loops),
       "copies": loops.count("copy"),
       "xla_bytes_accessed_per_param": round(float(cost.get("bytes accessed", 0.0)) / n_params, 2),
       "xla_flops_per_param": round(float(cost.get("flops", 0.0)) / n_params, 1),
+      "temp_bytes_per_param": round(mem.temp_size_in_bytes / n_params, 2),
   }
 
 

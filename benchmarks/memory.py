@@ -73,10 +73,10 @@ def persistent(cfg: gpt.GPTConfig, names: list[str]) -> dict[str, Any]:
   return out
 
 
-def train_step_memory(cfg: gpt.GPTConfig, batch: int, names: list[str]) -> dict[str, Any]:
-  """``memory_analysis()`` of a jitted GPT training step, per strategy."""
-  out: dict[str, Any] = {}
-  windows = jax.ShapeDtypeStruct((batch, cfg.context + 1), jnp.uint8)
+def train_step_memory(cfg: gpt.GPTConfig, batch: int, context: int, names: list[str]) -> dict[str, Any]:
+  """``memory_analysis()`` of a jitted GPT training step on ``batch`` windows of ``context`` bytes, per strategy."""
+  out: dict[str, Any] = {"batch": batch, "context": context, "strategies": {}}
+  windows = jax.ShapeDtypeStruct((batch, context + 1), jnp.uint8)
   for name in names:
     label, dtype, make = _common.STRATEGIES[name]
     tx = make()
@@ -93,7 +93,7 @@ def train_step_memory(cfg: gpt.GPTConfig, batch: int, names: list[str]) -> dict[
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     peak = args + outs - alias + temp
-    out[name] = {
+    out["strategies"][name] = {
         "label": label,
         "n_params": n,
         "bytes": {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp, "peak": peak},
@@ -109,19 +109,22 @@ def tables(result: dict[str, Any]) -> str:
           for k, v in result["persistent_bytes_per_param"].items()]
   first = _common.format_table(
       ["strategy", "params", "opt state", "params+state", "grads", "total incl. grads"], rows)
-  base = result["train_step"].get(_common.BASELINE)
-  rows = []
-  for k, v in result["train_step"].items():
-    b = v["bytes"]
-    mib = lambda x: f"{x / 2**20:.1f}"
-    rel = f"{b['peak'] / base['bytes']['peak']:.2f}" if base else ""
-    rows.append([k, mib(b["arguments"]), mib(b["outputs"]), mib(b["aliased"]), mib(b["temporaries"]),
-                 mib(b["peak"]), f"{v['per_param']['peak']:.1f}", rel])
-  second = _common.format_table(
-      ["strategy", "arguments MiB", "outputs MiB", "aliased MiB", "temporaries MiB", "peak MiB",
-       "peak B/param", "peak × fp32"], rows)
-  return f"Persistent bytes per parameter (from the pytrees)\n{first}\n\n" \
-         f"GPT training step, compiled memory_analysis ({result['model']})\n{second}"
+  out = f"Persistent bytes per parameter (from the pytrees)\n{first}"
+  for step in result["train_step"]:
+    base = step["strategies"].get(_common.BASELINE)
+    rows = []
+    for k, v in step["strategies"].items():
+      b = v["bytes"]
+      mib = lambda x: f"{x / 2**20:.1f}"
+      rel = f"{b['peak'] / base['bytes']['peak']:.2f}" if base else ""
+      rows.append([k, mib(b["arguments"]), mib(b["outputs"]), mib(b["aliased"]), mib(b["temporaries"]),
+                   mib(b["peak"]), f"{v['per_param']['peak']:.1f}", rel])
+    table = _common.format_table(
+        ["strategy", "arguments MiB", "outputs MiB", "aliased MiB", "temporaries MiB", "peak MiB",
+         "peak B/param", "peak × fp32"], rows)
+    out += (f"\n\nGPT training step, compiled memory_analysis ({result['model']}; "
+            f"batch {step['batch']} x context {step['context']})\n{table}")
+  return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -129,29 +132,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--layers", type=int, default=6)
   parser.add_argument("--width", type=int, default=512)
   parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--context", type=int, default=256)
-  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--steps", default="8x256,1x32",
+                      help="comma-separated batch x context of the compiled training steps")
   parser.add_argument("--strategies", default=",".join(_common.STRATEGIES))
   parser.add_argument("--out", type=Path, default=OUT)
   parser.add_argument("--quick", action="store_true", help="tiny smoke run (1 layer, width 32)")
   args = parser.parse_args(argv)
   if args.quick:
-    args.layers, args.width, args.heads, args.context, args.batch = 1, 32, 2, 16, 2
+    args.layers, args.width, args.heads, args.steps = 1, 32, 2, "2x16"
   names = [s.strip() for s in args.strategies.split(",") if s.strip()]
   unknown = [s for s in names if s not in _common.STRATEGIES]
   if unknown:
     parser.error(f"unknown strategies {unknown}; choose from {', '.join(_common.STRATEGIES)}")
-  cfg = gpt.GPTConfig(layers=args.layers, width=args.width, heads=args.heads, context=args.context)
+  steps = [tuple(int(v) for v in s.split("x")) for s in args.steps.split(",")]
+  context = max(c for _, c in steps)
+  cfg = gpt.GPTConfig(layers=args.layers, width=args.width, heads=args.heads, context=context)
   started = time.time()
   result: dict[str, Any] = {
       "benchmark": "persistent bytes/param and compiled memory of a GPT training step",
       "machine": _common.machine(),
       "model": f"collage_optax.gpt GPT: {cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, "
-               f"context {cfg.context}, batch {args.batch}, compute dtype {jnp.dtype(cfg.dtype).name}",
-      "config": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "context": cfg.context,
-                 "batch": args.batch},
+               f"compute dtype {jnp.dtype(cfg.dtype).name}",
+      "config": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "max_context": cfg.context},
       "persistent_bytes_per_param": persistent(cfg, names),
-      "train_step": train_step_memory(cfg, args.batch, names),
+      "train_step": [train_step_memory(cfg, b, c, names) for b, c in steps],
   }
   result["wall_s"] = round(time.time() - started, 1)
   _common.write_json(result, args.out)

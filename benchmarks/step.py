@@ -19,11 +19,14 @@ each running every strategy (and the copy kernel) ``--calls`` times, in an
 order rotated from round to round, so that a burst of load from other
 processes hits all strategies alike. Reported per strategy: the median step
 time, its interquartile range, the median over rounds of the per-round ratio
-to D, the bytes per parameter implied by the dtypes (reads of params, grads and
-state + writes of params and state), the achieved bandwidth (those bytes over
-the median time) and its fraction of the copy bandwidth; and from the compiled
-HLO, XLA's own count of bytes accessed and flops per parameter and the number
-of loop kernels (fusions and copies) per parameter leaf.
+to D, the median user and system CPU time per step (summed over threads; the
+system part is mostly page faults on XLA's per-call temporaries) and their
+ratio to D, the bytes per parameter implied by the dtypes (reads of params,
+grads and state + writes of params and state), the achieved bandwidth (those
+bytes over the median time) and its fraction of the copy bandwidth; and from
+the compiled HLO, XLA's own count of bytes accessed, flops and temporary bytes
+per parameter, and the number of loop kernels (fusions and copies) per
+parameter leaf (a one-leaf 1024×1024 step).
 
 Run: ``python benchmarks/step.py`` (writes ``benchmarks/results/step.json``),
 ``--sizes 16M`` for one size, ``--quick`` for a smoke run.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import resource
 import statistics
 import sys
 import time
@@ -111,11 +115,12 @@ class _Runner:
     self.compiled = compile_step(tx, self.params, self.grads)
     self.hlo = _common.hlo_stats(self.compiled, n)
 
-  def __call__(self) -> float:
-    start = time.perf_counter()
+  def __call__(self) -> tuple[float, float, float]:
+    return _timed(self._step)
+
+  def _step(self) -> None:
     self.params, self.state = self.compiled(self.params, self.state, self.grads)
     jax.block_until_ready((self.params, self.state))
-    return time.perf_counter() - start
 
 
 class _Copy:
@@ -126,11 +131,20 @@ class _Copy:
     self.x = jnp.ones((self.n,), jnp.float32)
     self.compiled = jax.jit(lambda x: x * jnp.float32(1.0001), donate_argnums=0).lower(self.x).compile()
 
-  def __call__(self) -> float:
-    start = time.perf_counter()
+  def __call__(self) -> tuple[float, float, float]:
+    return _timed(self._step)
+
+  def _step(self) -> None:
     self.x = self.compiled(self.x)
     self.x.block_until_ready()
-    return time.perf_counter() - start
+
+
+def _timed(fn) -> tuple[float, float, float]:
+  """``(wall, user CPU, system CPU)`` seconds of one call (CPU time summed over threads)."""
+  r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  fn()
+  t1, r1 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+  return t1 - t0, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
 
 
 def _quartiles(xs: list[float]) -> tuple[float, float, float]:
@@ -149,12 +163,15 @@ def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: in
       run()
   order = list(runners)
   times: dict[str, list[float]] = {k: [] for k in order}
+  cpu: dict[str, list[tuple[float, float]]] = {k: [] for k in order}
   per_round: list[dict[str, float]] = []
   for r in range(rounds):
     this_round: dict[str, list[float]] = {k: [] for k in order}
     for k in order[r % len(order):] + order[: r % len(order)]:
       for _ in range(calls):
-        this_round[k].append(runners[k]())
+        wall, user, system = runners[k]()
+        this_round[k].append(wall)
+        cpu[k].append((user, system))
     for k, ts in this_round.items():
       times[k].extend(ts)
     per_round.append({k: statistics.median(ts) for k, ts in this_round.items()})
@@ -178,6 +195,8 @@ def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: in
         "q1_ms": q1 * 1e3,
         "q3_ms": q3 * 1e3,
         "iqr_rel": (q3 - q1) / med,
+        "cpu_user_ms": 1e3 * statistics.median(u for u, _ in cpu[k]),
+        "cpu_system_ms": 1e3 * statistics.median(s for _, s in cpu[k]),
         "bytes_per_param": {"read": run.bytes_read, "written": run.bytes_written, "total": total},
         "achieved_GBps": total * n / med / 1e9,
         "fraction_of_copy_bandwidth": total * n / med / copy_bw,
@@ -188,6 +207,7 @@ def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: in
       entry["ratio_to_fp32"] = statistics.median(ratios)
       entry["ratio_to_fp32_q1_q3"] = list(np.percentile(ratios, [25, 75]).astype(float))
       entry["ratio_of_medians"] = med / _quartiles(times[base])[1]
+      entry["cpu_ratio_to_fp32"] = sum(map(sum, cpu[k])) / sum(map(sum, cpu[base]))
     out["strategies"][k] = entry
   del runners
   return out
@@ -208,16 +228,18 @@ def table(result: dict[str, Any]) -> str:
     for k, s in size["strategies"].items():
       rows.append([
           _count(size['n_params']), k, f"{s['median_ms']:.2f}", f"±{100 * s['iqr_rel'] / 2:.0f}%",
-          f"{s.get('ratio_to_fp32', float('nan')):.2f}", f"{s['bytes_per_param']['total']:g}",
-          f"{s['hlo']['xla_bytes_accessed_per_param']:g}", f"{s['achieved_GBps']:.1f}",
+          f"{s.get('ratio_to_fp32', float('nan')):.2f}", f"{s.get('cpu_ratio_to_fp32', float('nan')):.2f}",
+          f"{s['cpu_user_ms']:.1f}+{s['cpu_system_ms']:.1f}", f"{s['bytes_per_param']['total']:.0f}",
+          f"{s['hlo']['xla_bytes_accessed_per_param']:g}", f"{s['hlo']['temp_bytes_per_param']:g}",
+          f"{s['achieved_GBps']:.1f}",
           f"{100 * s['fraction_of_copy_bandwidth']:.0f}%", str(result["per_leaf_hlo"][k]["loop_kernels"]),
       ])
     rows.append([_count(size['n_params']), "copy", f"{size['copy']['median_ms']:.2f}",
-                 f"±{100 * size['copy']['iqr_rel'] / 2:.0f}%", "", "8", "8",
+                 f"±{100 * size['copy']['iqr_rel'] / 2:.0f}%", "", "", "", "8", "8", "0",
                  f"{size['copy']['GBps']:.1f}", "100%", "1"])
   return _common.format_table(
-      ["params", "strategy", "median ms", "spread", "× fp32", "B/param (dtypes)", "B/param (XLA)",
-       "GB/s", "of copy BW", "kernels per leaf"], rows)
+      ["params", "strategy", "median ms", "spread", "× fp32", "CPU × fp32", "user+sys ms", "B/param (dtypes)",
+       "B/param (XLA)", "temp B/param", "GB/s", "of copy BW", "kernels per leaf"], rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
