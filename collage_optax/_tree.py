@@ -109,12 +109,20 @@ def map_with_path(fn: Callable[..., Any], tree: Any, *rest: Any) -> Any:
 
 
 def top_level_groups(tree: Any) -> dict[str, list[int]]:
-  """Indices of the leaves under each top-level key (empty for a bare array)."""
+  """Indices of the leaves under each top-level key (empty for a bare array).
+
+  A key whose leaves are all ``None``/``MaskedNode`` (a subtree that
+  ``optax.masked``/``multi_transform`` hands to another transformation) is
+  left out, so that metrics do not report a perfect EDQ for updates never seen.
+  """
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_empty)
   groups: dict[str, list[int]] = {}
-  for i, (path, _) in enumerate(flat):
+  seen: set[str] = set()
+  for i, (path, leaf) in enumerate(flat):
     if not path:
       return {}
     key = path_str(path[:1]).strip("[]'.\"")
     groups.setdefault(key, []).append(i)
-  return groups
+    if not is_empty(leaf):
+      seen.add(key)
+  return {k: idx for k, idx in groups.items() if k in seen}

@@ -220,6 +220,9 @@ def test_metrics_of_several_tracked_transforms_are_prefixed():
   by_prefix = {p: {k[2:]: v for k, v in got.items() if k.startswith(p + "/")} for p in ("0", "1")}
   # The tracked transform that saw "gain" kept its updates; the one that saw "w" lost them.
   assert {by_prefix["0"]["edq/gain"], by_prefix["1"]["edq/w"]} == {1.0, 0.0}
+  # Each reports only the subtree it saw: no perfect EDQ for updates it never got.
+  assert {k.split("/")[1] for k in by_prefix["0"] if "/" in k} == {"gain"}
+  assert {k.split("/")[1] for k in by_prefix["1"] if "/" in k} == {"w"}
 
 
 def test_metrics_is_empty_without_tracking():
