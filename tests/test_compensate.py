@@ -41,7 +41,6 @@ and with ``compensate`` and ``apply_updates`` fused under one ``jit``.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -55,36 +54,14 @@ import hypothesis.extra.numpy as hnp
 
 import collage_optax
 from collage_optax import CompensateState
+import strategies as S
 
 
-class Format(NamedTuple):
-  """A storage format: ``p`` significant bits, largest exponent ``emax``, unit
-  roundoff ``unit = 2**-p`` and ``tiny``, the most a flush or a rounding among
-  subnormals can change a value (see the module docstring)."""
-
-  dtype: np.dtype
-  p: int
-  emax: int
-  unit: float
-  tiny: float
-
-  @property
-  def nmant(self) -> int:
-    return self.p - 1
-
-  def from_bits(self, magnitude: np.ndarray, negative: np.ndarray) -> np.ndarray:
-    bits = np.asarray(magnitude, np.int64) | np.where(negative, 1 << 15, 0)
-    return bits.astype(np.uint16).view(self.dtype)
-
-  def top_bits(self, exponent: int) -> int:
-    """The magnitude bit pattern just below ``2**exponent``."""
-    return ((exponent + self.emax) << self.nmant) - 1
-
-
-FORMATS = {
-    "bfloat16": Format(np.dtype(ml_dtypes.bfloat16), 8, 127, 2.0**-8, 2.0**-126),
-    "float16": Format(np.dtype(np.float16), 11, 15, 2.0**-11, 2.0**-25),
-}
+# The storage formats of tests/strategies.py (bias = emax for both), and
+# ``tiny``: the most a flush or a rounding among subnormals can change a value
+# (see the module docstring).
+FORMATS = {"bfloat16": S.BF16, "float16": S.F16}
+TINY = {"bfloat16": 2.0**-126, "float16": 2.0**-25}
 UPDATE_DTYPES = {"bfloat16": np.dtype(ml_dtypes.bfloat16), "float32": np.dtype(np.float32)}
 STEPS = 3
 
@@ -109,7 +86,7 @@ def f64(x) -> np.ndarray:
 def check_invariant(theta, lo, update, theta_new, lo_new, fmt_name: str, where: str = "") -> None:
   """Asserts the invariant with the bound of the module docstring, elementwise."""
   fmt = FORMATS[fmt_name]
-  unit, tiny = fmt.unit, fmt.tiny
+  unit, tiny = 2.0**-fmt.p, TINY[fmt_name]
   with np.errstate(over="ignore", invalid="ignore"):
     b = f64(np.asarray(update).astype(fmt.dtype)).ravel()  # grow rounds the update first.
     t, l, tn, ln = (f64(x).ravel() for x in (theta, lo, theta_new, lo_new))
@@ -151,19 +128,19 @@ def _bools(n: int):
 
 
 @st.composite
-def params_and_lo(draw, fmt: Format, n: int = 32) -> tuple[np.ndarray, np.ndarray]:
+def params_and_lo(draw, fmt: S.Format, n: int = 32) -> tuple[np.ndarray, np.ndarray]:
   """``(θ, lo)`` with ``|lo| <= ulp(θ)/2`` and ``|θ| < 2**(emax − 2)``.
 
   ``θ`` is drawn as a bit pattern (uniform, plus zero, the smallest
   subnormals, the smallest normal, 1.0 and the top); ``lo`` is zero, next to
   ``θ``'s last bit, or many binades below it.
   """
-  top = fmt.top_bits(fmt.emax - 2)
-  one = fmt.emax << fmt.nmant  # the bits of 1.0 (bias = emax)
+  top = ((fmt.emax - 2 + fmt.bias) << fmt.nmant) - 1  # just below 2**(emax - 2)
+  one = fmt.one_bits
   marks = [0, 1, 2, 1 << fmt.nmant, one - 1, one, one + 1, top]
   mag = draw(hnp.arrays(np.int64, n, elements=st.one_of(
       st.integers(0, top), st.sampled_from(marks))))
-  theta = fmt.from_bits(mag, draw(_bools(n)))
+  theta = S.from_bits(fmt, mag, draw(_bools(n)))
   gap = np.where(draw(_bools(n)), 0, draw(_ints(n, 0, 3 * fmt.p)))
   frac = draw(hnp.arrays(np.float64, n, elements=st.floats(0.0, 1.0, exclude_max=True)))
   lo = np.abs(theta.astype(np.float64)) * (1.0 + frac) * np.exp2(-(fmt.p + 1.0 + gap))
@@ -173,7 +150,7 @@ def params_and_lo(draw, fmt: Format, n: int = 32) -> tuple[np.ndarray, np.ndarra
 
 
 @st.composite
-def increments(draw, fmt: Format, theta: np.ndarray, lo: np.ndarray) -> np.ndarray:
+def increments(draw, fmt: S.Format, theta: np.ndarray, lo: np.ndarray) -> np.ndarray:
   """float32 updates for ``(θ, lo)``: zero crossings (``u ≈ −(θ + lo)``, exactly
   or off by ``2**-k``), ``θ`` scaled by ``2**-(3p+10) .. 2**12`` (far below its
   ulp to far above the param), unrelated float32 bit patterns, and zeros;
@@ -191,7 +168,6 @@ def increments(draw, fmt: Format, theta: np.ndarray, lo: np.ndarray) -> np.ndarr
   free_bits = draw(hnp.arrays(np.int64, n, elements=st.integers(0, f32_top)))
   free = np.where(draw(_bools(n)), -1.0, 1.0) * free_bits.astype(np.uint32).view(np.float32)
   u = np.select([kind == 0, kind == 1, kind == 2], [crossing, scaled, free], 0.0)
-  u = np.where(np.abs(u) < 2.0 ** (fmt.emax - 2), u, 0.0).astype(np.float32)
   return np.where(np.abs(u) < 2.0 ** (fmt.emax - 2), u, 0.0).astype(np.float32)
 
 
