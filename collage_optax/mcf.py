@@ -212,11 +212,6 @@ def _store(x: Array, dtype) -> Array:
   return x.astype(dtype)
 
 
-def _common_dtype(*xs) -> jnp.dtype:
-  dtype = jnp.result_type(*xs)
-  return _check_dtype(dtype)
-
-
 def _up(x, dtype) -> Array:
   return jnp.asarray(x).astype(_wide(dtype))
 
