@@ -1,24 +1,40 @@
-"""``collage_optax.adamw``: a drop-in for ``optax.adamw`` on bfloat16 params."""
+"""``collage_optax.adamw``: a drop-in for ``optax.adamw`` on bfloat16 params, as one fused step.
+
+Each leaf's update is one elementwise pass (DESIGN §7): decode the param and
+the moments from their storage formats, AdamW in float32 with optax's own
+formulas, encode. A float32-exact format reproduces ``optax.adamw`` on
+float32 params bit for bit.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, NamedTuple, Optional, Union
 
+import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from optax._src import numerics
 
 from collage_optax import _tree
+from collage_optax import formats
 from collage_optax import transform
 
-__all__ = ["MODES", "adamw"]
+__all__ = ["AdamWState", "MODES", "PRESETS", "adamw"]
 
-#: The values of ``mode`` in :func:`adamw`; they keep MCF params (light),
-#: also MCF ``v`` (plus), also MCF ``m`` (full).
-MODES = ("light", "plus", "full")
+#: The presets of :func:`adamw`'s ``mode``: ``(param_format, mu_format,
+#: nu_format)`` for bfloat16/float16 params. light: MCF params (Yu et al.
+#: 2024, strategy B); plus: also an MCF ``v`` (strategy C); full: also an MCF
+#: ``m`` (C+).
+PRESETS: dict[str, tuple[str, str, str]] = {
+    "light": ("mcf", "bf16", "bf16"),
+    "plus": ("mcf", "bf16", "mcf"),
+    "full": ("mcf", "mcf", "mcf"),
+}
+
+#: The values of ``mode`` in :func:`adamw`.
+MODES = tuple(PRESETS)
 
 
 def _check_hyperparam(name: str, value: Any, *, upper: Optional[float] = None) -> None:
@@ -42,80 +58,25 @@ def _check_hyperparam(name: str, value: Any, *, upper: Optional[float] = None) -
     raise ValueError(f"collage_optax.adamw: {name}={value!r} must be {bound}.")
 
 
-def _keep_dtypes(inner: optax.GradientTransformation) -> optax.GradientTransformation:
-  """``inner`` with its updates cast back to the dtypes of the updates it got.
+class AdamWState(NamedTuple):
+  """State of :func:`adamw`.
 
-  Array hyperparameters (float32 under ``optax.inject_hyperparams``) would
-  promote bfloat16 updates to float32, and ``compensate`` emits its input's
-  dtype, which ``optax.apply_if_finite`` and ``optax.MultiSteps`` need to match
-  the gradients'. ``grow`` rounds the update to the storage precision anyway.
+  ``count`` is the step count (int32, as in ``optax.ScaleByAdamState``; the
+  learning-rate schedule is evaluated at it before the increment, as
+  ``optax.scale_by_learning_rate`` does). ``mu``, ``nu`` mirror the params
+  with each moment's storage (see :class:`collage_optax.ScaleByAdamState`),
+  ``lo`` with each param's residual (``None`` for leaves without one), and
+  ``metrics`` is ``None`` unless ``track_metrics=True``.
   """
 
-  def update_fn(updates, state, params=None):
-    new, state = inner.update(updates, state, params)
-    cast = lambda n, u: n if n is None or u is None else n.astype(u.dtype)
-    return jax.tree.map(cast, new, updates, is_leaf=lambda x: x is None), state
-
-  return optax.GradientTransformation(inner.init, update_fn)
-
-
-def _float32_scalar(value: Any) -> Any:
-  """A Python-number hyperparameter as a float32 scalar; a schedule returning one.
-
-  optax multiplies bfloat16 updates by a Python float (weakly typed) in
-  bfloat16, so ``weight_decay=0.1`` acts as 0.10009766: a systematic error of
-  up to ``2**-9`` in every step that no compensation downstream can undo. A
-  float32 scalar makes the product float32, which ``_keep_dtypes`` rounds once.
-  The scalar is a NumPy float64, which JAX makes float32 unless x64 is on:
-  then float64 leaves get the float64 value (a float32 one would perturb their
-  update by 1.5e-8 relative). Zero stays a Python 0 (optax then skips the
-  link); arrays pass unchanged.
-  """
-  if callable(value):
-    return lambda count: jnp.asarray(value(count), jnp.float32)
-  if isinstance(value, (int, float)) and not isinstance(value, bool) and value != 0:
-    return np.float64(value)
-  return value
+  count: chex.Array
+  mu: Any
+  nu: Any
+  lo: Any
+  metrics: Optional[transform.PrecisionMetrics] = None
 
 
-def _scale_by_learning_rate(learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:
-  """``optax.scale_by_learning_rate`` with ``−lr·u`` formed in float32.
-
-  optax casts the learning rate to the updates' dtype (a schedule's value
-  explicitly, a Python float by weak typing): in bfloat16 ``lr = 3e-4`` is
-  2.9948e-4, every step 0.17% short, which no compensation can undo. Here the
-  learning rate stays float32 and the product is rounded once to the update's
-  dtype; a learning rate below 0 acts as 0. The state is optax's
-  (``ScaleByScheduleState`` for a schedule).
-  """
-
-  def scale(lr, updates):
-    def leaf(u):
-      wide = jnp.promote_types(u.dtype, jnp.float32)
-      # A learning rate below 0 acts as 0: optax.linear_schedule(lr, 0.0, n)
-      # ends at -1.5e-10, not 0, under jit (count/n is computed as count·(1/n)),
-      # and the low components would keep drifting after the schedule's end.
-      return (u.astype(wide) * -jnp.maximum(jnp.asarray(lr, wide), 0)).astype(u.dtype)
-    return jax.tree.map(lambda u: None if u is None else leaf(u), updates, is_leaf=lambda x: x is None)
-
-  if not callable(learning_rate):
-    return optax.GradientTransformation(
-        optax.init_empty_state,
-        lambda updates, state, params=None: (scale(learning_rate, updates), state))
-
-  def init_fn(params):
-    del params
-    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    del params
-    lr = jnp.asarray(learning_rate(state.count), jnp.float32)
-    return scale(lr, updates), optax.ScaleByScheduleState(count=numerics.safe_increment(state.count))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _check_update_args(updates: Any, state: Any, params: Any, n_links: int) -> None:
+def _check_update_args(updates: Any, state: Any, params: Any) -> None:
   """Clear errors, naming the leaf path and the fix, for the inputs of ``adamw``'s update."""
   who = "collage_optax.adamw"
   if params is None:
@@ -123,20 +84,16 @@ def _check_update_args(updates: Any, state: Any, params: Any, n_links: int) -> N
         f"{who} needs `params`: call tx.update(grads, opt_state, params) with the "
         "current params (as for optax.adamw), so that their low components can be updated."
     )
-  if not (isinstance(state, tuple) and len(state) == n_links
-          and isinstance(state[0], transform.ScaleByAdamState)
-          and isinstance(state[-1], transform.CompensateState)):
-    got = (f"({', '.join(type(s).__module__ + '.' + type(s).__name__ for s in state)})"
-           if isinstance(state, tuple) else type(state).__name__)
+  if not isinstance(state, AdamWState):
     raise TypeError(
-        f"{who}: opt_state {got} is not the state of collage_optax.adamw; it comes "
-        "from another optimizer (e.g. optax.adamw, whose state lacks the low "
-        "components). Call opt_state = tx.init(params) with this optimizer."
+        f"{who}: opt_state {type(state).__module__}.{type(state).__name__} is not the state of "
+        "collage_optax.adamw; it comes from another optimizer (e.g. optax.adamw, whose state "
+        "lacks the low components). Call opt_state = tx.init(params) with this optimizer."
     )
   _tree.check_structure(who, params, "params", updates, "updates")
   _tree.check_shapes(who, params, "params", updates, "updates")
   _tree.check_structure(
-      who, params, "params", state[0].mu, "opt_state",
+      who, params, "params", state.mu, "opt_state",
       fix="The state was made for other params: call tx.init(params) with the params you train.")
   for path, u in _tree.leaves_with_paths(updates)[0]:
     if getattr(u, "dtype", None) == jax.dtypes.float0:
@@ -147,23 +104,38 @@ def _check_update_args(updates: Any, state: Any, params: Any, n_links: int) -> N
       )
 
 
-def _freeze_non_float(updates: Any, params: Any) -> Any:
-  """Zero updates (of the updates' dtypes) for integer and boolean params."""
-  frozen = lambda p, u: jnp.zeros_like(u) if (
-      u is not None and hasattr(p, "dtype") and not _tree.is_float(p)) else u
-  return jax.tree.map(frozen, params, updates, is_leaf=_tree.is_empty)
+def _formats(
+    mode: str, param_format: Any, mu_format: Any, nu_format: Any, mu_dtype: Any,
+) -> tuple[formats.ParamFormat, formats.Format, formats.Format, Optional[formats.Format]]:
+  """The formats of bfloat16/float16 leaves, and the ``mu`` format of the others (``None``: their dtype)."""
+  if mode not in PRESETS:
+    raise ValueError(f"collage_optax.adamw: unknown mode={mode!r}; use one of {', '.join(map(repr, MODES))}.")
+  preset = PRESETS[mode]
+  if mu_dtype is not None:
+    if mu_format is not None:
+      raise ValueError("collage_optax.adamw: pass mu_dtype or mu_format, not both.")
+    mu_native = formats.native_format(jnp.dtype(mu_dtype))
+    if mu_native.name not in formats.MOMENT_FORMATS:
+      raise ValueError(f"collage_optax.adamw: mu_dtype={jnp.dtype(mu_dtype)} is not bfloat16 or float32.")
+    mu_format = mu_native.name
+  else:
+    mu_native = None
+  return (formats.param_format(param_format or preset[0]), formats.moment_format(mu_format or preset[1]),
+          formats.moment_format(nu_format or preset[2]), mu_native)
 
 
-def _guard(*links: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
-  """``optax.chain(*links)`` with its update's inputs checked and non-float leaves frozen."""
-  inner, n_links = optax.chain(*links), len(links)
-
-  def update_fn(updates, state, params=None, **extra_args):
-    _check_update_args(updates, state, params, n_links)
-    new, state = inner.update(updates, state, params, **extra_args)
-    return _freeze_non_float(new, params), state
-
-  return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+def _decay_mask(mask: Any, params: Any) -> list[bool]:
+  """Per leaf of ``params``: whether weight decay applies (``mask`` as in ``optax.adamw``)."""
+  n = len(_tree.leaves_with_paths(params)[0])
+  if mask is None:
+    return [True] * n
+  tree = mask(params) if callable(mask) else mask
+  params_def = jax.tree.structure(params, is_leaf=_tree.is_empty)
+  # A mask may be a prefix of the params (optax.masked): broadcast each entry.
+  full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub, is_leaf=_tree.is_empty),
+                      tree, params, is_leaf=lambda x: isinstance(x, bool) or _tree.is_empty(x))
+  flat = params_def.flatten_up_to(full)
+  return [bool(m) if not _tree.is_empty(m) else False for m in flat]
 
 
 def adamw(
@@ -176,72 +148,81 @@ def adamw(
     mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
     *,
     mode: str = "plus",
+    mu_dtype: Optional[Any] = None,
+    param_format: Optional[str] = None,
+    mu_format: Optional[str] = None,
+    nu_format: Optional[str] = None,
     nesterov: bool = False,
     track_metrics: bool = False,
-) -> optax.GradientTransformation:
-  """AdamW (Loshchilov & Hutter 2019) with COLLAGE for bfloat16 params.
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdamW (Loshchilov & Hutter 2019) with COLLAGE for bfloat16 params, in one fused step.
 
-  ``optax.chain(scale_by_adam(...), optax.add_decayed_weights(weight_decay, mask),
-  optax.scale_by_learning_rate(learning_rate), compensate())``, with the
-  learning rate and weight decay applied as float32 scalars (optax would round
-  them to bfloat16):
+  For every leaf, one elementwise pass: decode the param and the moments
+  from their storage formats (:mod:`collage_optax.formats`), then in float32
+  optax's own AdamW (``optax.tree.update_moment``, bias correction,
+  ``m̂ / (√(v̂ + eps_root) + eps)``, decoupled weight decay, the learning
+  rate), and encode the new values:
 
-  * ``mode="light"``: params are MCFs ``(θ, lo)`` (Yu et al. 2024, strategy B);
-  * ``mode="plus"``: also the second moment ``v`` is an MCF and ``b2`` an MCF
-    scalar (strategy C, the default);
-  * ``mode="full"``: also the first moment ``m`` (beyond the paper).
+  .. math::
 
-  Params stay plain bfloat16 arrays; apply the updates with
-  ``optax.apply_updates``. ``learning_rate`` may be a schedule, and the
-  function works inside ``optax.inject_hyperparams``.
+     m ← (1−β_1) g + β_1 m,\quad v ← (1−β_2) g^2 + β_2 v,\quad
+     x' = x − η \left(\frac{\hat m}{\sqrt{\hat v + ε_{root}} + ε} + λ x\right).
 
-  Leaves. bfloat16 and float16 params get COLLAGE (low components, MCF
-  moments per ``mode``). float32 and float64 params get ``optax.adamw``'s
-  update, with moments of their own dtype and no low component. Integer and
-  boolean params get no state and a zero update (of the gradient's dtype), so
-  they stay bit for bit: ``optax.adamw`` instead runs Adam on them and
-  ``apply_updates`` truncates the float update into the integer (with weight
-  decay an int32 100 drifts down a unit per step), and the dtype of their
-  moments changes after the first step. Complex and 8-bit float params are
-  refused with an error.
+  Presets (``mode``) for bfloat16/float16 params, as ``(param, m, v)``
+  formats: ``"light"`` = (mcf, bf16, bf16): MCF params (Yu et al. 2024,
+  strategy B); ``"plus"`` = (mcf, bf16, mcf): also an MCF second moment, so
+  ``b2=0.999`` means 0.999 (strategy C, the default); ``"full"`` = (mcf,
+  mcf, mcf) (C+). ``param_format``, ``mu_format`` and ``nu_format`` override
+  the preset. Params stay plain bfloat16 arrays; apply the updates with
+  ``optax.apply_updates``: each update is ``θ' − θ`` in the gradient's
+  dtype, so ``apply_updates`` lands on the new first component (a landing
+  miss is folded into the residual). ``learning_rate`` may be a schedule, and
+  the function works inside ``optax.inject_hyperparams``; the learning rate
+  and weight decay multiply in float32 (optax would round them to bfloat16
+  on bfloat16 params: ``3e-4`` becomes 2.9948e-4).
+
+  Leaves. bfloat16 and float16 params get the formats above. float32 and
+  float64 params get ``optax.adamw``'s update bit for bit, with moments of
+  their own dtype (``mu_dtype`` as in ``optax.adamw``) and no residual.
+  Integer and boolean params get no state and a zero update (of the
+  gradient's dtype), so they stay bit for bit (``optax.adamw`` instead runs
+  Adam on them and ``apply_updates`` truncates the float update into the
+  integer). Complex and 8-bit float params are refused with an error.
 
   Non-finite gradients. A NaN or ±inf gradient element poisons, at that
-  element only, ``m``, ``v`` (and their low parts), the param and its low
-  component; every other element is unaffected and the step count advances,
-  as in ``optax.adamw``. To skip such steps instead, one line::
+  element only, ``m``, ``v``, the param and its residual; every other element
+  is unaffected and the step count advances, as in ``optax.adamw``. To skip
+  such steps instead, one line::
 
     tx = optax.apply_if_finite(collage_optax.adamw(...), max_consecutive_errors=10)
 
-  A step with a non-finite gradient then leaves params, low components and
-  moments bit for bit unchanged, and the next finite step trains on.
+  A step with a non-finite gradient then leaves params, residuals and moments
+  bit for bit unchanged, and the next finite step trains on.
 
   Range. Finite gradients never make the state non-finite: where ``g²`` or a
-  moment would overflow (``|g| > 1.8e19`` for bfloat16/float32) it saturates
-  at the dtype's largest finite value, and the step is then no longer
-  normalised (it grows like ``|g| / 1.8e19``) but still descends. float16
-  (largest value 65504, smallest subnormal 6e-8) is narrow for Adam: ``v ≈ g²``
-  saturates for gradients sustained above ``|g| ≈ 256``, and ``(1−b2)·g²``
-  underflows below ``|g| ≈ 8e-3``, leaving ``eps`` to bound the step (which
-  itself saturates at 65504). Keep float16 gradients in about ``[1e-2, 256]``
-  (scale the loss: Adam does not depend on its scale but through ``eps``) or
-  use bfloat16, whose range is float32's. An update that carries a param past
-  the dtype's largest value overflows, as in ``optax.apply_updates``.
+  moment would overflow (``|g| > 1.8e19``) it saturates at the format's
+  largest finite value, and the step is then no longer normalised but still
+  descends. The 16-bit moment formats are bfloat16-based, so float16 params
+  get moments of float32's range. An update that carries a param past its
+  dtype's largest value overflows, as in ``optax.apply_updates``.
 
   Args:
     learning_rate: a scalar or a schedule; values below 0 act as 0 (so a
-      schedule ending at 0 freezes params and low components bit for bit).
+      schedule ending at 0 freezes params and residuals bit for bit).
     b1, b2, eps, eps_root: Adam's hyperparameters.
     weight_decay: decoupled weight decay.
     mask: where to apply weight decay (as in ``optax.adamw``).
-    mode: ``"light"``, ``"plus"`` or ``"full"``.
+    mode: ``"light"``, ``"plus"`` or ``"full"`` (see :data:`PRESETS`).
+    mu_dtype: the first moment's dtype for every float leaf, as in
+      ``optax.adamw`` (``jnp.bfloat16`` or ``jnp.float32``).
+    param_format, mu_format, nu_format: formats overriding the preset for
+      bfloat16/float16 leaves.
     nesterov: Nesterov momentum (as in ``optax.adamw``).
     track_metrics: record EDQ and lost fraction (see :func:`collage_optax.metrics`).
 
   Returns:
-    An ``optax.GradientTransformation``; ``update`` needs ``params``.
+    An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
   """
-  if mode not in MODES:
-    raise ValueError(f"collage_optax.adamw: unknown mode={mode!r}; use one of {', '.join(map(repr, MODES))}.")
   if not callable(learning_rate):
     _check_hyperparam("learning_rate", learning_rate)
   _check_hyperparam("b1", b1, upper=1.0)
@@ -249,11 +230,78 @@ def adamw(
   _check_hyperparam("eps", eps)
   _check_hyperparam("eps_root", eps_root)
   _check_hyperparam("weight_decay", weight_decay)
-  return _guard(
-      transform.scale_by_adam(
-          b1, b2, eps, eps_root,
-          mcf_mu=mode == "full", mcf_nu=mode in ("plus", "full"), nesterov=nesterov),
-      _keep_dtypes(optax.add_decayed_weights(_float32_scalar(weight_decay), mask)),
-      _scale_by_learning_rate(learning_rate),
-      transform.compensate(track_metrics=track_metrics),
-  )
+  p_fmt, mu_fmt, nu_fmt, mu_other = _formats(mode, param_format, mu_format, nu_format, mu_dtype)
+  who = "collage_optax.adamw"
+
+  def init_fn(params):
+    def leaf(path, p):  # (mu, nu, lo) of one leaf, by its kind.
+      kind = transform.leaf_kind(who, path, p)
+      if kind == "low":
+        return transform.init_moment(p, mu_fmt), transform.init_moment(p, nu_fmt), p_fmt.init(p)
+      if kind == "native":
+        return transform.init_moment(p, mu_other), transform.init_moment(p, None), None
+      return None, None, None
+    flat, treedef = _tree.leaves_with_paths(params)
+    out = [leaf(path, p) for path, p in flat]
+    mu, nu, lo = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+    return AdamWState(jnp.zeros([], jnp.int32), mu, nu, lo,
+                      transform._init_metrics(params) if track_metrics else None)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _check_update_args(updates, state, params)
+    expected = jax.eval_shape(init_fn, params)
+    p_flat, treedef = _tree.leaves_with_paths(params)
+    flat = treedef.flatten_up_to
+    decay_mask = _decay_mask(mask, params)
+    count_inc = numerics.safe_increment(state.count)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    leaves = []  # (path, p, g, kind, g32, mu, nu, lo, decay): phase 1, the moments.
+    for (path, p), g, m, v, lo, want_m, want_v, decay in zip(
+        p_flat, flat(updates), flat(state.mu), flat(state.nu), flat(state.lo),
+        flat(expected.mu), flat(expected.nu), decay_mask):
+      transform.check_moment(who, path, m, want_m)
+      transform.check_moment(who, path, v, want_v)
+      transform.check_residual(who, path, p, lo, p_fmt)
+      kind = transform.leaf_kind(who, path, p)
+      g32 = None
+      if kind in ("low", "native") and g is not None and not _tree.is_empty(g):
+        if not _tree.is_float(g):
+          raise TypeError(
+              f"{who}: the gradient for leaf {path} has dtype {g.dtype}; it must be a real float "
+              "like the param. Pass real float gradients (e.g. jax.grad of a real loss); optimise "
+              "complex leaves with a plain optax optimizer.")
+        g32 = formats.widen(g).astype(transform.wide_dtype(p))
+        m, v = transform.adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
+      leaves.append((p, g, kind, g32, m, v, lo, decay))
+    # Phase 2: Adam's directions, bias-corrected over all leaves at once (as optax).
+    dirs = transform.adam_directions(
+        [leaf[3] for leaf in leaves], [leaf[4] for leaf in leaves], [leaf[5] for leaf in leaves],
+        b1, b2, eps, eps_root, count_inc, nesterov)
+    # Phase 3: weight decay, learning rate, and the params' encode.
+    out = [_param_step(*leaf, d, lr) for leaf, d in zip(leaves, dirs)]
+    cols = list(zip(*out)) if out else [[]] * 5
+    new_u, new_m, new_v, new_lo = (treedef.unflatten(list(c)) for c in cols[:4])
+    metrics = transform._compute_metrics(params, list(cols[4])) if track_metrics else None
+    return new_u, AdamWState(count_inc, new_m, new_v, new_lo, metrics)
+
+  def _param_step(p, g, kind, g32, m, v, lo, decay, u, lr):
+    """``(update, mu, nu, lo, metric sums)`` of one leaf, given Adam's direction ``u``."""
+    if kind == "frozen" and g is not None and not _tree.is_empty(g):
+      return jnp.zeros_like(g), m, v, lo, None
+    if u is None:
+      return g, m, v, lo, None
+    wide = u.dtype
+    x = formats.widen(p).astype(wide) if kind == "native" else p_fmt.decode(p, lo)
+    if decay and not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+      u = u + jnp.asarray(weight_decay, wide) * x  # optax.add_decayed_weights
+    # A learning rate below 0 acts as 0: optax.linear_schedule(lr, 0.0, n) ends
+    # at -1.5e-10 under jit, and the residuals would keep drifting after it.
+    u = -jnp.maximum(jnp.asarray(lr, wide), 0) * u  # optax.scale_by_learning_rate
+    if kind == "native":
+      sums = transform._leaf_sums(formats.landed(p, u) - x, u) if track_metrics else None
+      return formats.narrow(u, g.dtype), m, v, lo, sums
+    emitted, lo_new, delta = transform.compensated_leaf(p, lo, x + u, g.dtype, p_fmt)
+    return emitted, m, v, lo_new, (transform._leaf_sums(delta, u) if track_metrics else None)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -9,12 +9,17 @@ import jax.numpy as jnp
 import optax
 
 from collage_optax import _tree
+from collage_optax import formats
+from collage_optax.alias import AdamWState
 from collage_optax.transform import CompensateState, PrecisionMetrics
+
+#: The states that keep the params' residuals in a field ``lo``.
+_RESIDUAL_STATES = (CompensateState, AdamWState)
 
 __all__ = ["master_params", "metrics"]
 
 
-def _find(tree: Any, kind: type) -> list[tuple[str, Any]]:
+def _find(tree: Any, kind: Any) -> list[tuple[str, Any]]:
   """Every ``kind`` node anywhere in a (chained, injected, masked) state."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, kind))
   return [(_tree.path_str(p), x) for p, x in flat if isinstance(x, kind)]
@@ -50,16 +55,17 @@ def _unbox(tree: Any) -> Any:
 
 
 def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
-  """The params at full precision: ``hi + lo`` as ``dtype`` (float32).
+  """The params at full precision: each param's format decoded (``hi + lo``) as ``dtype`` (float32).
 
-  ``lo`` comes from the :func:`~collage_optax.compensate` state(s) anywhere in
-  ``opt_state`` (several, e.g. from ``optax.multi_transform``, are merged).
+  The residuals (``lo``) come from the :func:`~collage_optax.adamw` or
+  :func:`~collage_optax.compensate` state(s) anywhere in ``opt_state``
+  (several, e.g. from ``optax.multi_transform``, are merged).
   Float leaves without a low component are cast to ``dtype``; other leaves are
   returned unchanged. Works under ``jit``; sharded inputs give sharded outputs.
   Flax NNX works too: ``master_params(nnx.state(model, nnx.Param),
   optimizer.opt_state)`` returns an ``nnx.State`` of arrays.
   """
-  states = _find(opt_state, CompensateState)
+  states = _find(opt_state, _RESIDUAL_STATES)
   if not states:
     raise ValueError(
         "master_params: no collage_optax.compensate state in opt_state. Build the "
@@ -79,7 +85,7 @@ def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
     if lo is not None:
       if jnp.shape(lo) != jnp.shape(p):
         raise ValueError(f"master_params: leaf {path} has shape {jnp.shape(p)} but its low component {jnp.shape(lo)}.")
-      out.append(p.astype(dtype) + lo.astype(dtype))
+      out.append(formats.param_format_of(lo).decode(p, lo).astype(dtype))
     elif _tree.is_float(p):
       out.append(p.astype(dtype))
     else:

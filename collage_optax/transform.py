@@ -2,8 +2,11 @@
 
 Yu et al., "Collage: Light-Weight Low-Precision Strategy for LLM Training",
 ICML 2024: keep every low-precision float whose updates rounding would destroy
-(parameters, Adam's second moment) as a multi-component float (MCF) and update
-it with error-free arithmetic.
+(parameters, Adam's second moment) with a second component, so that no update
+is lost. Here every such value is a float32 quantity stored in a format
+(:mod:`collage_optax.formats`): a step decodes it, computes in float32 and
+encodes it with explicit roundings (the MCF formats give the bits of the
+paper's error-free sums, ~16 significant bits for two bfloat16 components).
 """
 
 from __future__ import annotations
@@ -18,8 +21,7 @@ from optax import tree_utils as otu
 from optax._src import numerics
 
 from collage_optax import _tree
-from collage_optax import mcf
-from collage_optax.mcf import MCF
+from collage_optax import formats
 
 __all__ = [
     "CompensateState",
@@ -87,47 +89,6 @@ def _compute_metrics(params: Any, sums: list[Optional[chex.Array]]) -> Precision
   return PrecisionMetrics(edq, lost, by_edq, by_lost)
 
 
-def _landed(p: chex.Array, u: chex.Array) -> chex.Array:
-  """``optax.apply_updates``' result ``(p + u).astype(p.dtype)``, in float32.
-
-  The rounding is explicit (``round_to``), so XLA's excess precision cannot
-  hide it.
-  """
-  wide = jnp.promote_types(p.dtype, jnp.float32)
-  return mcf.round_to(p.astype(wide) + u.astype(wide), p.dtype)
-
-
-def _cast(x: chex.Array, dtype: Any) -> chex.Array:
-  """``x.astype(dtype)`` with the rounding made explicit (``round_to``).
-
-  XLA may skip the rounding of a narrowing ``convert`` when it fuses it with
-  the consumer (excess precision), so a jitted ``apply_updates`` could add the
-  unrounded float32 value; ``reduce_precision`` it must honour, so consumers
-  see the same value eagerly and under ``jit``.
-  """
-  dtype = jnp.dtype(dtype)
-  if jnp.issubdtype(dtype, jnp.floating) and jnp.finfo(dtype).bits < jnp.finfo(x.dtype).bits:
-    x = mcf.round_to(x, dtype)
-  return x.astype(dtype)
-
-
-def _saturate(x: chex.Array, dtype: Any, finite: chex.Array) -> chex.Array:
-  """``x`` clipped to ``dtype``'s finite range where ``finite``, else ``x``.
-
-  ``finite`` marks the elements whose inputs (the gradient) were finite: there
-  a result beyond the format (``g²`` for ``|g| > 1.8e19`` in bfloat16/float32,
-  a moment above 65504 in float16) saturates instead of becoming ``inf``, which
-  would freeze Adam (``u = m / √inf = 0`` for good) or, through ``inf − inf``
-  in the error-free sums, turn the MCF into NaN. Non-finite gradients still
-  propagate, as in optax (use ``optax.apply_if_finite`` to skip them).
-  """
-  big = float(jnp.finfo(dtype).max)
-  # Clipping to ±inf where not finite leaves x as it is, and uses x once: XLA
-  # then fuses its producer (Adam's sqrt and division) into each consumer
-  # instead of writing a float32 temporary.
-  return jnp.clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
-
-
 class PrecisionState(NamedTuple):
   """State of :func:`measure_precision`."""
 
@@ -154,13 +115,127 @@ def measure_precision() -> optax.GradientTransformation:
     p_flat, treedef = _tree.leaves_with_paths(params)
     u_flat = treedef.flatten_up_to(updates)
     sums = [
-        _leaf_sums(_landed(p, u) - p.astype(jnp.float32), u)
+        _leaf_sums(formats.landed(p, u) - formats.widen(p), u)
         if _tree.is_float(p) and _tree.is_float(u) else None
         for (_, p), u in zip(p_flat, u_flat)
     ]
     return updates, PrecisionState(_compute_metrics(params, sums))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+
+
+def _saturate(x: chex.Array, finite: chex.Array, big: float) -> chex.Array:
+  """``x`` clipped to ``[−big, big]`` where ``finite``, else ``x``.
+
+  ``finite`` marks the elements whose gradient was finite: there a result
+  beyond the storage (``g²`` for ``|g| > 1.8e19``, a moment above the format's
+  largest value) saturates instead of becoming ``inf``, which would freeze Adam
+  for good (``u = m / √inf = 0``). Non-finite gradients still propagate, as in
+  optax (use ``optax.apply_if_finite`` to skip them).
+  """
+  # Clipping to ±inf where not finite leaves x as it is and uses x once.
+  return jnp.clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
+
+
+# ---------------------------------------------------------------------------
+# Leaves: which get a residual, which get optax's arithmetic, which are frozen.
+# ---------------------------------------------------------------------------
+
+
+def leaf_kind(who: str, path: str, p: Any) -> str:
+  """``"low"`` (bfloat16/float16: COLLAGE), ``"native"`` (float32/float64), ``"frozen"`` (int, bool), ``"empty"``.
+
+  Complex and 8-bit float leaves are refused with an error naming the leaf.
+  """
+  if _tree.is_empty(p) or not hasattr(p, "dtype"):
+    return "empty"
+  _tree.check_supported_leaf(who, path, p)
+  if _tree.is_low_precision(p):
+    return "low"
+  return "native" if _tree.is_float(p) else "frozen"
+
+
+def wide_dtype(p: Any) -> jnp.dtype:
+  """The arithmetic type of a leaf: float32, or float64 for float64 leaves."""
+  return jnp.promote_types(p.dtype, jnp.float32)
+
+
+# ---------------------------------------------------------------------------
+# Adam on one leaf, in float32 (optax's own formulas).
+# ---------------------------------------------------------------------------
+
+
+def adam_moments(
+    g: chex.Array, mu: chex.Array, nu: chex.Array, b1: Any, b2: Any, finite: chex.Array,
+) -> tuple[chex.Array, chex.Array]:
+  """The new stored ``m`` and ``v`` of one leaf: ``optax.tree.update_moment`` on the decoded values.
+
+  ``m ← (1 − b1)·g + b1·m``, ``v ← (1 − b2)·g² + b2·v`` (Kingma & Ba 2015),
+  computed in ``g``'s (wide) type from the decoded stored moments and encoded
+  once, saturating at the format's largest value where ``g`` is finite.
+  """
+  out = []
+  for store, decay, order in ((mu, b1, 1), (nu, b2, 2)):
+    fmt = formats.moment_format_of(store)
+    old = fmt.decode(store).astype(g.dtype)
+    new = (otu.tree_update_moment(g, old, decay, 1) if order == 1
+           else otu.tree_update_moment_per_elem_norm(g, old, decay, 2))
+    big = float(jnp.finfo(g.dtype).max)
+    if fmt.max < big:
+      new = _saturate(new, finite, fmt.max)
+    else:  # Only an overflow to ±inf: a clip here would change how XLA fuses optax's formula.
+      new = jnp.where(finite & jnp.isinf(new), jnp.copysign(big, new), new)
+    out.append(fmt.encode(new))
+  return out[0], out[1]
+
+
+def adam_directions(
+    gs: list[Any], mus: list[Any], nus: list[Any], b1: Any, b2: Any, eps: Any, eps_root: Any,
+    count_inc: chex.Array, nesterov: bool,
+) -> list[Any]:
+  """Adam's ``m̂ / (√(v̂ + eps_root) + eps)`` per leaf, from the *stored* new moments.
+
+  ``gs`` are the gradients in their wide type (``None`` for leaves without
+  moments), ``mus``/``nus`` the new moment storages. The bias corrections
+  are optax's ``tree_bias_correction``, applied to all leaves at once as in
+  ``optax.scale_by_adam`` (so that XLA compiles the same division; Nesterov
+  as there too). The moments are read back from their storage: the step then
+  uses the values the state keeps, and XLA:CPU reads the moment arrays just
+  written instead of recomputing them from the donated old ones (which would
+  make it copy those first). Finite gradients give finite directions
+  (:func:`_saturate`).
+  """
+  dec = lambda stores, gs: [None if g is None else formats.moment_format_of(s).decode(s).astype(g.dtype)
+                            for s, g in zip(stores, gs)]
+  m, v = dec(mus, gs), dec(nus, gs)
+  if nesterov:
+    m_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g,
+                         otu.tree_bias_correction(m, b1, numerics.safe_increment(count_inc)),
+                         otu.tree_bias_correction(gs, b1, count_inc))
+  else:
+    m_hat = otu.tree_bias_correction(m, b1, count_inc)
+  v_hat = otu.tree_bias_correction(v, b2, count_inc)
+  out = []
+  for g, mh, vh in zip(gs, m_hat, v_hat):
+    if g is None:
+      out.append(None)
+      continue
+    finite, big = jnp.isfinite(g), float(jnp.finfo(g.dtype).max)
+    u = mh / (jnp.sqrt(vh + eps_root) + eps)
+    # Where a finite gradient overflowed m̂ or v̂ (|g| beyond ~1e37), the
+    # direction from their saturated values; elsewhere optax's expression
+    # untouched (a clip on it would change how XLA compiles it).
+    mh, vh = _saturate(mh, finite, big), _saturate(vh, finite, big)
+    saturated = _saturate(mh / (jnp.sqrt(vh + eps_root) + eps), finite, big)
+    out.append(jnp.where(finite & ~jnp.isfinite(u), saturated, u))
+  return out
+
+
+def init_moment(p: Any, fmt: Optional[formats.Format]) -> Optional[chex.Array]:
+  """The zero storage of a moment of ``p`` in ``fmt`` (``None``: the param's own dtype)."""
+  return (fmt or formats.native_format(p.dtype)).zeros(p)
 
 
 # ---------------------------------------------------------------------------
@@ -171,84 +246,79 @@ def measure_precision() -> optax.GradientTransformation:
 class CompensateState(NamedTuple):
   """State of :func:`compensate`.
 
-  ``lo`` mirrors the params: the second MCF component of every bfloat16/float16
-  leaf, ``None`` for every other leaf. ``metrics`` is ``None`` unless
-  ``track_metrics=True``.
+  ``lo`` mirrors the params: the residual (second component) of every
+  bfloat16/float16 leaf in the chosen param format (for ``"mcf"`` an array of
+  the param's dtype), ``None`` for every other leaf. ``metrics`` is ``None``
+  unless ``track_metrics=True``.
   """
 
   lo: Any
   metrics: Optional[PrecisionMetrics] = None
 
 
-def _init_lo(path: str, p: Any) -> Any:
-  _tree.check_supported_leaf("compensate", path, p)
-  return jnp.zeros_like(p) if _tree.is_low_precision(p) else None
-
-
-def _check_lo(path: str, p: Any, lo: Any) -> None:
-  expected = _tree.is_low_precision(p)
-  ok = (lo is None) if not expected else (
+def check_residual(who: str, path: str, p: Any, lo: Any, fmt: formats.ParamFormat) -> None:
+  """Raises a clear error when the state's residual of leaf ``path`` is not what ``fmt`` keeps for ``p``."""
+  want = jax.eval_shape(fmt.init, p) if _tree.is_low_precision(p) else None
+  ok = (lo is None or _tree.is_empty(lo)) if want is None else (
       lo is not None and not _tree.is_empty(lo)
-      and jnp.shape(lo) == jnp.shape(p) and jnp.dtype(lo.dtype) == jnp.dtype(p.dtype)
-  )
+      and jnp.shape(lo) == want.shape and jnp.dtype(lo.dtype) == want.dtype)
   if not ok and not (_tree.is_empty(lo) and _tree.is_empty(p)):
-    got = "nothing" if _tree.is_empty(lo) else f"{jnp.dtype(lo.dtype)}{list(jnp.shape(lo))}"
-    want = f"{jnp.dtype(p.dtype)}{list(jnp.shape(p))}" if expected else "nothing"
+    got = "nothing" if lo is None or _tree.is_empty(lo) else f"{jnp.dtype(lo.dtype)}{list(jnp.shape(lo))}"
+    need = "nothing" if want is None else f"{want.dtype}{list(want.shape)}"
     raise ValueError(
-        f"compensate: the state's low component for leaf {path} is {got} but the "
-        f"param needs {want}. The state was made for other params: call "
-        "tx.init(params) with the params you train."
-    )
+        f"{who}: the state's residual for leaf {path} is {got} but the param needs "
+        f"{need} (param format {fmt.name!r}). The state was made for other params or "
+        "another format: call tx.init(params) with this optimizer and the params you train.")
 
 
-def compensate_leaf(p: chex.Array, lo: chex.Array, u: chex.Array) -> tuple[chex.Array, chex.Array, chex.Array]:
-  """One COLLAGE step on one leaf: ``(θ, lo) ← grow((θ, lo), u)``.
+def compensated_leaf(
+    p: chex.Array, lo: Any, x: chex.Array, u_dtype: Any, fmt: formats.ParamFormat,
+) -> tuple[chex.Array, Any, chex.Array]:
+  """Stores the new float32 value ``x`` of a bfloat16/float16 param: ``(update, new residual, Δθ_eff)``.
 
-  Returns ``(emitted update, new lo, Δθ_eff)``. The emitted update (dtype of
-  ``u``) is what makes ``apply_updates`` land on the new high component; should
-  rounding make it land elsewhere (adversarial zero crossings), the landing
-  point's miss is moved into ``lo``, so that ``θ + lo`` is still the MCF sum.
-  ``Δθ_eff`` is how far ``θ + lo`` moved, in float32.
+  The update carries ``p`` to the format's first component under
+  ``optax.apply_updates``; ``Δθ_eff`` is how far the decoded value moved.
   """
-  wide = jnp.float32
-  new = mcf.grow(MCF(p, lo), u)
-  theta, hi = p.astype(wide), new.hi.astype(wide)
-  emitted = _cast(hi - theta, u.dtype)
-  landed = _landed(p, emitted)
-  lo_new = mcf.round_to((hi - landed) + new.lo.astype(wide), p.dtype)
-  delta = (landed + lo_new) - (theta + lo.astype(wide))
-  return emitted, lo_new.astype(p.dtype), delta
+  u, lo_new = fmt.encode(x, p, u_dtype)
+  delta = fmt.decode(formats.narrow(formats.landed(p, u), p.dtype), lo_new) - fmt.decode(p, lo)
+  return u, lo_new, delta
 
 
-def compensate(track_metrics: bool = False) -> optax.GradientTransformation:
+def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.GradientTransformation:  # noqa: A002
   """COLLAGE's compensated parameter update; the last link of any chain.
 
-  Keeps the second component ``lo`` of every bfloat16/float16 param ``θ`` and,
-  given the intended update ``u``, computes ``(θ', lo') = grow((θ, lo), u)``
-  (Yu et al. 2024, Algorithm 2). It emits ``θ' − θ`` in ``u``'s dtype, so that
-  ``optax.apply_updates(params, updates)`` lands exactly on ``θ'``; ``lo'``
-  goes into the state. float32 (and other) leaves pass through with no state.
-  The emitted update is rounded explicitly to its dtype, so a jitted
-  ``apply_updates`` fused with it sees the same value as an eager one. A NaN or
-  ±inf update element makes that element of ``θ`` and ``lo`` non-finite (skip
-  such steps with ``optax.apply_if_finite``); a finite update that carries
-  ``θ`` past its dtype's largest value overflows, as ``apply_updates`` does.
+  Keeps the residual of every bfloat16/float16 param ``θ`` in ``format``
+  (``"mcf"``: the second MCF component ``lo``, Yu et al. 2024, Algorithm 2)
+  and, given the intended update ``u``, computes the float32 value
+  ``x' = (θ + lo) + u`` and stores it again: ``θ' = round(x')``,
+  ``lo' = round(x' − θ')``. It emits ``θ' − θ`` in ``u``'s dtype, so that
+  ``optax.apply_updates(params, updates)`` lands exactly on ``θ'`` (should it
+  land elsewhere, the residual is taken from where it lands); ``lo'`` goes into
+  the state. float32 (and other) leaves pass through with no state. Every
+  rounding is explicit, so a jitted ``apply_updates`` fused with it sees the
+  same value as an eager one. A NaN or ±inf update element makes that element
+  of ``θ`` and ``lo`` non-finite (skip such steps with
+  ``optax.apply_if_finite``); a finite update that carries ``θ`` past its
+  dtype's largest value overflows, as ``apply_updates`` does.
 
   Example::
 
     tx = optax.chain(optax.lion(1e-4), collage_optax.compensate())
 
   Args:
+    format: the param format of :mod:`collage_optax.formats` (``"mcf"``).
     track_metrics: record EDQ and lost fraction in the state (read them with
       :func:`collage_optax.metrics`).
 
   Returns:
     An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
   """
+  fmt = formats.param_format(format)
 
   def init_fn(params):
-    lo = _tree.map_with_path(_init_lo, params)
-    return CompensateState(lo, _init_metrics(params) if track_metrics else None)
+    def init(path, p):
+      return fmt.init(p) if leaf_kind("compensate", path, p) == "low" else None
+    return CompensateState(_tree.map_with_path(init, params), _init_metrics(params) if track_metrics else None)
 
   def update_fn(updates, state, params=None):
     if params is None:
@@ -263,19 +333,17 @@ def compensate(track_metrics: bool = False) -> optax.GradientTransformation:
           "with this transformation."
       )
     _tree.check_structure("compensate", params, "params", updates, "updates")
+    _tree.check_structure("compensate", params, "params", state.lo, "the state's residuals",
+                          fix="Call tx.init(params) with the params you train.")
     p_flat, treedef = _tree.leaves_with_paths(params)
-    u_flat = treedef.flatten_up_to(updates)
-    lo_flat = treedef.flatten_up_to(state.lo) if len(
-        _tree.leaves_with_paths(state.lo)[0]) == len(p_flat) else None
-    if lo_flat is None:
-      _tree.check_structure("compensate", params, "params", state.lo, "the state's low components")
+    u_flat, lo_flat = treedef.flatten_up_to(updates), treedef.flatten_up_to(state.lo)
     out_u, out_lo, sums = [], [], []
     for (path, p), u, lo in zip(p_flat, u_flat, lo_flat):
-      _check_lo(path, p, lo)
-      if lo is None or u is None:
+      check_residual("compensate", path, p, lo, fmt)
+      if lo is None or _tree.is_empty(lo) or u is None or _tree.is_empty(u):
         out_u.append(u)
         out_lo.append(lo)
-        sums.append(_leaf_sums(_landed(p, u) - p.astype(jnp.float32), u)
+        sums.append(_leaf_sums(formats.landed(p, u) - formats.widen(p), u)
                     if track_metrics and _tree.is_float(p) and _tree.is_float(u) else None)
         continue
       if not _tree.is_float(u):
@@ -283,10 +351,11 @@ def compensate(track_metrics: bool = False) -> optax.GradientTransformation:
             f"compensate: the update for leaf {path} has dtype {getattr(u, 'dtype', type(u))}; "
             "updates of bfloat16/float16 params must be floats."
         )
-      emitted, lo_new, delta = compensate_leaf(p, lo, u)
+      u32 = formats.widen(u).astype(jnp.float32)
+      emitted, lo_new, delta = compensated_leaf(p, lo, fmt.decode(p, lo) + u32, u.dtype, fmt)
       out_u.append(emitted)
       out_lo.append(lo_new)
-      sums.append(_leaf_sums(delta, u) if track_metrics else None)
+      sums.append(_leaf_sums(delta, u32) if track_metrics else None)
     metrics = _compute_metrics(params, sums) if track_metrics else None
     return treedef.unflatten(out_u), CompensateState(treedef.unflatten(out_lo), metrics)
 
@@ -294,79 +363,37 @@ def compensate(track_metrics: bool = False) -> optax.GradientTransformation:
 
 
 # ---------------------------------------------------------------------------
-# scale_by_adam with MCF moments.
+# scale_by_adam with moments in storage formats.
 # ---------------------------------------------------------------------------
 
 
 class ScaleByAdamState(NamedTuple):
   """State of :func:`scale_by_adam`: step count and the two moments.
 
-  ``mu``/``nu`` mirror the params with arrays of the param's dtype (``None``
-  for non-float leaves). Where ``mcf_mu``/``mcf_nu`` asks for an MCF (on
-  bfloat16/float16 leaves), the moment is the MCF ``(mu, mu_lo)`` /
-  ``(nu, nu_lo)``; ``mu_lo``/``nu_lo`` mirror the params with ``None`` on the
-  other leaves, and are ``None`` altogether when not asked for (no placeholder
-  arrays). Keeping the components as parallel trees keeps the state a plain
-  tree of arrays for ``nnx.Optimizer``, shardings and checkpoints.
+  ``mu``/``nu`` mirror the params with each moment's storage (``None`` for
+  non-float leaves): for bfloat16/float16 leaves a ``"bf16"`` array, or the
+  packed uint32 of an ``"mcf"`` moment (two bfloat16 components; read them
+  with :func:`collage_optax.formats.mcf_components`); for float32/float64
+  leaves an array of the leaf's dtype.
   """
 
   count: chex.Array  # shape=(), dtype=jnp.int32.
   mu: Any
   nu: Any
-  mu_lo: Any = None
-  nu_lo: Any = None
 
 
-def _ema(
-    old: Any, old_lo: Any, target: chex.Array, decay: Any, finite: chex.Array,
-) -> tuple[Any, Any, chex.Array]:
-  """``decay·old + (1 − decay)·target``; returns (stored hi, stored lo, float32 value).
-
-  With a low component, the MCF ``m = (old, old_lo)`` is updated in the
-  increment form of the same average, ``m ← m + (1 − decay)·(target − m)``
-  (COLLAGE-plus, Yu et al. 2024, who write ``grow(mul(m, β), (1 − β)·target)``).
-  The increment is computed in float32 from the float32 value of ``m``, so
-  ``decay`` never needs a storage-precision form: it is exact to float32,
-  where the two-bfloat16 split of the product form, ``β = c + d``, is
-  0.99900055 for 0.999 and the weights ``(c + d, 1 − β)`` then over-weight the
-  moment by 5.5e-4 and bias every Adam step by −2.7e-4. The increment ``δ`` is
-  added as an MCF, ``add(m, from_float(δ))``, not rounded to the storage
-  precision first as ``grow`` would (an error of up to 2**-9·δ per step: the
-  whole first step's value is ``δ``, and ``m``'s increments are 10% of it). The
-  only rounding left is ``add``'s, at MCF precision; the float32 value
-  returned (for this step's update) is ``m + δ`` before that rounding. Without
-  a low component, the value is computed in float32 and rounded once to
-  ``old``'s dtype. Where ``finite``
-  (the gradient was), target and result saturate at ``old``'s largest finite
-  value (:func:`_saturate`).
-  """
-  dtype = old.dtype
-  wide = jnp.promote_types(dtype, jnp.float32)
-  target = _saturate(target, dtype, finite)
-  if old_lo is not None:
-    m = MCF(old, old_lo)
-    m32 = mcf.to_float(m, wide)
-    delta = (1 - decay) * (target - m32)
-    new = mcf._add_float(m, delta)  # add(m, from_float(delta, dtype)), in one chain.
-    # This step uses the value before storage rounding, as without a low
-    # component: in float16 a small ``(1 − b2)·g²`` underflows the storage,
-    # and a stored 0 would make the step ``m̂ / eps``.
-    return new.hi, new.lo, m32 + delta
-  value = _saturate(decay * old.astype(wide) + (1 - decay) * target, dtype, finite)
-  return value.astype(dtype), None, value
-
-
-def _check_state_kind(state: ScaleByAdamState, mcf_mu: bool, mcf_nu: bool) -> None:
-  """Refuses a state made with other ``mcf_mu``/``mcf_nu`` (another ``adamw`` mode)."""
-  has_mu, has_nu = state.mu_lo is not None, state.nu_lo is not None
-  if (has_mu, has_nu) != (mcf_mu, mcf_nu):
-    mode = lambda mu, nu: {(False, False): "light", (False, True): "plus", (True, True): "full"}.get((mu, nu), "custom")
+def check_moment(who: str, path: str, store: Any, want: Any) -> None:
+  """Raises a clear error when a moment's storage is not the one this optimizer keeps."""
+  if want is None and (store is None or _tree.is_empty(store)):
+    return
+  if (want is None or store is None or _tree.is_empty(store)
+      or jnp.shape(store) != want.shape or jnp.dtype(store.dtype) != want.dtype):
+    got = "nothing" if store is None or _tree.is_empty(store) else f"{jnp.dtype(store.dtype)}{list(jnp.shape(store))}"
+    need = "nothing" if want is None else f"{want.dtype}{list(want.shape)}"
     raise ValueError(
-        f"scale_by_adam: the state was made with mcf_mu={has_mu}, mcf_nu={has_nu} "
-        f"(adamw mode={mode(has_mu, has_nu)!r}) but this transformation has "
-        f"mcf_mu={mcf_mu}, mcf_nu={mcf_nu} (mode={mode(mcf_mu, mcf_nu)!r}). Call "
-        "tx.init(params) with this optimizer, or build it with the state's mode."
-    )
+        f"{who}: the state's moment for leaf {path} is {got} but this optimizer keeps "
+        f"{need}. The state was made by another mode or format, or for other params: "
+        "call tx.init(params) with this optimizer and the params you train.")
 
 
 def scale_by_adam(
@@ -379,102 +406,69 @@ def scale_by_adam(
     mcf_nu: bool = True,
     nesterov: bool = False,
 ) -> optax.GradientTransformation:
-  """Adam's scaling with moments stored at the params' precision.
+  """Adam's scaling with 16-bit moments for bfloat16/float16 leaves.
 
-  ``m ← b1·m + (1−b1)·g``, ``v ← b2·v + (1−b2)·g²``,
+  ``m ← (1−b1)·g + b1·m``, ``v ← (1−b2)·g² + b2·v``,
   ``u = m̂ / (√(v̂ + eps_root) + eps)`` with ``m̂ = m/(1−b1ᵗ)``,
-  ``v̂ = v/(1−b2ᵗ)`` (Kingma & Ba 2015; Nesterov as in ``optax.scale_by_adam``).
-  With ``mcf_nu`` the second moment of every bfloat16/float16 leaf is an MCF
-  updated as ``v ← v + (1−β2)·(g² − v)`` (the increment form of Yu et
-  al. 2024's ``grow(mul(v, β2), (1−β2)·g²)``, with ``1−β2`` a float32 scalar),
-  so ``b2=0.999`` means 0.999 and ``v`` decays as in float64 (COLLAGE-plus);
-  ``mcf_mu`` does the same for the first moment. Arithmetic is
-  float32; per-parameter state stays at the params' precision. The step count
-  and bias corrections are scalars, computed by optax's own
-  ``tree_bias_correction``. float32 and float64 leaves keep plain moments of
-  their dtype; non-float leaves have no state and their updates pass through.
+  ``v̂ = v/(1−b2ᵗ)`` (Kingma & Ba 2015; optax's own formulas, Nesterov as in
+  ``optax.scale_by_adam``), computed in float32 from the stored moments. For
+  bfloat16/float16 leaves a moment is stored as one bfloat16 (``"bf16"``)
+  or, with ``mcf_nu``/``mcf_mu``, as a two-bfloat16 MCF (``"mcf"``, ~16
+  significant bits), so ``b2=0.999`` means 0.999 and ``v`` decays as in
+  float64 (COLLAGE-plus, Yu et al. 2024); float32/float64 leaves keep moments
+  of their dtype, non-float leaves none. The step count and bias corrections
+  are scalars.
 
   Finite gradients keep the state finite: ``g²``, the moments, ``m̂``, ``v̂``
-  and the update saturate at their dtype's largest finite value instead of
-  overflowing (``|g| > 1.8e19`` for bfloat16/float32; for float16 a second
-  moment above 65504, i.e. ``|g|`` sustained above 256). A NaN or ±inf
-  gradient element makes that element of the moments and of the update
-  non-finite, as in optax; wrap the optimizer in ``optax.apply_if_finite`` to
-  skip such steps.
+  and the update saturate at their largest finite value instead of
+  overflowing (``|g| > 1.8e19``). A NaN or ±inf gradient element makes that
+  element of the moments and of the update non-finite, as in optax; wrap the
+  optimizer in ``optax.apply_if_finite`` to skip such steps.
 
   Returns:
     An ``optax.GradientTransformation``; its updates have the gradients' dtypes.
   """
-
-  def init_moment(path, p):
-    _tree.check_supported_leaf("scale_by_adam", path, p)
-    return jnp.zeros_like(p) if _tree.is_float(p) else None
-
-  def init_lo(path, p):
-    return jnp.zeros_like(p) if _tree.is_low_precision(p) else None
+  mu_fmt = formats.moment_format("mcf" if mcf_mu else "bf16")
+  nu_fmt = formats.moment_format("mcf" if mcf_nu else "bf16")
+  who = "collage_optax.scale_by_adam"
 
   def init_fn(params):
-    lo = lambda use: _tree.map_with_path(init_lo, params) if use else None
-    return ScaleByAdamState(
-        count=jnp.zeros([], jnp.int32),
-        mu=_tree.map_with_path(init_moment, params),
-        nu=_tree.map_with_path(init_moment, params),
-        mu_lo=lo(mcf_mu),
-        nu_lo=lo(mcf_nu),
-    )
+    def init(fmt):
+      def leaf(path, p):
+        kind = leaf_kind(who, path, p)
+        return init_moment(p, fmt if kind == "low" else None) if kind in ("low", "native") else None
+      return _tree.map_with_path(leaf, params)
+    return ScaleByAdamState(jnp.zeros([], jnp.int32), init(mu_fmt), init(nu_fmt))
 
   def update_fn(updates, state, params=None):
     del params
     if not isinstance(state, ScaleByAdamState):
       raise TypeError(
-          f"collage_optax.scale_by_adam: got a state of type {type(state).__name__}, "
-          "not collage_optax ScaleByAdamState. It comes from another optimizer "
-          "(e.g. optax.adam): call tx.init(params) with this optimizer."
+          f"{who}: got a state of type {type(state).__name__}, not collage_optax "
+          "ScaleByAdamState. It comes from another optimizer (e.g. optax.adam): call "
+          "tx.init(params) with this optimizer."
       )
-    _check_state_kind(state, mcf_mu, mcf_nu)
-    _tree.check_structure("scale_by_adam", state.mu, "the state's moments", updates, "updates")
-    u_flat, treedef = _tree.leaves_with_paths(updates)
-    flat = lambda t: treedef.flatten_up_to(t) if t is not None else [None] * len(u_flat)
-    mu, nu, mu_lo, nu_lo = flat(state.mu), flat(state.nu), flat(state.mu_lo), flat(state.nu_lo)
+    _tree.check_structure(who, state.mu, "the state's moments", updates, "updates")
+    expected = jax.eval_shape(init_fn, updates)
+    g_flat, treedef = _tree.leaves_with_paths(updates)
+    flat = treedef.flatten_up_to
     count_inc = numerics.safe_increment(state.count)
-    # Bias corrections with optax's own function (``1 − bᵗ`` computed under
-    # jit in the default float type, then cast to the moment's), so float32
-    # and float64 leaves get optax.adamw's update at its precision.
-    unbias = otu.tree_bias_correction
-    out = []
-    for (path, g), m, v, m_lo, v_lo in zip(u_flat, mu, nu, mu_lo, nu_lo):
-      if m is None or g is None:
-        out.append((g, m, v, m_lo, v_lo))
+    gs, out_m, out_v = [], [], []
+    for (path, g), m, v, want_m, want_v in zip(
+        g_flat, flat(state.mu), flat(state.nu), flat(expected.mu), flat(expected.nu)):
+      check_moment(who, path, m, want_m)
+      check_moment(who, path, v, want_v)
+      if m is None or _tree.is_empty(m) or g is None:
+        gs.append(None), out_m.append(m), out_v.append(v)
         continue
-      if not _tree.is_float(g):
-        raise TypeError(
-            f"scale_by_adam: the gradient for leaf {path} has dtype {g.dtype}; it must be "
-            f"a real float like its moments ({m.dtype}). Pass real float gradients (e.g. "
-            "jax.grad of a real loss); optimise complex leaves with a plain optax optimizer."
-        )
-      if jnp.shape(g) != jnp.shape(m):
-        raise ValueError(
-            f"scale_by_adam: the gradient for leaf {path} has shape {jnp.shape(g)} but "
-            f"the state was made for shape {jnp.shape(m)}: call tx.init(params) with the params you train."
-        )
-      wide = jnp.promote_types(m.dtype, jnp.float32)
-      g32 = g.astype(wide)
-      finite = jnp.isfinite(g32)
-      m, m_lo, m32 = _ema(m, m_lo, g32, b1, finite)
-      v, v_lo, v32 = _ema(v, v_lo, _saturate(g32 * g32, wide, finite), b2, finite)
-      if nesterov:
-        m_hat = (b1 * unbias(m32, b1, numerics.safe_increment(count_inc))
-                 + (1 - b1) * unbias(g32, b1, count_inc))
-      else:
-        m_hat = unbias(m32, b1, count_inc)
-      v_hat = unbias(v32, b2, count_inc)
-      m_hat, v_hat = _saturate(m_hat, wide, finite), _saturate(v_hat, wide, finite)
-      u = _saturate(m_hat / (jnp.sqrt(v_hat + eps_root) + eps), g.dtype, finite)
-      out.append((_cast(u, g.dtype), m, v, m_lo, v_lo))
-    u, mu, nu, mu_lo, nu_lo = (treedef.unflatten(list(c)) for c in zip(*out)) if out else [treedef.unflatten([])] * 5
-    return u, ScaleByAdamState(
-        count_inc, mu, nu,
-        mu_lo if state.mu_lo is not None else None,
-        nu_lo if state.nu_lo is not None else None)
+      g32 = formats.widen(g).astype(wide_dtype(g))
+      m, v = adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
+      gs.append(g32), out_m.append(m), out_v.append(v)
+    dirs = adam_directions(gs, out_m, out_v, b1, b2, eps, eps_root, count_inc, nesterov)
+    out_u = [g if d is None else formats.narrow(
+        _saturate(d, jnp.isfinite(g32), float(jnp.finfo(g.dtype).max)), g.dtype)
+        for (_, g), g32, d in zip(g_flat, gs, dirs)]
+    unflat = treedef.unflatten
+    return unflat(out_u), ScaleByAdamState(count_inc, unflat(out_m), unflat(out_v))
 
   return optax.GradientTransformation(init_fn, update_fn)
