@@ -21,19 +21,62 @@ RESULTS = ROOT / "benchmarks" / "results"
 
 LR, WD = 1e-3, 0.1
 
+#: Labels of the COLLAGE modes (DESIGN §1 letters); a mode not listed here is labelled by its name.
+_MODE_LABELS = {"light": "B: collage adamw light", "plus": "C: collage adamw plus", "full": "C+: collage adamw full"}
+_OPTAX_NAMES = ("fp32", "bf16", "lion_compensate")
+
+
+def _collage(mode: str) -> Callable[[], optax.GradientTransformation]:
+  return lambda: collage_optax.adamw(LR, weight_decay=WD, mode=mode)
+
+
+def _mode_name(mode: str) -> str:
+  """The strategy name of a COLLAGE mode: the mode itself, unless an optax strategy has that name."""
+  return f"collage_{mode}" if mode in _OPTAX_NAMES else mode
+
+
 #: name -> (label, param dtype, optimizer factory). The letters follow DESIGN §1.
+#: The COLLAGE strategies are every mode of ``collage_optax.MODES``, in its order.
 STRATEGIES: dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]]] = {
     "fp32": ("D: optax.adamw, fp32 params", jnp.float32, lambda: optax.adamw(LR, weight_decay=WD)),
     "bf16": ("A: optax.adamw, bf16 params", jnp.bfloat16, lambda: optax.adamw(LR, weight_decay=WD)),
-    "light": ("B: collage adamw light", jnp.bfloat16,
-              lambda: collage_optax.adamw(LR, weight_decay=WD, mode="light")),
-    "plus": ("C: collage adamw plus", jnp.bfloat16,
-             lambda: collage_optax.adamw(LR, weight_decay=WD, mode="plus")),
-    "full": ("C+: collage adamw full", jnp.bfloat16,
-             lambda: collage_optax.adamw(LR, weight_decay=WD, mode="full")),
+    **{_mode_name(mode): (_MODE_LABELS.get(mode, f"collage adamw {mode}"), jnp.bfloat16, _collage(mode))
+       for mode in collage_optax.MODES},
     "lion_compensate": ("optax.lion + compensate, bf16", jnp.bfloat16,
                         lambda: optax.chain(optax.lion(1e-4), collage_optax.compensate())),
 }
+
+
+def _flash_adamw(**kwargs: Any) -> Callable[[], Any]:
+  def make():
+    import flashoptim_jax  # pylint: disable=import-outside-toplevel
+    # fused=False: FlashOptim's plain-JAX path (its fused path is a Pallas/Triton GPU kernel).
+    return flashoptim_jax.flash_adamw(LR, weight_decay=WD, fused=False, **kwargs)
+
+  return make
+
+
+#: FlashOptim (``flashoptim_jax``, Ortiz et al. 2026), side by side: name -> (label, param dtype,
+#: factory). Not optax transformations: a ``FlashOptimizer(init, step)`` with
+#: ``params, state = step(params, state, grads)``. Its initial state shares buffers (mu and nu are
+#: one zeros array), so its step cannot be donated; it is timed without donation.
+FLASH_STRATEGIES: dict[str, tuple[str, Any, Callable[[], Any]]] = {
+    "flash_adamw": ("FlashOptim flash_adamw: 24-bit master, 8-bit moments", jnp.bfloat16, _flash_adamw()),
+    "flash_adamw_32": ("FlashOptim flash_adamw: 32-bit master, fp32 moments", jnp.bfloat16,
+                       _flash_adamw(master_weight_bits=32, quantize=False)),
+}
+
+
+def flash_unavailable() -> str | None:
+  """Why ``flashoptim_jax`` cannot be used here, or ``None`` when it can."""
+  try:
+    import flashoptim_jax  # pylint: disable=import-outside-toplevel,unused-import
+  except Exception as e:  # pylint: disable=broad-except
+    return (f"flashoptim_jax not importable ({type(e).__name__}: {e}); "
+            "pip install 'collage-optax[benchmarks]' to compare with FlashOptim")
+  return None
+
+
 BASELINE = "fp32"
 
 

@@ -4,12 +4,21 @@ For each parameter count (about 1M, 16M, 64M by default) and each strategy
 
 * ``fp32``  (D): ``optax.adamw`` on float32 params and float32 gradients;
 * ``bf16``  (A): ``optax.adamw`` on bfloat16 params and gradients;
-* ``light`` (B), ``plus`` (C), ``full`` (C+): ``collage_optax.adamw(mode=...)``;
+* ``light`` (B), ``plus`` (C), ``full`` (C+), and any other mode of
+  ``collage_optax.MODES``: ``collage_optax.adamw(mode=...)``;
 * ``lion_compensate``: ``optax.chain(optax.lion(1e-4), collage_optax.compensate())``;
+* ``flash_adamw`` (24-bit master, 8-bit moments) and ``flash_adamw_32``
+  (32-bit master, fp32 moments): FlashOptim's ``flashoptim_jax.flash_adamw``
+  (plain-JAX path, ``fused=False``), side by side when it is importable
+  (``pip install 'collage-optax[benchmarks]'``), else skipped with a note;
 
 one jitted step ``params, state = apply_updates(params, tx.update(grads, state,
 params))`` is timed with params and state donated (updated in place, as in a
-training loop). In the same run a jitted in-place elementwise kernel
+training loop), and a second compiled step of the same function without
+donation (``ratio_to_fp32_nondonated``: each step then allocates its outputs,
+as XLA does whenever donation is impossible). FlashOptim's state shares
+buffers (its mu and nu start as one array), so it cannot be donated: it is
+timed without donation only, against fp32 without donation. In the same run a jitted in-place elementwise kernel
 ``x ← 1.0001·x`` over float32 (4 bytes read + 4 written per element) measures
 the copy bandwidth; its array has ``4 × n_params`` elements, so that it moves
 about as many bytes as step D.
@@ -26,7 +35,8 @@ grads and state + writes of params and state), the achieved bandwidth (those
 bytes over the median time) and its fraction of the copy bandwidth; and from
 the compiled HLO, XLA's own count of bytes accessed, flops and temporary bytes
 per parameter, and the number of loop kernels (fusions and copies) per
-parameter leaf (a one-leaf 1024×1024 step).
+parameter leaf, with the ``copy`` ops among them (a one-leaf 1024×1024 step,
+donated and not).
 
 Run: ``python benchmarks/step.py`` (writes ``benchmarks/results/step.json``),
 ``--sizes 16M`` for one size, ``--quick`` for a smoke run.
@@ -80,46 +90,91 @@ def _tree(shapes: dict[str, tuple[int, ...]], dtype: Any, seed: int, scale: floa
           for i, (name, shape) in enumerate(sorted(shapes.items()))}
 
 
-def compile_step(tx: optax.GradientTransformation, params: Any, grads: Any) -> Any:
-  """``apply_updates(params, tx.update(grads, state, params))``, jitted with params and state donated."""
+def known_strategies() -> dict[str, tuple[str, Any, Any]]:
+  """Every strategy this benchmark knows: the optax ones, then FlashOptim's."""
+  return {**_common.STRATEGIES, **_common.FLASH_STRATEGIES}
 
-  def step(params, state, grads):
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
 
-  state = jax.eval_shape(tx.init, params)
-  return jax.jit(step, donate_argnums=(0, 1)).lower(params, state, grads).compile()
+def can_donate(name: str) -> bool:
+  """Whether a strategy's step can be donated (FlashOptim's cannot: its state shares buffers)."""
+  return name in _common.STRATEGIES
+
+
+def step_function(opt: Any) -> tuple[Any, Any]:
+  """``(init, step)`` with ``step(params, state, grads) -> (params, state)``.
+
+  For an optax ``GradientTransformation``, ``step`` is
+  ``apply_updates(params, tx.update(grads, state, params))``; a FlashOptim
+  ``FlashOptimizer`` has that ``step`` already.
+  """
+  if hasattr(opt, "update"):
+
+    def step(params, state, grads):
+      updates, state = opt.update(grads, state, params)
+      return optax.apply_updates(params, updates), state
+
+    return opt.init, step
+  return opt.init, opt.step
+
+
+def compile_step(tx: Any, params: Any, grads: Any, donate: bool = True) -> Any:
+  """One optimizer step of ``tx`` (optax or FlashOptim), jitted, params and state donated or not."""
+  init, step = step_function(tx)
+  state = jax.eval_shape(init, params)
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ()).lower(params, state, grads).compile()
 
 
 def leaf_hlo(name: str, shape: tuple[int, ...] = (1024, 1024)) -> dict[str, Any]:
-  """The compiled step of one strategy on a single ``shape`` leaf: kernels, bytes, flops."""
-  _, dtype, make = _common.STRATEGIES[name]
+  """The compiled step of one strategy on a single ``shape`` leaf: kernels (copies among them), bytes, flops.
+
+  The top-level numbers are the step as it is timed (donated where it can be);
+  ``nondonated`` holds those of the step without donation.
+  """
+  _, dtype, make = known_strategies()[name]
   leaf = {"w": jax.ShapeDtypeStruct(shape, dtype)}
-  return _common.hlo_stats(compile_step(make(), leaf, leaf), int(np.prod(shape)))
+  n = int(np.prod(shape))
+  nondonated = _common.hlo_stats(compile_step(make(), leaf, leaf, donate=False), n)
+  if not can_donate(name):
+    return {**nondonated, "donated": False}
+  return {**_common.hlo_stats(compile_step(make(), leaf, leaf), n), "donated": True, "nondonated": nondonated}
 
 
 class _Runner:
-  """One strategy's compiled step and its live (donated) buffers."""
+  """One strategy's compiled steps (donated where it can be, and not) and its live buffers.
 
-  def __init__(self, name: str, shapes: dict[str, tuple[int, ...]]):
+  Both steps advance the same params and state: the donated one updates them
+  in place, the other allocates new ones (and the old ones are freed).
+  """
+
+  def __init__(self, name: str, shapes: dict[str, tuple[int, ...]], nondonated: bool = True):
     self.name = name
-    self.label, dtype, make = _common.STRATEGIES[name]
+    self.label, dtype, make = known_strategies()[name]
     tx = make()
+    init, _ = step_function(tx)
     self.params = _tree(shapes, dtype, 0, 0.02)
     self.grads = _tree(shapes, dtype, 1, 1e-3)  # Gradients have the params' dtypes.
-    self.state = tx.init(self.params)
+    self.state = init(self.params)
     n = sum(int(np.prod(s)) for s in shapes.values())
     self.bytes_read = (_common.nbytes(self.params) + _common.nbytes(self.grads) + _common.nbytes(self.state)) / n
     self.bytes_written = (_common.nbytes(self.params) + _common.nbytes(self.state)) / n
+    self.bytes_persistent = (_common.nbytes(self.params) + _common.nbytes(self.state)) / n  # Between steps.
+    self.bytes_grads = _common.nbytes(self.grads) / n
 
-    self.compiled = compile_step(tx, self.params, self.grads)
-    self.hlo = _common.hlo_stats(self.compiled, n)
+    self.donated = can_donate(name)
+    self.compiled = compile_step(tx, self.params, self.grads) if self.donated else None
+    self.compiled_nd = (compile_step(tx, self.params, self.grads, donate=False)
+                        if nondonated or not self.donated else None)
+    self.hlo = _common.hlo_stats(self.compiled or self.compiled_nd, n)
+    self.hlo_nd = _common.hlo_stats(self.compiled_nd, n) if self.compiled_nd is not None else None
 
   def __call__(self) -> tuple[float, float, float]:
-    return _timed(self._step)
+    return _timed(lambda: self._step(self.compiled))
 
-  def _step(self) -> None:
-    self.params, self.state = self.compiled(self.params, self.state, self.grads)
+  def nondonated(self) -> tuple[float, float, float]:
+    return _timed(lambda: self._step(self.compiled_nd))
+
+  def _step(self, compiled: Any) -> None:
+    self.params, self.state = compiled(self.params, self.state, self.grads)
     jax.block_until_ready((self.params, self.state))
 
 
@@ -152,11 +207,28 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
   return float(q[0]), float(q[1]), float(q[2])
 
 
-def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: int = 2) -> dict[str, Any]:
-  """Times every strategy and the copy kernel at one size, interleaved."""
-  shapes = param_shapes(n_target)
+ND = "/nondonated"  # Suffix of the timing key of a step without donation.
+
+
+def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: int = 2,
+            nondonated: bool = True, layers: int = 4) -> dict[str, Any]:
+  """Times every strategy and the copy kernel at one size, interleaved.
+
+  With ``nondonated``, each strategy's step without donation is timed too
+  (as one more entry of the rotation); a strategy that cannot be donated
+  (FlashOptim) is timed without donation only, and its primary numbers
+  (``median_ms`` ...) are those, with ``"donated": false``. ``layers``: the
+  blocks of :func:`param_shapes` (fewer leaves compile faster).
+  """
+  shapes = param_shapes(n_target, layers)
   n = sum(int(np.prod(s)) for s in shapes.values())
-  runners: dict[str, Any] = {name: _Runner(name, shapes) for name in names}
+  built: dict[str, _Runner] = {name: _Runner(name, shapes, nondonated) for name in names}
+  runners: dict[str, Any] = {}
+  for name, run in built.items():
+    if run.donated:
+      runners[name] = run
+    if run.compiled_nd is not None:
+      runners[name + ND] = run.nondonated
   runners[COPY] = _Copy(n)
   for run in runners.values():
     for _ in range(warmup):
@@ -186,31 +258,50 @@ def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: in
   }
   base = _common.BASELINE
   for k in names:
-    q1, med, q3 = _quartiles(times[k])
-    run = runners[k]
+    run = built[k]
+    key = k if run.donated else k + ND
+    q1, med, q3 = _quartiles(times[key])
     total = run.bytes_read + run.bytes_written
     entry = {
         "label": run.label,
+        "donated": run.donated,
         "median_ms": med * 1e3,
         "q1_ms": q1 * 1e3,
         "q3_ms": q3 * 1e3,
         "iqr_rel": (q3 - q1) / med,
-        "cpu_user_ms": 1e3 * statistics.median(u for u, _ in cpu[k]),
-        "cpu_system_ms": 1e3 * statistics.median(s for _, s in cpu[k]),
-        "bytes_per_param": {"read": run.bytes_read, "written": run.bytes_written, "total": total},
+        "cpu_user_ms": 1e3 * statistics.median(u for u, _ in cpu[key]),
+        "cpu_system_ms": 1e3 * statistics.median(s for _, s in cpu[key]),
+        "bytes_per_param": {"read": run.bytes_read, "written": run.bytes_written, "total": total,
+                            "persistent": run.bytes_persistent,
+                            "persistent_with_gradients": run.bytes_persistent + run.bytes_grads},
         "achieved_GBps": total * n / med / 1e9,
         "fraction_of_copy_bandwidth": total * n / med / copy_bw,
         "hlo": run.hlo,
     }
-    if base in names:
-      ratios = [pr[k] / pr[base] for pr in per_round]
-      entry["ratio_to_fp32"] = statistics.median(ratios)
-      entry["ratio_to_fp32_q1_q3"] = list(np.percentile(ratios, [25, 75]).astype(float))
-      entry["ratio_of_medians"] = med / _quartiles(times[base])[1]
-      entry["cpu_ratio_to_fp32"] = sum(map(sum, cpu[k])) / sum(map(sum, cpu[base]))
+    if base in names and run.donated:
+      entry.update(_ratios(k, base, times, cpu, per_round))
+    if k + ND in times:
+      q1, med, q3 = _quartiles(times[k + ND])
+      entry.update({"median_ms_nondonated": med * 1e3, "q1_ms_nondonated": q1 * 1e3, "q3_ms_nondonated": q3 * 1e3,
+                    "iqr_rel_nondonated": (q3 - q1) / med, "hlo_nondonated": run.hlo_nd})
+      if base + ND in times:
+        entry.update({f"{name}_nondonated": value
+                      for name, value in _ratios(k + ND, base + ND, times, cpu, per_round).items()})
     out["strategies"][k] = entry
-  del runners
+  del runners, built
   return out
+
+
+def _ratios(k: str, base: str, times: dict[str, list[float]], cpu: dict[str, list[tuple[float, float]]],
+            per_round: list[dict[str, float]]) -> dict[str, Any]:
+  """Timing key ``k`` against ``base``: the median per-round ratio, its quartiles, the ratio of medians, of CPU."""
+  ratios = [pr[k] / pr[base] for pr in per_round]
+  return {
+      "ratio_to_fp32": statistics.median(ratios),
+      "ratio_to_fp32_q1_q3": list(np.percentile(ratios, [25, 75]).astype(float)),
+      "ratio_of_medians": _quartiles(times[k])[1] / _quartiles(times[base])[1],
+      "cpu_ratio_to_fp32": sum(map(sum, cpu[k])) / sum(map(sum, cpu[base])),
+  }
 
 
 def _iqr_rel(xs: list[float]) -> float:
@@ -222,55 +313,70 @@ def _count(n: int) -> str:
   return f"{n / 1e6:.1f}M" if n >= 10**5 else f"{n / 1e3:.0f}k"
 
 
+def _fmt(x: float | None, spec: str = ".2f") -> str:
+  return "—" if x is None else format(x, spec)
+
+
 def table(result: dict[str, Any]) -> str:
+  """One row per size and strategy; a strategy that cannot be donated (FlashOptim) shows its non-donated step."""
   rows = []
+  per_leaf = result.get("per_leaf_hlo", {})
   for size in result["sizes"]:
     for k, s in size["strategies"].items():
+      kernels = per_leaf.get(k, {}).get("loop_kernels", "—")
+      copies = per_leaf.get(k, {}).get("copies", "—")
       rows.append([
-          _count(size['n_params']), k, f"{s['median_ms']:.2f}", f"±{100 * s['iqr_rel'] / 2:.0f}%",
-          f"{s.get('ratio_to_fp32', float('nan')):.2f}", f"{s.get('cpu_ratio_to_fp32', float('nan')):.2f}",
+          _count(size['n_params']), k + ("" if s.get("donated", True) else " (not donated)"),
+          f"{s['median_ms']:.2f}", f"±{100 * s['iqr_rel'] / 2:.0f}%",
+          _fmt(s.get('ratio_to_fp32')), _fmt(s.get('ratio_to_fp32_nondonated')),
+          _fmt(s.get('cpu_ratio_to_fp32')),
           f"{s['cpu_user_ms']:.1f}+{s['cpu_system_ms']:.1f}", f"{s['bytes_per_param']['total']:.0f}",
           f"{s['hlo']['xla_bytes_accessed_per_param']:g}", f"{s['hlo']['temp_bytes_per_param']:g}",
           f"{s['achieved_GBps']:.1f}",
-          f"{100 * s['fraction_of_copy_bandwidth']:.0f}%", str(result["per_leaf_hlo"][k]["loop_kernels"]),
+          f"{100 * s['fraction_of_copy_bandwidth']:.0f}%", f"{kernels} ({copies})",
       ])
     rows.append([_count(size['n_params']), "copy", f"{size['copy']['median_ms']:.2f}",
-                 f"±{100 * size['copy']['iqr_rel'] / 2:.0f}%", "", "", "", "8", "8", "0",
-                 f"{size['copy']['GBps']:.1f}", "100%", "1"])
+                 f"±{100 * size['copy']['iqr_rel'] / 2:.0f}%", "", "", "", "", "8", "8", "0",
+                 f"{size['copy']['GBps']:.1f}", "100%", "1 (0)"])
   return _common.format_table(
-      ["params", "strategy", "median ms", "spread", "× fp32", "CPU × fp32", "user+sys ms", "B/param (dtypes)",
-       "B/param (XLA)", "temp B/param", "GB/s", "of copy BW", "kernels per leaf"], rows)
+      ["params", "strategy", "median ms", "spread", "× fp32", "× fp32 not donated", "CPU × fp32", "user+sys ms",
+       "B/param (dtypes)", "B/param (XLA)", "temp B/param", "GB/s", "of copy BW", "kernels (copies) per leaf"], rows)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="1M,16M,64M", help="comma-separated parameter counts (k/M suffixes)")
-  parser.add_argument("--strategies", default=",".join(_common.STRATEGIES),
-                      help=f"comma-separated subset of {', '.join(_common.STRATEGIES)}")
+  parser.add_argument("--strategies", default=",".join(known_strategies()),
+                      help=f"comma-separated subset of {', '.join(known_strategies())}")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per strategy per round")
   parser.add_argument("--out", type=Path, default=OUT)
+  parser.add_argument("--donated-only", action="store_true",
+                      help="skip the steps without donation (FlashOptim, which cannot be donated, is then skipped)")
   parser.add_argument("--quick", action="store_true", help="tiny smoke run: --sizes 20k --rounds 2 --calls 1")
   args = parser.parse_args(argv)
   if args.quick:
     args.sizes, args.rounds, args.calls = "20k", 2, 1
   names = [s.strip() for s in args.strategies.split(",") if s.strip()]
-  unknown = [s for s in names if s not in _common.STRATEGIES]
+  unknown = [s for s in names if s not in known_strategies()]
   if unknown:
-    parser.error(f"unknown strategies {unknown}; choose from {', '.join(_common.STRATEGIES)}")
+    parser.error(f"unknown strategies {unknown}; choose from {', '.join(known_strategies())}")
+  names, skipped = available(names, nondonated=not args.donated_only)
   result: dict[str, Any] = {
-      "benchmark": "optimizer step (update + apply_updates), jitted, params and state donated",
+      "benchmark": "optimizer step (update + apply_updates), jitted, params and state donated, and not donated",
       "machine": _common.machine(),
       "protocol": {"rounds": args.rounds, "calls_per_round": args.calls, "warmup_calls": 2,
                    "copy_kernel": "x <- 1.0001*x in place, float32, 4*n_params elements",
                    "baseline": _common.BASELINE, "lr": _common.LR, "weight_decay": _common.WD},
       "load_average_before": _common.load_average(),
+      "skipped": skipped,
       "sizes": [],
   }
   result["per_leaf_hlo"] = {name: leaf_hlo(name) for name in names}
   started = time.time()
   for size in args.sizes.split(","):
-    result["sizes"].append(measure(_common.parse_count(size), names, args.rounds, args.calls))
+    result["sizes"].append(measure(_common.parse_count(size), names, args.rounds, args.calls,
+                                   nondonated=not args.donated_only))
     print(f"[step] {size}: done after {time.time() - started:.0f} s", file=sys.stderr, flush=True)
   result["load_average_after"] = _common.load_average()
   result["wall_s"] = round(time.time() - started, 1)
@@ -278,8 +384,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   print(table(result))
   print(f"machine: {result['machine'].get('lscpu_model_name', '?')}, {result['machine']['cpu_count']} CPUs; "
         f"load average before {result['load_average_before']}, after {result['load_average_after']}")
+  for name, why in skipped.items():
+    print(f"skipped {name}: {why}")
   print(f"wrote {args.out}")
   return result
+
+
+def available(names: list[str], nondonated: bool = True) -> tuple[list[str], dict[str, str]]:
+  """``names`` less the strategies that cannot run here, and why each of those is skipped."""
+  skipped: dict[str, str] = {}
+  flash = [k for k in names if k in _common.FLASH_STRATEGIES]
+  why = _common.flash_unavailable() if flash else None
+  if why is None and not nondonated:
+    why = "FlashOptim's step cannot be donated (its state shares buffers) and --donated-only was given"
+  if why is not None:
+    skipped = {k: why for k in flash}
+  return [k for k in names if k not in skipped], skipped
 
 
 if __name__ == "__main__":

@@ -138,9 +138,8 @@ def _bf16_encode(x: Array) -> Array:
 
 def _mcf_split(x: Array) -> tuple[Array, Array]:
   """``hi = round(x)``, ``lo = round(x − hi)`` in bfloat16 (``lo = 0`` where ``hi`` is not finite)."""
-  hi = mcf.round_to(x, _BF16)
-  lo = mcf.round_to(jnp.where(jnp.isfinite(hi), x - hi, 0.0), _BF16)
-  return hi, lo
+  hi, lo = mcf._split(x, lambda v: mcf.round_to(v, _BF16))  # mcf.from_float's bits
+  return hi, jnp.where(jnp.isfinite(hi), lo, 0.0)
 
 
 def _mcf_encode(x: Array) -> Array:

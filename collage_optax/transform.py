@@ -17,6 +17,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 from optax import tree_utils as otu
 from optax._src import numerics
 
@@ -218,18 +219,21 @@ def adam_directions(
     m_hat = otu.tree_bias_correction(m, b1, count_inc)
   v_hat = otu.tree_bias_correction(v, b2, count_inc)
   out = []
-  for g, mh, vh in zip(gs, m_hat, v_hat):
+  for g, m_store, mh, vh in zip(gs, mus, m_hat, v_hat):
     if g is None:
       out.append(None)
       continue
     finite, big = jnp.isfinite(g), float(jnp.finfo(g.dtype).max)
-    u = mh / (jnp.sqrt(vh + eps_root) + eps)
-    # Where a finite gradient overflowed m̂ or v̂ (|g| beyond ~1e37), the
-    # direction from their saturated values; elsewhere optax's expression
-    # untouched (a clip on it would change how XLA compiles it).
-    mh, vh = _saturate(mh, finite, big), _saturate(vh, finite, big)
-    saturated = _saturate(mh / (jnp.sqrt(vh + eps_root) + eps), finite, big)
-    out.append(jnp.where(finite & ~jnp.isfinite(u), saturated, u))
+    saturated = _saturate(_saturate(mh, finite, big) / (jnp.sqrt(_saturate(vh, finite, big) + eps_root) + eps),
+                          finite, big)
+    if formats.moment_format_of(m_store).max < big:
+      out.append(saturated)
+    else:
+      # A moment of the leaf's own dtype: optax's expression untouched (a clip
+      # on it changes how XLA compiles it, and the bits), the saturated one only
+      # where a finite gradient overflowed m̂ or v̂ (|g| beyond ~1e37).
+      u = mh / (jnp.sqrt(vh + eps_root) + eps)
+      out.append(jnp.where(finite & ~jnp.isfinite(u), saturated, u))
   return out
 
 
@@ -280,6 +284,11 @@ def compensated_leaf(
   ``optax.apply_updates``; ``Δθ_eff`` is how far the decoded value moved.
   """
   u, lo_new = fmt.encode(x, p, u_dtype)
+  if lo_new is not None:
+    # apply_updates(p, u) overwrites the (donated) param, which the residual's
+    # loop reads too; tying u to the residual orders that loop first, so that
+    # XLA need not copy the param beforehand.
+    u, lo_new = lax.optimization_barrier((u, lo_new))
   delta = fmt.decode(formats.narrow(formats.landed(p, u), p.dtype), lo_new) - fmt.decode(p, lo)
   return u, lo_new, delta
 
