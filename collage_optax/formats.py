@@ -133,7 +133,10 @@ class Format(NamedTuple):
 
 
 def _bf16_encode(x: Array) -> Array:
-  return narrow(x, _BF16)
+  # The narrowing convert is exact (x is rounded first); it marks the moment
+  # as worth materialising: XLA:CPU's consumers then read the stored moment
+  # instead of recomputing it from the donated old one.
+  return mcf.round_to(x.astype(jnp.float32), _BF16).astype(_BF16)
 
 
 def _mcf_split(x: Array) -> tuple[Array, Array]:

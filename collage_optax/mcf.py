@@ -440,26 +440,6 @@ def _add(x1, r1, x2, r2, r):
   return _two_sum(s, e, r)
 
 
-def _add_float(m: MCF, x: Array) -> MCF:
-  """``add(m, from_float(x))`` for a float32 ``x`` (of a bfloat16/float16 ``m``), in one chain.
-
-  The same operations as the composition, but ``from_float``'s components
-  stay float32 instead of going to the storage dtype and back (exact for
-  values computed by arithmetic: quiet NaNs, no subnormals), so that XLA sees
-  one chain of float32 operations and does not materialise the intermediate
-  components.
-  """
-  dtype = _check_dtype(m.hi.dtype)
-  x = jnp.asarray(x)
-  if x.dtype != _wide(dtype):
-    return add(m, from_float(x, dtype))
-  if dtype == jnp.bfloat16:
-    x = _clear_nan_low_bits(x)
-  r = _arith_rounder(dtype)
-  hi, lo = _add(_up(m.hi, dtype), _up(m.lo, dtype), *_split(x, r), r)
-  return MCF(_store(hi, dtype), _store(lo, dtype))
-
-
 def mul(m: MCF, s: Scalar) -> MCF:
   """``m × s`` for a float or MCF scalar ``s = c + d`` (Dekker 1971 mul2).
 

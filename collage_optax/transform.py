@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 from jax import lax
+import numpy as np
 from optax import tree_utils as otu
 from optax._src import numerics
 
@@ -275,6 +276,23 @@ def check_residual(who: str, path: str, p: Any, lo: Any, fmt: formats.ParamForma
         "another format: call tx.init(params) with this optimizer and the params you train.")
 
 
+def _after(u: chex.Array, r: chex.Array) -> chex.Array:
+  """``u``, made to depend on ``r`` (XLA cannot see that it does not).
+
+  ``optax.apply_updates(p, u)`` overwrites the donated param, which the loop
+  computing the residual ``r`` reads too. XLA:CPU copies a donated input
+  unless every other reader of it is an ancestor of the loop that overwrites
+  it; this dependence makes the residual's loop one (an
+  ``optimization_barrier`` does not survive to copy insertion). ``u`` is
+  replaced where ``r`` has a signalling-NaN bit pattern, which no arithmetic
+  produces, by ``−u``: the select never changes a bit.
+  """
+  bits = lax.bitcast_convert_type(r, jnp.uint16 if r.dtype.itemsize == 2 else jnp.uint32)
+  never = np.array(0x7F81 if r.dtype == jnp.bfloat16 else 0x7C01 if r.dtype.itemsize == 2 else 0x7F800001,
+                   bits.dtype)
+  return jnp.where(bits == never, -u, u)
+
+
 def compensated_leaf(
     p: chex.Array, lo: Any, x: chex.Array, u_dtype: Any, fmt: formats.ParamFormat,
 ) -> tuple[chex.Array, Any, chex.Array]:
@@ -285,10 +303,7 @@ def compensated_leaf(
   """
   u, lo_new = fmt.encode(x, p, u_dtype)
   if lo_new is not None:
-    # apply_updates(p, u) overwrites the (donated) param, which the residual's
-    # loop reads too; tying u to the residual orders that loop first, so that
-    # XLA need not copy the param beforehand.
-    u, lo_new = lax.optimization_barrier((u, lo_new))
+    u = _after(u, lo_new)
   delta = fmt.decode(formats.narrow(formats.landed(p, u), p.dtype), lo_new) - fmt.decode(p, lo)
   return u, lo_new, delta
 
