@@ -233,8 +233,10 @@ def adam_directions(
       # A moment of the leaf's own dtype: optax's expression untouched (a clip
       # on it changes how XLA compiles it, and the bits), the saturated one only
       # where a finite gradient overflowed m̂ or v̂ (|g| beyond ~1e37).
-      u = mh / (jnp.sqrt(vh + eps_root) + eps)
-      out.append(jnp.where(finite & ~jnp.isfinite(u), saturated, u))
+      # The test is on m̂ and v̂, so that XLA sees Adam's division used once
+      # (it stores an expensive value used twice, a 4-byte temporary per param).
+      overflow = finite & ~(jnp.isfinite(mh) & jnp.isfinite(vh))
+      out.append(jnp.where(overflow, saturated, mh / (jnp.sqrt(vh + eps_root) + eps)))
   return out
 
 

@@ -54,11 +54,16 @@ def _as_float64(a: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("mesh", list(MESHES))
 def test_restored_state_is_exactly_the_saved_one(ckpt, mesh):
-  """Params and every state array (count, mu, nu, nu_lo, lo) come back bit for bit."""
+  """Params and every state array (count, mu, nu, lo) come back bit for bit."""
   _assert_bitwise(ckpt / f"restored_{mesh}.npz", ckpt / "saved.npz")
   saved = multidevice.load_npz(ckpt / "saved.npz")
-  mcf_parts = [k for k in saved if "nu_lo[" in k or ".lo[" in k]
-  assert len(mcf_parts) == 8 and all(np.any(saved[k].view(np.uint16) & 0x7FFF) for k in mcf_parts)
+  # The comparison covers the low components, and they carry something: the
+  # params' lo (bf16) and mode "plus"'s MCF v (hi << 16 | lo packed in a uint32).
+  lo = [k for k in saved if ".lo[" in k]
+  nu = [k for k in saved if ".nu[" in k and saved[k].dtype == np.uint32]
+  assert len(lo) == len(nu) == 4, sorted(saved)
+  assert all(np.any(saved[k].view(np.uint16) & 0x7FFF) for k in lo)
+  assert all(np.any(saved[k] & 0x7FFF) for k in nu)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
@@ -73,14 +78,22 @@ def test_restored_state_is_sharded_for_the_new_mesh(ckpt, mesh):
   # 2-way FSDP on both meshes: each device holds half of dense1's kernel.
   assert params["['dense1']['kernel']"]["shard_shape"] == [24, 32]
   for source in ("restored", "from_bf16_init"):
+    found = set()
     for path, leaf in rec[source].items():
       owner = [p for p in params if path.endswith(p)]
       if not owner:
         assert leaf["shard_shape"] == [], (source, path)  # the step count
         continue
-      p = params[max(owner, key=len)]
+      ppath = max(owner, key=len)
+      p = params[ppath]
+      # mode "plus" on a bf16 param: mu and lo bf16, nu an MCF packed in a uint32.
+      packed = ".nu[" in path and p["dtype"] == "bfloat16"
       assert (leaf["spec"], leaf["shard_shape"], leaf["dtype"]) == (
-          p["spec"], p["shard_shape"], p["dtype"]), (mesh, source, path)
+          p["spec"], p["shard_shape"], "uint32" if packed else p["dtype"]), (mesh, source, path)
+      found.add(path[: len(path) - len(ppath)])
+    state = "['opt_state']" if source == "restored" else ""
+    assert found == {f"{state}.{k}" for k in ("mu", "nu", "lo")} | (
+        {"['params']"} if source == "restored" else set()), (source, found)
 
 
 @pytest.mark.parametrize("mesh", list(MESHES))
@@ -89,8 +102,8 @@ def test_a_plain_bf16_checkpoint_starts_collage_with_lo_zero(ckpt, mesh):
   plain = multidevice.load_npz(ckpt / "bf16_model.npz")
   for key in plain:  # the restored params are the bf16 model's
     assert init[f"[0]{key}"].tobytes() == plain[key].tobytes(), key
-  lo = [k for k in init if "_lo[" in k or ".lo[" in k]
-  assert lo and all(not np.any(init[k].view(np.uint16)) for k in lo)
+  lo = [k for k in init if ".lo[" in k]
+  assert len(lo) == 4 and all(not np.any(init[k].view(np.uint16)) for k in lo)
   # ... and training from it equals training from the in-memory model.
   _assert_bitwise(ckpt / f"from_bf16_{mesh}.npz", ckpt / "from_bf16_reference.npz")
 
@@ -102,7 +115,7 @@ def test_exported_fp32_model_is_hi_plus_lo(ckpt, mesh):
   assert len(fp32) == 5
   for key in fp32:
     hi = _as_float64(final[f"[0]{key}"])
-    lo_key = f"[1][3].lo{key}"
+    lo_key = f"[1].lo{key}"  # (params, AdamWState(count, mu, nu, lo, metrics))
     lo = _as_float64(final[lo_key]) if lo_key in final else 0.0
     want = (hi + lo).astype(np.float32)
     assert fp32[key].dtype == np.float32

@@ -25,6 +25,7 @@ import optax
 import pytest
 
 import collage_optax as co
+from collage_optax import alias as co_alias
 
 BF16 = jnp.bfloat16
 STEPS = 120
@@ -183,7 +184,7 @@ def test_inject_hyperparams_zero_learning_rate_freezes_hi_and_lo():
 
   def on_step(i, params, new_params, state):
     if i >= 20:
-      snapshots.append((new_params, state.inner_state[-1].lo))
+      snapshots.append((new_params, state.inner_state.lo))
     return _set_lr(10, 0.0)(i, params, new_params, state)
 
   tx = optax.inject_hyperparams(co.adamw, hyperparam_dtype=jnp.float32)(learning_rate=LR)
@@ -224,13 +225,15 @@ def test_multi_transform_merges_lo_of_several_compensate_states():
   params, state = _run(ours_tx, DTYPES)
   ref = _reference("multi", make_ref)
   _assert_tracks(params, state, ref, _reference("multi", make_ref, DTYPES), 2e-2)
-  # Two compensate states, each holding lo for its own bf16 leaf only.
-  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, co.CompensateState))
-           if isinstance(s, co.CompensateState)]
-  assert len(found) == 2
-  owners = sorted(k for s in found for k, lo in s.lo.items()
-                  if not isinstance(lo, optax.MaskedNode) and lo is not None)
-  assert owners == ["gain", "w"]
+  # Two residual-keeping states (adamw's AdamWState, the lion chain's
+  # CompensateState), each holding lo for its own bf16 leaf only.
+  kinds = (co.CompensateState, co_alias.AdamWState)
+  found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, kinds)) if isinstance(s, kinds)]
+  assert sorted(type(s).__name__ for s in found) == ["AdamWState", "CompensateState"]
+  owners = {type(s).__name__: sorted(k for k, lo in s.lo.items()
+                                     if not isinstance(lo, optax.MaskedNode) and lo is not None)
+            for s in found}
+  assert owners == {"AdamWState": ["gain"], "CompensateState": ["w"]}
   master = co.master_params(params, state)
   # hi + lo of every bf16 leaf, each from its own state, is much closer than hi
   # alone. The lion leaf's floor is optax's own bf16 momentum, whose sign flips

@@ -20,6 +20,8 @@ from flax import nnx
 from flax.training import train_state
 
 import collage_optax as co
+from collage_optax import formats
+from collage_optax.alias import AdamWState
 
 BF16 = jnp.bfloat16
 STEPS = 60
@@ -41,18 +43,21 @@ def _unbox(tree):
   return jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
 
 
-def _compensate_state(opt_state) -> co.CompensateState:
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, co.CompensateState))
-           if isinstance(s, co.CompensateState)]
-  assert len(found) == 1, f"expected one compensate state, found {len(found)}"
-  return found[0]
+def _adamw_state(opt_state) -> AdamWState:
+  """The one ``collage_optax.adamw`` state (count, mu, nu, lo, metrics) in ``opt_state``, unboxed."""
+  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, AdamWState))
+           if isinstance(s, AdamWState)]
+  assert len(found) == 1, f"expected one adamw state, found {len(found)}"
+  return _unbox(found[0])
 
 
-def _adam_state(opt_state) -> co.ScaleByAdamState:
-  found = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda s: isinstance(s, co.ScaleByAdamState))
-           if isinstance(s, co.ScaleByAdamState)]
-  assert len(found) == 1
-  return found[0]
+def _dtypes(tree):
+  return jax.tree.map(lambda a: jnp.dtype(a.dtype), tree)
+
+
+def _mcf_lo(tree):
+  """The low components of packed ``mcf`` moments (uint32 storage), as bf16 arrays."""
+  return jax.tree.map(lambda s: formats.mcf_components(s).lo, tree)
 
 
 def _nonzero_fraction(tree) -> float:
@@ -100,12 +105,17 @@ def test_nnx_optimizer_trains_bf16_model_and_keeps_low_components():
   assert losses[-1] < 0.5 * losses[0], losses
   params = nnx.state(model, nnx.Param)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(BF16)}
-  comp, adam = _compensate_state(optimizer.opt_state), _adam_state(optimizer.opt_state)
+  adam = _adamw_state(optimizer.opt_state)
   # The low components: bf16, one per param, and in use.
-  lo = _unbox(comp.lo)
+  lo = adam.lo
+  shapes = lambda t: jax.tree.map(lambda a: a.shape, t)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), lo) == jax.tree.map(lambda a: (a.shape, a.dtype), _unbox(params))
   assert _nonzero_fraction(lo) > 0.5
-  assert adam.mu_lo is None and _nonzero_fraction(_unbox(adam.nu_lo)) > 0.5  # "plus": MCF v only
+  # "plus": a bf16 m, an MCF v (two bf16 packed in a uint32) whose low halves are in use.
+  assert shapes(adam.mu) == shapes(adam.nu) == shapes(lo)
+  assert set(jax.tree.leaves(_dtypes(adam.mu))) == {jnp.dtype(BF16)}
+  assert set(jax.tree.leaves(_dtypes(adam.nu))) == {jnp.dtype(jnp.uint32)}
+  assert _nonzero_fraction(_mcf_lo(adam.nu)) > 0.5
   # master_params reads them: hi + lo, off the bf16 params by at most half a bf16 ulp.
   master = co.master_params(params, optimizer.opt_state)
   for p, m, l in zip(jax.tree.leaves(_unbox(params)), jax.tree.leaves(master), jax.tree.leaves(lo)):
@@ -137,12 +147,15 @@ def test_nnx_mixed_model_fp32_layernorm_trains_like_optax():
   dtypes = jax.tree.map(lambda a: a.dtype, _unbox(nnx.state(model, nnx.Param)))
   assert dtypes["norm"] == {"scale": jnp.float32, "bias": jnp.float32}
   assert all(d == BF16 for d in jax.tree.leaves(dtypes["fc1"]) + jax.tree.leaves(dtypes["fc2"]))
-  # No low component (nor MCF moment) for the fp32 leaves; present for bf16 ones.
-  lo = _unbox(_compensate_state(optimizer.opt_state).lo)
-  adam = _adam_state(optimizer.opt_state)
-  for tree in (lo, _unbox(adam.mu_lo), _unbox(adam.nu_lo)):
-    assert tree["norm"] == {"scale": None, "bias": None}
-    assert all(a.dtype == BF16 for a in jax.tree.leaves(tree["fc1"]))
+  # No low component (nor MCF moment) for the fp32 leaves; present for bf16 ones ("full": m, v MCF).
+  adam = _adamw_state(optimizer.opt_state)
+  lo = adam.lo
+  assert lo["norm"] == {"scale": None, "bias": None}
+  assert all(a.dtype == BF16 for a in jax.tree.leaves(lo["fc1"]) + jax.tree.leaves(lo["fc2"]))
+  for moment in (adam.mu, adam.nu):
+    assert _dtypes(moment["norm"]) == {"scale": jnp.float32, "bias": jnp.float32}
+    assert set(jax.tree.leaves(_dtypes({k: moment[k] for k in ("fc1", "fc2")}))) == {jnp.dtype(jnp.uint32)}
+    assert _nonzero_fraction(_mcf_lo(moment["fc1"])) > 0.5
   assert _nonzero_fraction(lo["fc1"]) > 0.5
   # The fp32 LayerNorm params went through plain fp32 Adam: as optax.adamw.
   got = _unbox(nnx.state(model.norm, nnx.Param))
@@ -186,11 +199,13 @@ def test_linen_train_state_trains_bf16_model_and_keeps_low_components():
   assert losses[-1] < 0.5 * losses[0], losses
   assert jax.tree.structure(state.opt_state) == structure0
   assert {a.dtype for a in jax.tree.leaves(state.params)} == {jnp.dtype(BF16)}
-  lo = _compensate_state(state.opt_state).lo
+  adam = _adamw_state(state.opt_state)
+  lo = adam.lo
   assert jax.tree.map(lambda a: a.dtype, lo) == jax.tree.map(lambda a: a.dtype, state.params)
   assert _nonzero_fraction(lo) > 0.5
-  adam = _adam_state(state.opt_state)
-  assert adam.mu_lo is None and adam.nu_lo is None  # "light": no MCF moments, no placeholders
+  # "light": bf16 moments, no MCF ones, no placeholders: count, then m, v, lo of each param.
+  assert _dtypes(adam.mu) == _dtypes(adam.nu) == _dtypes(state.params)
+  assert len(jax.tree.leaves(state.opt_state)) == 1 + 3 * len(jax.tree.leaves(state.params))
   master = co.master_params(state.params, state.opt_state)
   np.testing.assert_array_equal(
       np.asarray(master["Dense_0"]["kernel"]),

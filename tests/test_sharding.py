@@ -55,12 +55,13 @@ def _param_of(state_path: str, params: dict) -> str | None:
   return max(found, key=len) if found else None
 
 
-def _check_follows(rec: dict, source: str, same_dtype: bool = True) -> set[tuple[str, str]]:
+def _check_follows(rec: dict, source: str) -> dict[tuple[str, str], str]:
   """Asserts every per-parameter state array of ``rec[source]`` is laid out like its param.
 
-  Returns the ``(state kind, param)`` pairs found, e.g. ``("nu_lo", "['dense1']['kernel']")``.
+  Returns the ``(state kind, param)`` pairs found with each array's dtype, e.g.
+  ``{("nu", "['dense1']['kernel']"): "uint32"}`` (a packed two-bfloat16 MCF moment).
   """
-  params, found = rec["params"], set()
+  params, found = rec["params"], {}
   for path, leaf in rec[source].items():
     ppath = _param_of(path, params)
     if not leaf["shape"]:  # step count, hyperparameters
@@ -70,24 +71,25 @@ def _check_follows(rec: dict, source: str, same_dtype: bool = True) -> set[tuple
     p = params[ppath]
     where = f"{source}: {path} (param {ppath} is {p['spec']} {p['shard_shape']})"
     assert leaf["shape"] == p["shape"], where
-    if same_dtype:  # a bf16 param keeps bf16 state: no fp32 copy
-      assert leaf["dtype"] == p["dtype"], where
     assert _spec(leaf["spec"]) == _spec(p["spec"]), where + f" got {leaf['spec']}"
     assert leaf["shard_shape"] == p["shard_shape"], where + f" got {leaf['shard_shape']}"
     assert leaf["devices"] == p["devices"], where
     kind = re.search(r"\.(\w+)$", path[: len(path) - len(ppath)])
-    found.add((kind.group(1) if kind else path, ppath))
+    found[(kind.group(1) if kind else path, ppath)] = leaf["dtype"]
   return found
 
 
 BF16 = ("['dense1']['bias']", "['dense1']['kernel']", "['dense2']['bias']", "['dense2']['kernel']")
 FP32 = ("['temperature']",)
+# (state kind, param) -> dtype. A bf16 param keeps no fp32 state: its MCF moments
+# are two bfloat16 packed in one uint32 (formats "mcf"), its residual lo is bf16.
+_FP32_MOMENTS = {(k, p): "float32" for p in FP32 for k in ("mu", "nu")}
 EXPECTED_STATE = {
-    "collage full": {(k, p) for p in BF16 for k in ("mu", "nu", "mu_lo", "nu_lo", "lo")}
-    | {(k, p) for p in FP32 for k in ("mu", "nu")},
-    "collage plus": {(k, p) for p in BF16 for k in ("mu", "nu", "nu_lo", "lo")}
-    | {(k, p) for p in FP32 for k in ("mu", "nu")},
-    "optax.adamw": {(k, p) for p in BF16 + FP32 for k in ("mu", "nu")},
+    "collage full": {(k, p): d for p in BF16 for k, d in (("mu", "uint32"), ("nu", "uint32"), ("lo", "bfloat16"))}
+    | _FP32_MOMENTS,
+    "collage plus": {(k, p): d for p in BF16 for k, d in (("mu", "bfloat16"), ("nu", "uint32"), ("lo", "bfloat16"))}
+    | _FP32_MOMENTS,
+    "optax.adamw": {(k, p): "bfloat16" for p in BF16 for k in ("mu", "nu")} | _FP32_MOMENTS,
 }
 SOURCES = ["eager init", "sharded_init"] + [f"step {i}" for i in range(1, 11)]
 
@@ -130,8 +132,8 @@ def test_explicit_mesh_axes_and_optax_wrappers(example):
     assert _check_follows(rec, source) == EXPECTED_STATE["collage full"], source
   for name in ("inject_hyperparams", "MultiSteps", "chain(clip, lion, compensate)"):
     # (MultiSteps accumulates gradients in float32: its own choice.)
-    found = _check_follows(results["shardings"][f"fsdp/{name}"], "sharded_init", same_dtype=False)
-    assert {("lo", p) for p in BF16} <= found, name
+    found = _check_follows(results["shardings"][f"fsdp/{name}"], "sharded_init")
+    assert {("lo", p): "bfloat16" for p in BF16}.items() <= found.items(), name
 
 
 def _count(hlo: str) -> dict[str, int]:
@@ -190,7 +192,11 @@ def test_ten_steps_on_the_mesh_are_bitwise_one_device(example, run):
   kernel = mesh["[0]['dense1']['kernel']"].view(np.uint16)
   assert (kernel != np.asarray(init["dense1"]["kernel"]).view(np.uint16)).mean() > 0.5
   lo = [k for k in mesh if ".lo[" in k]
-  assert lo and all(np.any(mesh[k].view(np.uint16) & 0x7FFF) for k in lo)
+  assert len(lo) == len(BF16) and all(np.any(mesh[k].view(np.uint16) & 0x7FFF) for k in lo)
+  # The packed MCF moments (hi << 16 | lo, uint32) carry low halves too.
+  packed = [k for k in mesh if mesh[k].dtype == np.uint32]
+  assert len(packed) == len(BF16) * (2 if "full" in run else 1), packed
+  assert all(np.any(mesh[k] & 0x7FFF) for k in packed)
 
 
 def test_master_params_of_a_sharded_state_stay_sharded(example):
@@ -208,7 +214,9 @@ def test_master_params_of_a_sharded_state_stay_sharded(example):
 def test_example_prints_the_state_table(example):
   _, _, stdout = example
   assert "fsdp/collage full: param sharding" in stdout
-  assert "nu_lo=P(None, 'fsdp')" in stdout
+  # dense1's kernel and its state: m, v (packed MCF) and lo, each sharded like it.
+  assert re.search(r"\['dense1'\]\['kernel'\] +bfloat16 +P\(None, 'fsdp'\) +state: "
+                   r"mu=P\(None, 'fsdp'\), nu=P\(None, 'fsdp'\), lo=P\(None, 'fsdp'\)\n", stdout), stdout
   assert "bitwise equal to one device: {'dp/collage full': True, 'fsdp/collage full': True, " in stdout
 
 
@@ -266,13 +274,16 @@ def test_state_shardings_maps_each_array_to_its_own_param():
            "step": PartitionSpec()}
   params = {k: jax.device_put(v, NamedSharding(mesh, specs[k])) for k, v in _params().items()}
   tx = co.adamw(1e-3, mode="full")
-  adam, *_, comp = co.state_shardings(tx, params)
-  for tree in (adam.mu, adam.nu, adam.mu_lo, adam.nu_lo, comp.lo):
+  shardings = co.state_shardings(tx, params)
+  state = tx.init(params)
+  assert {k for k, a in state.nu.items() if a.dtype == jnp.uint32} == {"w", "b"}  # packed MCF moments
+  for tree in (shardings.mu, shardings.nu, shardings.lo):
     for k, s in tree.items():
       assert s is None or s.spec == specs[k], (k, s)
-  assert {k for k, s in comp.lo.items() if s is not None} == {"w", "b"}
-  assert adam.count.spec == PartitionSpec()
-  assert adam.mu_lo["f"] is None and comp.lo["step"] is None
+  assert {k for k, s in shardings.lo.items() if s is not None} == {"w", "b"}
+  assert {k for k, s in shardings.mu.items() if s is not None} == {"w", "b", "f"}
+  assert shardings.count.spec == PartitionSpec()
+  assert shardings.lo["f"] is None and shardings.lo["step"] is None and shardings.nu["step"] is None
 
 
 def test_state_shardings_names_the_leaf_without_a_sharding():
