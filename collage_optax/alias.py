@@ -256,7 +256,7 @@ def adamw(
     decay_mask = _decay_mask(mask, params)
     count_inc = numerics.safe_increment(state.count)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    leaves = []  # (path, p, g, kind, g32, mu, nu, lo, decay): phase 1, the moments.
+    leaves, values = [], []  # (p, g, kind, g32, mu, nu, lo, decay), (m, v): phase 1, the moments.
     for (path, p), g, m, v, lo, want_m, want_v, decay in zip(
         p_flat, flat(updates), flat(state.mu), flat(state.nu), flat(state.lo),
         flat(expected.mu), flat(expected.nu), decay_mask):
@@ -264,7 +264,7 @@ def adamw(
       transform.check_moment(who, path, v, want_v)
       transform.check_residual(who, path, p, lo, p_fmt)
       kind = transform.leaf_kind(who, path, p)
-      g32 = None
+      g32 = m32 = v32 = None
       if kind in ("low", "native") and g is not None and not _tree.is_empty(g):
         if not _tree.is_float(g):
           raise TypeError(
@@ -272,12 +272,13 @@ def adamw(
               "like the param. Pass real float gradients (e.g. jax.grad of a real loss); optimise "
               "complex leaves with a plain optax optimizer.")
         g32 = formats.widen(g).astype(transform.wide_dtype(p))
-        m, v = transform.adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
+        m, v, m32, v32 = transform.adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
       leaves.append((p, g, kind, g32, m, v, lo, decay))
+      values.append((m32, v32))
     # Phase 2: Adam's directions, bias-corrected over all leaves at once (as optax).
     dirs = transform.adam_directions(
-        [leaf[3] for leaf in leaves], [leaf[4] for leaf in leaves], [leaf[5] for leaf in leaves],
-        b1, b2, eps, eps_root, count_inc, nesterov)
+        [leaf[3] for leaf in leaves], [leaf[4] for leaf in leaves], [mv[0] for mv in values],
+        [mv[1] for mv in values], b1, b2, eps, eps_root, count_inc, nesterov)
     # Phase 3: weight decay, learning rate, and the params' encode.
     out = [_param_step(*leaf, d, lr) for leaf, d in zip(leaves, dirs)]
     cols = list(zip(*out)) if out else [[]] * 5
