@@ -1,12 +1,14 @@
 """collage_optax: bfloat16 training without fp32 master weights (COLLAGE, ICML 2024).
 
-Optax ``GradientTransformation``s over multi-component floats: parameters and
-Adam's second moment are kept as unevaluated sums of two bfloat16 numbers and
-updated with error-free arithmetic.
+Optax ``GradientTransformation``s over storage formats: parameters and Adam's
+moments are float32 quantities stored in fewer bytes (a bfloat16 plus a
+second component: the paper's multi-component floats), and each step is one
+fused pass: decode, AdamW in float32, encode with explicit roundings.
 """
 
+from collage_optax import formats
 from collage_optax import mcf
-from collage_optax.alias import MODES, adamw
+from collage_optax.alias import MODES, PRESETS, AdamWState, adamw
 from collage_optax.mcf import MCF
 from collage_optax.metrics import master_params, metrics
 from collage_optax.sharding import abstract_state, sharded_init, state_shardings
@@ -25,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MCF",
     "MODES",
+    "PRESETS",
+    "AdamWState",
     "CompensateState",
     "PrecisionMetrics",
     "PrecisionState",
@@ -32,6 +36,7 @@ __all__ = [
     "abstract_state",
     "adamw",
     "compensate",
+    "formats",
     "master_params",
     "mcf",
     "measure_precision",

@@ -167,7 +167,7 @@ def mcf_components(s: Array) -> mcf.MCF:
   return mcf.MCF(half(s >> 16), half(s & np.uint32(0xFFFF)))
 
 
-_zeros = lambda dtype: (lambda like: jnp.zeros(jnp.shape(like), dtype))
+_zeros = lambda dtype: (lambda like: jnp.zeros_like(like, dtype=dtype))  # keeps the sharding
 
 MOMENT_FORMATS: dict[str, Format] = {
     "bf16": Format("bf16", 2, _zeros(_BF16), _bf16_encode, widen, _finite_max(_BF16)),

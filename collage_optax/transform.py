@@ -224,23 +224,22 @@ def adam_directions(
     m_hat = otu.tree_bias_correction(m, b1, count_inc)
   v_hat = otu.tree_bias_correction(v, b2, count_inc)
   out = []
-  for g, m_store, mh, vh in zip(gs, mus, m_hat, v_hat):
+  for g, m_store, mv, vv, mh, vh in zip(gs, mus, m, v, m_hat, v_hat):
     if g is None:
       out.append(None)
       continue
     finite, big = jnp.isfinite(g), float(jnp.finfo(g.dtype).max)
-    saturated = _saturate(_saturate(mh, finite, big) / (jnp.sqrt(_saturate(vh, finite, big) + eps_root) + eps),
-                          finite, big)
     if formats.moment_format_of(m_store).max < big:
-      out.append(saturated)
-    else:
-      # A moment of the leaf's own dtype: optax's expression untouched (a clip
-      # on it changes how XLA compiles it, and the bits), the saturated one only
-      # where a finite gradient overflowed m̂ or v̂ (|g| beyond ~1e37).
-      # The test is on m̂ and v̂, so that XLA sees Adam's division used once
-      # (it stores an expensive value used twice, a 4-byte temporary per param).
-      overflow = finite & ~(jnp.isfinite(mh) & jnp.isfinite(vh))
-      out.append(jnp.where(overflow, saturated, mh / (jnp.sqrt(vh + eps_root) + eps)))
+      mh, vh = _saturate(mh, finite, big), _saturate(vh, finite, big)
+      out.append(_saturate(mh / (jnp.sqrt(vh + eps_root) + eps), finite, big))
+      continue
+    # A moment of the leaf's own dtype: optax's expression untouched, so that
+    # XLA compiles it as in optax (the same bits: a clip on it, or any other
+    # arithmetic with its operands, changes how it fuses). Only moments beyond
+    # 1e30 can overflow m̂ or v̂ (for 1 − b ≥ 3.4e-9); there the step is
+    # sign(m), the size Adam's normalised step has when |g| dominates.
+    overflow = finite & ((jnp.abs(mv) > 1e30) | (vv > 1e30))
+    out.append(jnp.where(overflow, jnp.sign(mv), mh / (jnp.sqrt(vh + eps_root) + eps)))
   return out
 
 
