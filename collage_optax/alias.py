@@ -190,8 +190,9 @@ def adamw(
   integer). Complex and 8-bit float params are refused with an error.
 
   Non-finite gradients. A NaN or ±inf gradient element poisons, at that
-  element only, ``m``, ``v``, the param and its residual; every other element
-  is unaffected and the step count advances, as in ``optax.adamw``. To skip
+  element only, ``m``, ``v`` and the param (its residual is set to 0); every
+  other element is unaffected and the step count advances, as in
+  ``optax.adamw``. To skip
   such steps instead, one line::
 
     tx = optax.apply_if_finite(collage_optax.adamw(...), max_consecutive_errors=10)

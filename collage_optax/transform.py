@@ -417,12 +417,21 @@ def check_moment(who: str, path: str, store: Any, want: Any) -> None:
     return
   if (want is None or store is None or _tree.is_empty(store)
       or jnp.shape(store) != want.shape or jnp.dtype(store.dtype) != want.dtype):
-    got = "nothing" if store is None or _tree.is_empty(store) else f"{jnp.dtype(store.dtype)}{list(jnp.shape(store))}"
-    need = "nothing" if want is None else f"{want.dtype}{list(want.shape)}"
     raise ValueError(
-        f"{who}: the state's moment for leaf {path} is {got} but this optimizer keeps "
-        f"{need}. The state was made by another mode or format, or for other params: "
-        "call tx.init(params) with this optimizer and the params you train.")
+        f"{who}: the state's moment for leaf {path} is {_describe(store)} but this optimizer "
+        f"keeps {_describe(want)}. The state was made by another mode or format, or for other "
+        "params: call tx.init(params) with this optimizer and the params you train.")
+
+
+def _describe(store: Any) -> str:
+  """A moment storage for an error message: its format, dtype and shape."""
+  if store is None or _tree.is_empty(store):
+    return "nothing"
+  try:
+    name = f"a {formats.moment_format_of(store).name!r} moment "
+  except TypeError:
+    name = ""
+  return f"{name}({jnp.dtype(store.dtype)}{list(jnp.shape(store))})"
 
 
 def scale_by_adam(
