@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,26 +44,27 @@ def check_supported_leaf(who: str, path: str, x: Any) -> None:
   dtype = jnp.dtype(x.dtype)
   if jnp.issubdtype(dtype, jnp.complexfloating):
     raise TypeError(
-        f"{who}: leaf {path} is complex ({dtype}); COLLAGE supports real float "
-        "params. Optimise complex leaves with a plain optax optimizer, e.g. "
-        "optax.multi_transform({'collage': ..., 'complex': optax.adamw(...)}, labels)."
+      f"{who}: leaf {path} is complex ({dtype}); COLLAGE supports real float "
+      "params. Optimise complex leaves with a plain optax optimizer, e.g. "
+      "optax.multi_transform({'collage': ..., 'complex': optax.adamw(...)}, labels)."
     )
   if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 2:
     raise TypeError(
-        f"{who}: leaf {path} is {dtype}; COLLAGE keeps bfloat16/float16 params "
-        "as multi-component floats. Cast 8-bit params to bfloat16 first."
+      f"{who}: leaf {path} is {dtype}; COLLAGE keeps bfloat16/float16 params "
+      "as multi-component floats. Cast 8-bit params to bfloat16 first."
     )
 
 
-_SAME_TREE_FIX = (
-    "Pass the same tree for both, e.g. the grads of the params the optimizer "
-    "was initialised with."
-)
+_SAME_TREE_FIX = "Pass the same tree for both, e.g. the grads of the params the optimizer was initialised with."
 
 
 def check_structure(
-    who: str, ref: Any, ref_name: str, other: Any, other_name: str,
-    fix: str = _SAME_TREE_FIX,
+  who: str,
+  ref: Any,
+  ref_name: str,
+  other: Any,
+  other_name: str,
+  fix: str = _SAME_TREE_FIX,
 ) -> None:
   """Raises a ValueError naming the first leaf path where two trees differ; ``fix`` says what to do."""
   if jax.tree.structure(ref, is_leaf=is_empty) == jax.tree.structure(other, is_leaf=is_empty):
@@ -77,14 +79,8 @@ def check_structure(
   if extra:
     detail.append(f"{other_name} has extra leaf {extra[0]}")
   if not detail:
-    detail.append(
-        f"{ref_name} is {jax.tree.structure(ref)} but {other_name} is "
-        f"{jax.tree.structure(other)}"
-    )
-  raise ValueError(
-      f"{who}: {other_name} and {ref_name} have different tree structures "
-      f"({'; '.join(detail)}). {fix}"
-  )
+    detail.append(f"{ref_name} is {jax.tree.structure(ref)} but {other_name} is {jax.tree.structure(other)}")
+  raise ValueError(f"{who}: {other_name} and {ref_name} have different tree structures ({'; '.join(detail)}). {fix}")
 
 
 def check_shapes(who: str, ref: Any, ref_name: str, other: Any, other_name: str) -> None:
@@ -95,8 +91,8 @@ def check_shapes(who: str, ref: Any, ref_name: str, other: Any, other_name: str)
       continue
     if jnp.shape(a) != jnp.shape(b):
       raise ValueError(
-          f"{who}: leaf {path} has shape {jnp.shape(a)} in {ref_name} but "
-          f"{jnp.shape(b)} in {other_name}. {_SAME_TREE_FIX}"
+        f"{who}: leaf {path} has shape {jnp.shape(a)} in {ref_name} but "
+        f"{jnp.shape(b)} in {other_name}. {_SAME_TREE_FIX}"
       )
 
 

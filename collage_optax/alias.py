@@ -9,7 +9,8 @@ float32 params bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -17,27 +18,25 @@ import jax.numpy as jnp
 import optax
 from optax._src import numerics
 
-from collage_optax import _tree
-from collage_optax import formats
-from collage_optax import transform
+from collage_optax import _tree, formats, transform
 
-__all__ = ["AdamWState", "MODES", "PRESETS", "adamw"]
+__all__ = ["MODES", "PRESETS", "AdamWState", "adamw"]
 
 #: The presets of :func:`adamw`'s ``mode``: ``(param_format, mu_format,
 #: nu_format)`` for bfloat16/float16 params. light: MCF params (Yu et al.
 #: 2024, strategy B); plus: also an MCF ``v`` (strategy C); full: also an MCF
 #: ``m`` (C+).
 PRESETS: dict[str, tuple[str, str, str]] = {
-    "light": ("mcf", "bf16", "bf16"),
-    "plus": ("mcf", "bf16", "mcf"),
-    "full": ("mcf", "mcf", "mcf"),
+  "light": ("mcf", "bf16", "bf16"),
+  "plus": ("mcf", "bf16", "mcf"),
+  "full": ("mcf", "mcf", "mcf"),
 }
 
 #: The values of ``mode`` in :func:`adamw`.
 MODES = tuple(PRESETS)
 
 
-def _check_hyperparam(name: str, value: Any, *, upper: Optional[float] = None) -> None:
+def _check_hyperparam(name: str, value: Any, *, upper: float | None = None) -> None:
   """Rejects negative or non-finite Python numbers and sub-float32 arrays.
 
   ``optax.inject_hyperparams`` casts hyperparameters to the params' widest
@@ -47,9 +46,9 @@ def _check_hyperparam(name: str, value: Any, *, upper: Optional[float] = None) -
   dtype = getattr(value, "dtype", None)
   if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4:
     raise TypeError(
-        f"collage_optax.adamw: {name} is a {jnp.dtype(dtype)} array; hyperparameters "
-        "must be float32 (0.999 is 1.0 in bfloat16). Under optax.inject_hyperparams "
-        "with bfloat16 params pass hyperparam_dtype=jnp.float32."
+      f"collage_optax.adamw: {name} is a {jnp.dtype(dtype)} array; hyperparameters "
+      "must be float32 (0.999 is 1.0 in bfloat16). Under optax.inject_hyperparams "
+      "with bfloat16 params pass hyperparam_dtype=jnp.float32."
     )
   if isinstance(value, bool) or not isinstance(value, (int, float)):
     return  # arrays and schedules are checked by the user's own code.
@@ -73,7 +72,7 @@ class AdamWState(NamedTuple):
   mu: Any
   nu: Any
   lo: Any
-  metrics: Optional[transform.PrecisionMetrics] = None
+  metrics: transform.PrecisionMetrics | None = None
 
 
 def _check_update_args(updates: Any, state: Any, params: Any) -> None:
@@ -81,32 +80,41 @@ def _check_update_args(updates: Any, state: Any, params: Any) -> None:
   who = "collage_optax.adamw"
   if params is None:
     raise ValueError(
-        f"{who} needs `params`: call tx.update(grads, opt_state, params) with the "
-        "current params (as for optax.adamw), so that their low components can be updated."
+      f"{who} needs `params`: call tx.update(grads, opt_state, params) with the "
+      "current params (as for optax.adamw), so that their low components can be updated."
     )
   if not isinstance(state, AdamWState):
     raise TypeError(
-        f"{who}: opt_state {type(state).__module__}.{type(state).__name__} is not the state of "
-        "collage_optax.adamw; it comes from another optimizer (e.g. optax.adamw, whose state "
-        "lacks the low components). Call opt_state = tx.init(params) with this optimizer."
+      f"{who}: opt_state {type(state).__module__}.{type(state).__name__} is not the state of "
+      "collage_optax.adamw; it comes from another optimizer (e.g. optax.adamw, whose state "
+      "lacks the low components). Call opt_state = tx.init(params) with this optimizer."
     )
   _tree.check_structure(who, params, "params", updates, "updates")
   _tree.check_shapes(who, params, "params", updates, "updates")
   _tree.check_structure(
-      who, params, "params", state.mu, "opt_state",
-      fix="The state was made for other params: call tx.init(params) with the params you train.")
+    who,
+    params,
+    "params",
+    state.mu,
+    "opt_state",
+    fix="The state was made for other params: call tx.init(params) with the params you train.",
+  )
   for path, u in _tree.leaves_with_paths(updates)[0]:
     if getattr(u, "dtype", None) == jax.dtypes.float0:
       raise TypeError(
-          f"{who}: the update for leaf {path} is float0 (jax.grad(..., allow_int=True) "
-          "of an integer leaf); optax cannot apply it either. Differentiate only "
-          "the float params, or give that leaf a zero float gradient."
+        f"{who}: the update for leaf {path} is float0 (jax.grad(..., allow_int=True) "
+        "of an integer leaf); optax cannot apply it either. Differentiate only "
+        "the float params, or give that leaf a zero float gradient."
       )
 
 
 def _formats(
-    mode: str, param_format: Any, mu_format: Any, nu_format: Any, mu_dtype: Any,
-) -> tuple[formats.ParamFormat, formats.Format, formats.Format, Optional[formats.Format]]:
+  mode: str,
+  param_format: Any,
+  mu_format: Any,
+  nu_format: Any,
+  mu_dtype: Any,
+) -> tuple[formats.ParamFormat, formats.Format, formats.Format, formats.Format | None]:
   """The formats of bfloat16/float16 leaves, and the ``mu`` format of the others (``None``: their dtype)."""
   if mode not in PRESETS:
     raise ValueError(f"collage_optax.adamw: unknown mode={mode!r}; use one of {', '.join(map(repr, MODES))}.")
@@ -120,8 +128,12 @@ def _formats(
     mu_format = mu_native.name
   else:
     mu_native = None
-  return (formats.param_format(param_format or preset[0]), formats.moment_format(mu_format or preset[1]),
-          formats.moment_format(nu_format or preset[2]), mu_native)
+  return (
+    formats.param_format(param_format or preset[0]),
+    formats.moment_format(mu_format or preset[1]),
+    formats.moment_format(nu_format or preset[2]),
+    mu_native,
+  )
 
 
 def _decay_mask(mask: Any, params: Any) -> list[bool]:
@@ -132,28 +144,32 @@ def _decay_mask(mask: Any, params: Any) -> list[bool]:
   tree = mask(params) if callable(mask) else mask
   params_def = jax.tree.structure(params, is_leaf=_tree.is_empty)
   # A mask may be a prefix of the params (optax.masked): broadcast each entry.
-  full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub, is_leaf=_tree.is_empty),
-                      tree, params, is_leaf=lambda x: isinstance(x, bool) or _tree.is_empty(x))
+  full = jax.tree.map(
+    lambda m, sub: jax.tree.map(lambda _: m, sub, is_leaf=_tree.is_empty),
+    tree,
+    params,
+    is_leaf=lambda x: isinstance(x, bool) or _tree.is_empty(x),
+  )
   flat = params_def.flatten_up_to(full)
   return [bool(m) if not _tree.is_empty(m) else False for m in flat]
 
 
 def adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: float = 1e-4,
-    mask: Optional[Union[Any, Callable[[optax.Params], Any]]] = None,
-    *,
-    mode: str = "plus",
-    mu_dtype: Optional[Any] = None,
-    param_format: Optional[str] = None,
-    mu_format: Optional[str] = None,
-    nu_format: Optional[str] = None,
-    nesterov: bool = False,
-    track_metrics: bool = False,
+  learning_rate: optax.ScalarOrSchedule,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  weight_decay: float = 1e-4,
+  mask: Any | Callable[[optax.Params], Any] | None = None,
+  *,
+  mode: str = "plus",
+  mu_dtype: Any | None = None,
+  param_format: str | None = None,
+  mu_format: str | None = None,
+  nu_format: str | None = None,
+  nesterov: bool = False,
+  track_metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW (Loshchilov & Hutter 2019) with COLLAGE for bfloat16 params, in one fused step.
 
@@ -242,11 +258,11 @@ def adamw(
       if kind == "native":
         return transform.init_moment(p, mu_other), transform.init_moment(p, None), None
       return None, None, None
+
     flat, treedef = _tree.leaves_with_paths(params)
     out = [leaf(path, p) for path, p in flat]
     mu, nu, lo = (treedef.unflatten([o[i] for o in out]) for i in range(3))
-    return AdamWState(jnp.zeros([], jnp.int32), mu, nu, lo,
-                      transform._init_metrics(params) if track_metrics else None)
+    return AdamWState(jnp.zeros([], jnp.int32), mu, nu, lo, transform._init_metrics(params) if track_metrics else None)
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
@@ -259,8 +275,15 @@ def adamw(
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     leaves, values = [], []  # (p, g, kind, g32, mu, nu, lo, decay), (m, v): phase 1, the moments.
     for (path, p), g, m, v, lo, want_m, want_v, decay in zip(
-        p_flat, flat(updates), flat(state.mu), flat(state.nu), flat(state.lo),
-        flat(expected.mu), flat(expected.nu), decay_mask):
+      p_flat,
+      flat(updates),
+      flat(state.mu),
+      flat(state.nu),
+      flat(state.lo),
+      flat(expected.mu),
+      flat(expected.nu),
+      decay_mask,
+    ):
       transform.check_moment(who, path, m, want_m)
       transform.check_moment(who, path, v, want_v)
       transform.check_residual(who, path, p, lo, p_fmt)
@@ -269,17 +292,27 @@ def adamw(
       if kind in ("low", "native") and g is not None and not _tree.is_empty(g):
         if not _tree.is_float(g):
           raise TypeError(
-              f"{who}: the gradient for leaf {path} has dtype {g.dtype}; it must be a real float "
-              "like the param. Pass real float gradients (e.g. jax.grad of a real loss); optimise "
-              "complex leaves with a plain optax optimizer.")
+            f"{who}: the gradient for leaf {path} has dtype {g.dtype}; it must be a real float "
+            "like the param. Pass real float gradients (e.g. jax.grad of a real loss); optimise "
+            "complex leaves with a plain optax optimizer."
+          )
         g32 = formats.widen(g).astype(transform.wide_dtype(p))
         m, v, m32, v32 = transform.adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
       leaves.append((p, g, kind, g32, m, v, lo, decay))
       values.append((m32, v32))
     # Phase 2: Adam's directions, bias-corrected over all leaves at once (as optax).
     dirs = transform.adam_directions(
-        [leaf[3] for leaf in leaves], [leaf[4] for leaf in leaves], [mv[0] for mv in values],
-        [mv[1] for mv in values], b1, b2, eps, eps_root, count_inc, nesterov)
+      [leaf[3] for leaf in leaves],
+      [leaf[4] for leaf in leaves],
+      [mv[0] for mv in values],
+      [mv[1] for mv in values],
+      b1,
+      b2,
+      eps,
+      eps_root,
+      count_inc,
+      nesterov,
+    )
     # Phase 3: weight decay, learning rate, and the params' encode.
     out = [_param_step(*leaf, d, lr) for leaf, d in zip(leaves, dirs)]
     cols = list(zip(*out)) if out else [[]] * 5

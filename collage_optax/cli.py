@@ -12,21 +12,19 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
-from collage_optax import compare
-from collage_optax import corpus
-from collage_optax import gpt
+from collage_optax import compare, corpus, gpt
 
 __all__ = ["PRESETS", "main"]
 
 # Model and run sizes. "default" finishes in about 5 minutes on 2 CPU cores;
 # "large" is for an accelerator (or patience); "tiny" is a smoke test.
 PRESETS = {
-    "default": dict(layers=2, width=128, heads=4, context=64, steps=1000, batch=16, lr=2e-3, warmup=50),
-    "tiny": dict(layers=1, width=32, heads=2, context=32, steps=20, batch=4, lr=2e-3, warmup=2),
-    "large": dict(layers=6, width=384, heads=6, context=256, steps=5000, batch=32, lr=1e-3, warmup=200),
+  "default": dict(layers=2, width=128, heads=4, context=64, steps=1000, batch=16, lr=2e-3, warmup=50),
+  "tiny": dict(layers=1, width=32, heads=2, context=32, steps=20, batch=4, lr=2e-3, warmup=2),
+  "large": dict(layers=6, width=384, heads=6, context=256, steps=5000, batch=32, lr=1e-3, warmup=200),
 }
 
 
@@ -39,7 +37,8 @@ def _int_at_least(low: int):
     except ValueError:
       raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < low:
-      raise argparse.ArgumentTypeError(f"{value} must be a positive integer" if low == 1 else f"{value} must be >= {low}")
+      message = f"{value} must be a positive integer" if low == 1 else f"{value} must be >= {low}"
+      raise argparse.ArgumentTypeError(message)
     return value
 
   return parse
@@ -57,8 +56,11 @@ def _float_in(low: float, high: float, *, low_open: bool = False, high_open: boo
       value = float(text)
     except ValueError:
       raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    ok = math.isfinite(value) and (value > low if low_open else value >= low) and (
-        value < high if high_open else value <= high)
+    ok = (
+      math.isfinite(value)
+      and (value > low if low_open else value >= low)
+      and (value < high if high_open else value <= high)
+    )
     if not ok:
       interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
       raise argparse.ArgumentTypeError(f"{text} must be in {interval}")
@@ -81,21 +83,27 @@ def _strategies(text: str) -> tuple[str, ...]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="collage-optax",
-      description="COLLAGE for optax: bfloat16 training without fp32 master weights.")
+    prog="collage-optax", description="COLLAGE for optax: bfloat16 training without fp32 master weights."
+  )
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   sub.required = True
   p = sub.add_parser(
-      "compare",
-      help="train a small GPT under every precision strategy and compare them",
-      description=(
-          "Train the same byte-level GPT (bfloat16 compute) from the same init on the same "
-          "batches under each precision strategy: fp32 (fp32 params, optax.adamw), bf16 "
-          "(optax.adamw on bf16 params), light and plus (collage_optax.adamw), full on request. "
-          "Prints a table; with --out, writes results.json, table.md and loss.png."))
+    "compare",
+    help="train a small GPT under every precision strategy and compare them",
+    description=(
+      "Train the same byte-level GPT (bfloat16 compute) from the same init on the same "
+      "batches under each precision strategy: fp32 (fp32 params, optax.adamw), bf16 "
+      "(optax.adamw on bf16 params), light and plus (collage_optax.adamw), full on request. "
+      "Prints a table; with --out, writes results.json, table.md and loss.png."
+    ),
+  )
   d = lambda name: f"(default: {PRESETS['default'][name]:g} with --preset default)"
-  p.add_argument("--preset", choices=sorted(PRESETS), default="default",
-                 help="model and run size; the flags below override it (default: default)")
+  p.add_argument(
+    "--preset",
+    choices=sorted(PRESETS),
+    default="default",
+    help="model and run size; the flags below override it (default: default)",
+  )
   model = p.add_argument_group("model")
   model.add_argument("--layers", type=_positive_int, help=f"transformer blocks {d('layers')}")
   model.add_argument("--width", type=_positive_int, help=f"channels, a multiple of --heads {d('width')}")
@@ -104,17 +112,31 @@ def build_parser() -> argparse.ArgumentParser:
   train = p.add_argument_group("training")
   train.add_argument("--steps", type=_positive_int, help=f"optimizer steps {d('steps')}")
   train.add_argument("--batch", type=_positive_int, help=f"sequences per step {d('batch')}")
-  train.add_argument("--lr", type=_float_in(0.0, math.inf, low_open=True),
-                     help=f"peak learning rate; linear warmup, cosine decay to 0 {d('lr')}")
+  train.add_argument(
+    "--lr",
+    type=_float_in(0.0, math.inf, low_open=True),
+    help=f"peak learning rate; linear warmup, cosine decay to 0 {d('lr')}",
+  )
   train.add_argument("--warmup", type=_nonnegative_int, help=f"warmup steps {d('warmup')}")
   train.add_argument("--b2", type=_float_in(0.0, 1.0), default=0.999, help="Adam's beta2 (default: 0.999)")
-  train.add_argument("--weight-decay", type=_float_in(0.0, math.inf), default=0.1,
-                     help="decoupled weight decay, matrices only (default: 0.1)")
+  train.add_argument(
+    "--weight-decay",
+    type=_float_in(0.0, math.inf),
+    default=0.1,
+    help="decoupled weight decay, matrices only (default: 0.1)",
+  )
   train.add_argument("--seed", type=_nonnegative_int, default=0, help="init and batch seed (default: 0)")
-  p.add_argument("--strategies", type=_strategies, default=",".join(compare.DEFAULT_STRATEGIES),
-                 help="comma-separated subset of fp32,bf16,light,plus,full (default: fp32,bf16,light,plus)")
-  p.add_argument("--corpus", metavar="PATH",
-                 help="a text file or directory to train on (default: the Python standard library's .py files)")
+  p.add_argument(
+    "--strategies",
+    type=_strategies,
+    default=",".join(compare.DEFAULT_STRATEGIES),
+    help="comma-separated subset of fp32,bf16,light,plus,full (default: fp32,bf16,light,plus)",
+  )
+  p.add_argument(
+    "--corpus",
+    metavar="PATH",
+    help="a text file or directory to train on (default: the Python standard library's .py files)",
+  )
   p.add_argument("--out", metavar="DIR", type=Path, help="write results.json, loss.png and table.md here")
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   p.set_defaults(run=_compare, error=p.error)
@@ -132,17 +154,26 @@ def _compare(args: argparse.Namespace) -> int:
     error(f"--width {pick('width')} must be a multiple of --heads {pick('heads')}")
   model = gpt.GPTConfig(layers=pick("layers"), width=pick("width"), heads=pick("heads"), context=pick("context"))
   cfg = compare.TrainConfig(
-      steps=pick("steps"), batch=pick("batch"), lr=pick("lr"), b2=args.b2,
-      weight_decay=args.weight_decay, warmup=pick("warmup"), seed=args.seed)
+    steps=pick("steps"),
+    batch=pick("batch"),
+    lr=pick("lr"),
+    b2=args.b2,
+    weight_decay=args.weight_decay,
+    warmup=pick("warmup"),
+    seed=args.seed,
+  )
   try:
     data = corpus.load(args.corpus, model.context)
   except corpus.CorpusError as e:
     error(str(e))
-  print(f"corpus: {data.source}: {data.n_files} files, {len(data.train):,} training and "
-        f"{len(data.val):,} validation bytes", file=sys.stderr)
+  print(
+    f"corpus: {data.source}: {data.n_files} files, {len(data.train):,} training and {len(data.val):,} validation bytes",
+    file=sys.stderr,
+  )
   progress = None
   if not args.no_progress:
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
+
     progress = tqdm
   t0 = time.perf_counter()
   try:
@@ -159,12 +190,11 @@ def _compare(args: argparse.Namespace) -> int:
     compare.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table + "\n")
     compare.plot(results, args.out / "loss.png")
-    print(f"wrote {args.out / 'results.json'}, {args.out / 'table.md'} and {args.out / 'loss.png'}",
-          file=sys.stderr)
+    print(f"wrote {args.out / 'results.json'}, {args.out / 'table.md'} and {args.out / 'loss.png'}", file=sys.stderr)
   return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
   """Entry point of the ``collage-optax`` console script; returns the exit code."""
   parser = build_parser()
   args = parser.parse_args(argv)

@@ -19,28 +19,27 @@ import dataclasses
 import json
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from collage_optax import alias
-from collage_optax import gpt
-from collage_optax import transform
+from collage_optax import alias, gpt, transform
 from collage_optax.corpus import Corpus
 
 __all__ = [
-    "DEFAULT_STRATEGIES",
-    "STRATEGIES",
-    "TrainConfig",
-    "format_table",
-    "make_optimizer",
-    "plot",
-    "run",
-    "train_strategy",
+  "DEFAULT_STRATEGIES",
+  "STRATEGIES",
+  "TrainConfig",
+  "format_table",
+  "make_optimizer",
+  "plot",
+  "run",
+  "train_strategy",
 ]
 
 STRATEGIES = ("fp32", "bf16", "light", "plus", "full")
@@ -65,7 +64,8 @@ class TrainConfig:
 
   def schedule(self) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(
-        0.0, self.lr, min(self.warmup, self.steps - 1), max(self.steps, 1), end_value=0.0)
+      0.0, self.lr, min(self.warmup, self.steps - 1), max(self.steps, 1), end_value=0.0
+    )
 
 
 def _decay_mask(params: Any) -> Any:
@@ -77,12 +77,20 @@ def make_optimizer(strategy: str, cfg: TrainConfig) -> optax.GradientTransformat
   """The optimizer of one strategy; every one records EDQ and lost fraction."""
   if strategy in ("fp32", "bf16"):
     return optax.chain(
-        optax.adamw(cfg.schedule(), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask),
-        transform.measure_precision())
+      optax.adamw(cfg.schedule(), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask),
+      transform.measure_precision(),
+    )
   if strategy in alias.MODES:
     return alias.adamw(
-        cfg.schedule(), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask,
-        mode=strategy, track_metrics=True)
+      cfg.schedule(),
+      cfg.b1,
+      cfg.b2,
+      cfg.eps,
+      weight_decay=cfg.weight_decay,
+      mask=_decay_mask,
+      mode=strategy,
+      track_metrics=True,
+    )
   raise ValueError(f"unknown strategy {strategy!r}; use one of {', '.join(STRATEGIES)}.")
 
 
@@ -93,7 +101,7 @@ def param_dtype(strategy: str) -> Any:
 def _precision(opt_state: Any) -> tuple[jax.Array, jax.Array]:
   """Global ``(edq, lost_fraction)`` of the one tracked transformation in a state (jittable)."""
   is_metrics = lambda x: isinstance(x, transform.PrecisionMetrics)
-  m, = [x for x in jax.tree.leaves(opt_state, is_leaf=is_metrics) if is_metrics(x)]
+  (m,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_metrics) if is_metrics(x)]
   return m.edq, m.lost_fraction
 
 
@@ -153,9 +161,11 @@ def _shared(graphdef: Any, corpus: Corpus, context: int, cfg: TrainConfig) -> _S
 
   # One jitted evaluator for all strategies: it compiles once per params dtype.
   return _Shared(
-      jnp.asarray(corpus.train), jnp.asarray(corpus.val),
-      jnp.asarray(eval_starts(len(corpus.val), length, cfg.eval_windows, cfg.batch)),
-      jax.jit(evaluate))
+    jnp.asarray(corpus.train),
+    jnp.asarray(corpus.val),
+    jnp.asarray(eval_starts(len(corpus.val), length, cfg.eval_windows, cfg.batch)),
+    jax.jit(evaluate),
+  )
 
 
 def _make_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig, length: int) -> Callable:
@@ -173,14 +183,14 @@ def _make_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig
 
 
 def train_strategy(
-    strategy: str,
-    graphdef: Any,
-    init_params: Any,
-    corpus: Corpus,
-    context: int,
-    cfg: TrainConfig,
-    progress: Optional[Callable[..., Any]] = None,
-    shared: Optional[_Shared] = None,
+  strategy: str,
+  graphdef: Any,
+  init_params: Any,
+  corpus: Corpus,
+  context: int,
+  cfg: TrainConfig,
+  progress: Callable[..., Any] | None = None,
+  shared: _Shared | None = None,
 ) -> dict[str, Any]:
   """Trains one strategy; returns its results (losses, metrics, bytes, timings, curves)."""
   length = context + 1
@@ -222,26 +232,26 @@ def train_strategy(
     bar.close()
   val_loss = curves["val_loss"][-1]
   return {
-      "val_loss": val_loss,
-      "val_ppl": math.exp(min(val_loss, 700.0)),
-      "edq": float(np.mean(curves["edq"])) if curves["edq"] else 1.0,
-      "lost_fraction": float(np.mean(curves["lost_fraction"])) if curves["lost_fraction"] else 0.0,
-      "bytes_per_param": state_bytes / n_params,
-      "bytes_per_param_with_grads": (state_bytes + grad_bytes) / n_params,
-      "n_params": n_params,
-      "step_time_s": _sustained(step_times),
-      "step_cpu_s": float(np.median(step_cpu[2:] or step_cpu)) if step_cpu else 0.0,
-      "train_time_s": time.perf_counter() - t_start,
-      "curves": curves,
+    "val_loss": val_loss,
+    "val_ppl": math.exp(min(val_loss, 700.0)),
+    "edq": float(np.mean(curves["edq"])) if curves["edq"] else 1.0,
+    "lost_fraction": float(np.mean(curves["lost_fraction"])) if curves["lost_fraction"] else 0.0,
+    "bytes_per_param": state_bytes / n_params,
+    "bytes_per_param_with_grads": (state_bytes + grad_bytes) / n_params,
+    "n_params": n_params,
+    "step_time_s": _sustained(step_times),
+    "step_cpu_s": float(np.median(step_cpu[2:] or step_cpu)) if step_cpu else 0.0,
+    "train_time_s": time.perf_counter() - t_start,
+    "curves": curves,
   }
 
 
 def run(
-    strategies: Sequence[str],
-    model: gpt.GPTConfig,
-    cfg: TrainConfig,
-    corpus: Corpus,
-    progress: Optional[Callable[..., Any]] = None,
+  strategies: Sequence[str],
+  model: gpt.GPTConfig,
+  cfg: TrainConfig,
+  corpus: Corpus,
+  progress: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
   """Trains every strategy from the same init on the same batches; the results dict."""
   graphdef, init_params = gpt.init_params(model, cfg.seed)
@@ -260,41 +270,61 @@ def run(
     r["step_cpu_ratio"] = (r["step_cpu_s"] / ref["step_cpu_s"]) if ref and ref["step_cpu_s"] > 0 else None
     r["step_time_ratio"] = r[f"step_{basis}_ratio"]
   config = {
-      "model": {k: v for k, v in dataclasses.asdict(model).items() if k != "dtype"} | {"compute_dtype": "bfloat16"},
-      "train": dataclasses.asdict(cfg) | {"schedule": "linear warmup, cosine decay to 0"},
-      "corpus": {"source": corpus.source, "files": corpus.n_files,
-                 "train_bytes": int(len(corpus.train)), "val_bytes": int(len(corpus.val))},
-      "strategies": list(strategies),
-      "backend": jax.default_backend(),
-      "step_time_basis": {
-          "cpu": "CPU time per step (median; immune to other processes sharing the CPU)",
-          "wall": "wall-clock time per step (fastest 10-step stretch)"}[basis],
-      "device": str(jax.devices()[0].device_kind),
-      "versions": {"jax": jax.__version__, "optax": optax.__version__},
+    "model": {k: v for k, v in dataclasses.asdict(model).items() if k != "dtype"} | {"compute_dtype": "bfloat16"},
+    "train": dataclasses.asdict(cfg) | {"schedule": "linear warmup, cosine decay to 0"},
+    "corpus": {
+      "source": corpus.source,
+      "files": corpus.n_files,
+      "train_bytes": len(corpus.train),
+      "val_bytes": len(corpus.val),
+    },
+    "strategies": list(strategies),
+    "backend": jax.default_backend(),
+    "step_time_basis": {
+      "cpu": "CPU time per step (median; immune to other processes sharing the CPU)",
+      "wall": "wall-clock time per step (fastest 10-step stretch)",
+    }[basis],
+    "device": str(jax.devices()[0].device_kind),
+    "versions": {"jax": jax.__version__, "optax": optax.__version__},
   }
   return {"config": config, "strategies": results}
 
 
-def _fmt_delta(d: Optional[float]) -> str:
+def _fmt_delta(d: float | None) -> str:
   return "—" if d is None else f"{100 * d:+.2f}%"
 
 
-def _fmt_ratio(r: Optional[float]) -> str:
+def _fmt_ratio(r: float | None) -> str:
   return "—" if r is None else f"{r:.2f}×"
 
 
 def format_table(results: dict[str, Any]) -> str:
   """The results as a Markdown table (readable in a terminal too)."""
   cpu = results["config"].get("backend") == "cpu"
-  head = ["strategy", "val loss", "perplexity", "Δ vs fp32", "mean EDQ", "lost fraction",
-          "bytes/param", "step time (CPU)" if cpu else "step time"]
+  head = [
+    "strategy",
+    "val loss",
+    "perplexity",
+    "Δ vs fp32",
+    "mean EDQ",
+    "lost fraction",
+    "bytes/param",
+    "step time (CPU)" if cpu else "step time",
+  ]
   rows = [head, ["---"] + ["---:"] * (len(head) - 1)]
   for name, r in results["strategies"].items():
-    rows.append([
-        name, f"{r['val_loss']:.4f}", f"{r['val_ppl']:.3f}", _fmt_delta(r["delta_vs_fp32"]),
-        f"{r['edq']:.3f}", f"{r['lost_fraction']:.3f}", f"{r['bytes_per_param']:.1f}",
+    rows.append(
+      [
+        name,
+        f"{r['val_loss']:.4f}",
+        f"{r['val_ppl']:.3f}",
+        _fmt_delta(r["delta_vs_fp32"]),
+        f"{r['edq']:.3f}",
+        f"{r['lost_fraction']:.3f}",
+        f"{r['bytes_per_param']:.1f}",
         _fmt_ratio(r["step_time_ratio"]),
-    ])
+      ]
+    )
   widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
   lines = []
   for row in rows:
@@ -332,6 +362,7 @@ def _smooth(y: Sequence[float], width: int) -> np.ndarray:
 def plot(results: dict[str, Any], path: Path) -> None:
   """``loss.png``: validation and (smoothed) training loss per strategy; EDQ over steps."""
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -347,18 +378,22 @@ def plot(results: dict[str, Any], path: Path) -> None:
     color = colors.get(name)
     train = _smooth(c["train_loss"], width)
     ax_loss.plot(steps, train, color=color, alpha=0.35, lw=1)
-    ax_loss.plot(c["val_step"], c["val_loss"], "o-", color=color, ms=3.5, lw=1.6,
-                 label=f"{name}: val {r['val_loss']:.3f}")
+    ax_loss.plot(
+      c["val_step"], c["val_loss"], "o-", color=color, ms=3.5, lw=1.6, label=f"{name}: val {r['val_loss']:.3f}"
+    )
     ax_edq.plot(steps, _smooth(c["edq"], width), color=color, lw=1.4, label=name)
     if n:
-      tops.append(max(train[n // 5:].max(), max(v for s, v in zip(c["val_step"], c["val_loss"]) if s >= n // 5)))
+      tops.append(max(train[n // 5 :].max(), max(v for s, v in zip(c["val_step"], c["val_loss"]) if s >= n // 5)))
       bottoms.append(min(train.min(), min(c["val_loss"])))
   if tops:  # Zoom on the last 80% of the run, where the strategies part.
     lo, hi = min(bottoms), max(tops)
     ax_loss.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
   m, t = cfg["model"], cfg["train"]
-  ax_loss.set(xlabel="step", ylabel="loss (nats/byte)",
-              title=f"GPT {m['layers']}×{m['width']}, context {m['context']}: val (dots) and train (faint) loss")
+  ax_loss.set(
+    xlabel="step",
+    ylabel="loss (nats/byte)",
+    title=f"GPT {m['layers']}×{m['width']}, context {m['context']}: val (dots) and train (faint) loss",
+  )
   ax_loss.legend(loc="upper right")
   ax_loss.grid(alpha=0.3)
   if tops:  # The learning rate, to show where the updates get small.
@@ -370,8 +405,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     ax_lr.tick_params(axis="y", colors="gray")
     ax_lr.set_ylim(0, 1.05 * t["lr"])
   ax_edq.axhline(1.0, color="gray", lw=0.8, ls=":")
-  ax_edq.set(xlabel="step", ylabel="EDQ  <Δθ_eff, u> / ||u||²",
-             title=f"effective descent quality (1 = no update lost); β2={t['b2']}, peak lr {t['lr']:g}")
+  ax_edq.set(
+    xlabel="step",
+    ylabel="EDQ  <Δθ_eff, u> / ||u||²",
+    title=f"effective descent quality (1 = no update lost); β2={t['b2']}, peak lr {t['lr']:g}",
+  )
   ax_edq.legend(loc="lower left")
   ax_edq.grid(alpha=0.3)
   fig.tight_layout()

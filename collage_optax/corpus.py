@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sysconfig
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 
@@ -34,13 +34,14 @@ class Corpus(NamedTuple):
   n_files: int
 
 
-def stdlib_files(root: Optional[str] = None) -> list[Path]:
+def stdlib_files(root: str | None = None) -> list[Path]:
   """The standard library's ``.py`` files, sorted, without site-packages or tests."""
   root = Path(root or sysconfig.get_paths()["stdlib"])
   if not root.is_dir():
     raise CorpusError(
-        f"the Python standard library was not found at {root}; pass --corpus PATH "
-        "with a text file or a directory of text files.")
+      f"the Python standard library was not found at {root}; pass --corpus PATH "
+      "with a text file or a directory of text files."
+    )
   files = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
@@ -69,7 +70,7 @@ def _is_binary(data: bytes) -> bool:
   return b"\0" in data[:8192]
 
 
-def read(path: Optional[str] = None) -> tuple[bytes, str, int]:
+def read(path: str | None = None) -> tuple[bytes, str, int]:
   """All bytes of a corpus: ``(data, description, number of files)``.
 
   ``path=None`` reads the standard library's ``.py`` files. A file is read
@@ -125,13 +126,14 @@ def split(data: bytes, min_len: int, val_every: int = 10, block: int = 1 << 16) 
   train, val = arr[~is_val], arr[is_val]
   if min(len(train), len(val)) < min_len:
     raise CorpusError(
-        f"the corpus has {len(arr)} bytes: too small for windows of {min_len} bytes "
-        f"(training gets {len(train)}, validation {len(val)}). Use a larger corpus "
-        f"(at least {min_len * 2 * val_every} bytes) or a smaller --context.")
+      f"the corpus has {len(arr)} bytes: too small for windows of {min_len} bytes "
+      f"(training gets {len(train)}, validation {len(val)}). Use a larger corpus "
+      f"(at least {min_len * 2 * val_every} bytes) or a smaller --context."
+    )
   return train, val
 
 
-def load(path: Optional[str], context: int) -> Corpus:
+def load(path: str | None, context: int) -> Corpus:
   """Reads and splits a corpus for windows of ``context + 1`` bytes."""
   data, source, n_files = read(path)
   train, val = split(data, context + 1)

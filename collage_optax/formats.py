@@ -46,7 +46,8 @@ References:
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,19 +57,19 @@ from jax import lax
 from collage_optax import mcf
 
 __all__ = [
-    "Format",
-    "ParamFormat",
-    "MOMENT_FORMATS",
-    "PARAM_FORMATS",
-    "mcf_components",
-    "moment_format",
-    "moment_format_of",
-    "native_format",
-    "param_format",
-    "param_format_of",
-    "landed",
-    "widen",
-    "narrow",
+  "MOMENT_FORMATS",
+  "PARAM_FORMATS",
+  "Format",
+  "ParamFormat",
+  "landed",
+  "mcf_components",
+  "moment_format",
+  "moment_format_of",
+  "narrow",
+  "native_format",
+  "param_format",
+  "param_format_of",
+  "widen",
 ]
 
 Array = jax.Array
@@ -167,13 +168,12 @@ def mcf_components(s: Array) -> mcf.MCF:
   return mcf.MCF(half(s >> 16), half(s & np.uint32(0xFFFF)))
 
 
-_zeros = lambda dtype: (lambda like: jnp.zeros_like(like, dtype=dtype))  # keeps the sharding
+_zeros = lambda dtype: lambda like: jnp.zeros_like(like, dtype=dtype)  # keeps the sharding
 
 MOMENT_FORMATS: dict[str, Format] = {
-    "bf16": Format("bf16", 2, _zeros(_BF16), _bf16_encode, widen, _finite_max(_BF16)),
-    "mcf": Format("mcf", 4, _zeros(jnp.uint32), _mcf_encode, _mcf_decode, _finite_max(_BF16)),
-    "f32": Format("f32", 4, _zeros(jnp.float32), lambda x: x.astype(jnp.float32), lambda s: s,
-                  _finite_max(jnp.float32)),
+  "bf16": Format("bf16", 2, _zeros(_BF16), _bf16_encode, widen, _finite_max(_BF16)),
+  "mcf": Format("mcf", 4, _zeros(jnp.uint32), _mcf_encode, _mcf_decode, _finite_max(_BF16)),
+  "f32": Format("f32", 4, _zeros(jnp.float32), lambda x: x.astype(jnp.float32), lambda s: s, _finite_max(jnp.float32)),
 }
 
 
@@ -184,8 +184,14 @@ def native_format(dtype: Any) -> Format:
     return MOMENT_FORMATS["bf16"]
   if dtype == jnp.float32:
     return MOMENT_FORMATS["f32"]
-  return Format(dtype.name, dtype.itemsize, _zeros(dtype), lambda x: narrow(x, dtype),
-                lambda s: s.astype(jnp.promote_types(dtype, jnp.float32)), _finite_max(dtype))
+  return Format(
+    dtype.name,
+    dtype.itemsize,
+    _zeros(dtype),
+    lambda x: narrow(x, dtype),
+    lambda s: s.astype(jnp.promote_types(dtype, jnp.float32)),
+    _finite_max(dtype),
+  )
 
 
 def moment_format_of(storage: Any) -> Format:
@@ -203,8 +209,7 @@ def moment_format(name: Any) -> Format:
   if isinstance(name, Format):
     return name
   if name not in MOMENT_FORMATS:
-    raise ValueError(
-        f"unknown moment format {name!r}; use one of {', '.join(map(repr, MOMENT_FORMATS))}.")
+    raise ValueError(f"unknown moment format {name!r}; use one of {', '.join(map(repr, MOMENT_FORMATS))}.")
   return MOMENT_FORMATS[name]
 
 
@@ -227,9 +232,9 @@ class ParamFormat(NamedTuple):
 
   name: str
   residual_bytes: float
-  init: Callable[[Array], Optional[Array]]
-  decode: Callable[[Array, Optional[Array]], Array]
-  encode: Callable[[Array, Array, Any], tuple[Array, Optional[Array]]]
+  init: Callable[[Array], Array | None]
+  decode: Callable[[Array, Array | None], Array]
+  encode: Callable[[Array, Array, Any], tuple[Array, Array | None]]
 
 
 def landed(p: Array, u: Array) -> Array:
@@ -260,8 +265,8 @@ def _plain_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, None]:
 
 
 PARAM_FORMATS: dict[str, ParamFormat] = {
-    "mcf": ParamFormat("mcf", 2, jnp.zeros_like, lambda p, r: widen(p) + widen(r), _mcf_param_encode),
-    "bf16": ParamFormat("bf16", 0, lambda p: None, lambda p, r: widen(p), _plain_param_encode),
+  "mcf": ParamFormat("mcf", 2, jnp.zeros_like, lambda p, r: widen(p) + widen(r), _mcf_param_encode),
+  "bf16": ParamFormat("bf16", 0, lambda p: None, lambda p, r: widen(p), _plain_param_encode),
 }
 
 
@@ -270,8 +275,7 @@ def param_format(name: Any) -> ParamFormat:
   if isinstance(name, ParamFormat):
     return name
   if name not in PARAM_FORMATS:
-    raise ValueError(
-        f"unknown param format {name!r}; use one of {', '.join(map(repr, PARAM_FORMATS))}.")
+    raise ValueError(f"unknown param format {name!r}; use one of {', '.join(map(repr, PARAM_FORMATS))}.")
   return PARAM_FORMATS[name]
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-__all__ = ["GPTConfig", "GPT", "init_params", "loss"]
+__all__ = ["GPT", "GPTConfig", "init_params", "loss"]
 
 VOCAB = 256
 
@@ -39,14 +39,15 @@ class GPTConfig:
         raise ValueError(f"GPTConfig: {name}={getattr(self, name)} must be >= 1.")
     if self.width % self.heads:
       raise ValueError(
-          f"GPTConfig: width={self.width} must be divisible by heads={self.heads} "
-          f"(e.g. width={self.heads * max(1, round(self.width / self.heads))}).")
+        f"GPTConfig: width={self.width} must be divisible by heads={self.heads} "
+        f"(e.g. width={self.heads * max(1, round(self.width / self.heads))})."
+      )
 
 
 def _dense(cfg: GPTConfig, n_in: int, n_out: int, std: float, rngs: nnx.Rngs) -> nnx.Linear:
   return nnx.Linear(
-      n_in, n_out, dtype=cfg.dtype, param_dtype=jnp.float32,
-      kernel_init=nnx.initializers.normal(std), rngs=rngs)
+    n_in, n_out, dtype=cfg.dtype, param_dtype=jnp.float32, kernel_init=nnx.initializers.normal(std), rngs=rngs
+  )
 
 
 def _norm(cfg: GPTConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -80,8 +81,13 @@ class GPT(nnx.Module):
 
   def __init__(self, cfg: GPTConfig, rngs: nnx.Rngs):
     self.embed = nnx.Embed(
-        VOCAB, cfg.width, dtype=cfg.dtype, param_dtype=jnp.float32,
-        embedding_init=nnx.initializers.normal(0.02), rngs=rngs)
+      VOCAB,
+      cfg.width,
+      dtype=cfg.dtype,
+      param_dtype=jnp.float32,
+      embedding_init=nnx.initializers.normal(0.02),
+      rngs=rngs,
+    )
     self.pos = nnx.Param(0.01 * jax.random.normal(rngs.params(), (cfg.context, cfg.width), jnp.float32))
     self.blocks = nnx.List([Block(cfg, rngs) for _ in range(cfg.layers)])
     self.ln_f = _norm(cfg, rngs)

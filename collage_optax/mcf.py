@@ -52,7 +52,8 @@ References:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Union
+from collections.abc import Callable
+from typing import Any, Union
 
 import jax
 import jax.numpy as jnp
@@ -60,18 +61,18 @@ import numpy as np
 from jax import lax
 
 __all__ = [
-    "MCF",
-    "from_float",
-    "to_float",
-    "two_sum",
-    "fast_two_sum",
-    "two_prod",
-    "grow",
-    "add",
-    "mul",
-    "round_to",
-    "split_scalar",
-    "SUPPORTED_DTYPES",
+  "MCF",
+  "SUPPORTED_DTYPES",
+  "add",
+  "fast_two_sum",
+  "from_float",
+  "grow",
+  "mul",
+  "round_to",
+  "split_scalar",
+  "to_float",
+  "two_prod",
+  "two_sum",
 ]
 
 #: The component dtypes an MCF may have.
@@ -107,10 +108,7 @@ class MCF:
     return self.hi.sharding
 
   def __add__(self, other):  # Guard against tuple-like surprises.
-    raise TypeError(
-        "MCF does not overload '+': use collage_optax.mcf.add(m1, m2) or "
-        "collage_optax.mcf.grow(m, x)."
-    )
+    raise TypeError("MCF does not overload '+': use collage_optax.mcf.add(m1, m2) or collage_optax.mcf.grow(m, x).")
 
 
 # ---------------------------------------------------------------------------
@@ -121,9 +119,7 @@ class MCF:
 def _check_dtype(dtype) -> jnp.dtype:
   dtype = jnp.dtype(dtype)
   if dtype not in SUPPORTED_DTYPES:
-    raise TypeError(
-        f"MCF components must be bfloat16, float16 or float32, got {dtype}."
-    )
+    raise TypeError(f"MCF components must be bfloat16, float16 or float32, got {dtype}.")
   return dtype
 
 
@@ -247,9 +243,7 @@ _SPLIT_MASK_F32 = np.uint32(0xFFFFF000)  # keeps sign, exponent, 11 of 23 bits.
 
 def _split_f32(a):
   """Splits a float32 into 12 + 12 significant bits with a bit mask."""
-  hi = lax.bitcast_convert_type(
-      lax.bitcast_convert_type(a, jnp.uint32) & _SPLIT_MASK_F32, jnp.float32
-  )
+  hi = lax.bitcast_convert_type(lax.bitcast_convert_type(a, jnp.uint32) & _SPLIT_MASK_F32, jnp.float32)
   return hi, a - hi
 
 
@@ -343,9 +337,7 @@ def from_float(x: Array, dtype=jnp.bfloat16) -> MCF:
   docstring).
   """
   dtype = _check_dtype(dtype)
-  if isinstance(x, (float, int, np.floating, np.integer)) or (
-      isinstance(x, np.ndarray) and x.dtype == np.float64
-  ):
+  if isinstance(x, (float, int, np.floating, np.integer)) or (isinstance(x, np.ndarray) and x.dtype == np.float64):
     hi = np.asarray(x, np.float64).astype(dtype)
     lo = (np.asarray(x, np.float64) - hi.astype(np.float64)).astype(dtype)
     return MCF(jnp.asarray(hi), jnp.asarray(lo))

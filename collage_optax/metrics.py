@@ -6,10 +6,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from collage_optax import _tree
-from collage_optax import formats
+from collage_optax import _tree, formats
 from collage_optax.alias import AdamWState
 from collage_optax.transform import CompensateState, PrecisionMetrics
 
@@ -68,8 +66,8 @@ def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
   states = _find(opt_state, _RESIDUAL_STATES)
   if not states:
     raise ValueError(
-        "master_params: no collage_optax.compensate state in opt_state. Build the "
-        "optimizer with collage_optax.adamw(...) or optax.chain(..., collage_optax.compensate())."
+      "master_params: no collage_optax.compensate state in opt_state. Build the "
+      "optimizer with collage_optax.adamw(...) or optax.chain(..., collage_optax.compensate())."
     )
   params = _unbox(params)
   p_flat, treedef = _tree.leaves_with_paths(params)

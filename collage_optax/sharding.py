@@ -1,8 +1,9 @@
 """Optimizer state that follows the params' sharding (``jax.sharding``, GSPMD).
 
-Every per-parameter array of a COLLAGE state (``compensate``'s ``lo``, Adam's
-``mu``/``nu`` and their low components ``mu_lo``/``nu_lo``) is made with
-``jnp.zeros_like(param)`` and updated elementwise, so an eager ``tx.init`` and
+Every per-parameter array of a COLLAGE state (the residuals ``lo``, the
+moments ``mu``/``nu`` in their storage formats, e.g. the packed uint32 of an
+``mcf`` moment) is made with ``jnp.zeros_like(param, dtype)`` and updated
+elementwise, so an eager ``tx.init`` and
 every jitted step already give it its parameter's sharding. Only
 ``jax.jit(tx.init)`` needs help: its outputs are constants, and XLA is free to
 replicate them (a full copy per device). :func:`state_shardings` derives the
@@ -13,7 +14,7 @@ state's shardings from the params' (``jax.eval_shape`` + tree matching), for
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import optax
@@ -32,8 +33,9 @@ def _mirrors(node: Any, params_def: Any, shapes: list[Any]) -> bool:
   if jax.tree.structure(node, is_leaf=_tree.is_empty) != params_def:
     return False
   return all(
-      _tree.is_empty(x) or (hasattr(x, "shape") and tuple(x.shape) == shape)
-      for x, shape in zip(params_def.flatten_up_to(node), shapes))
+    _tree.is_empty(x) or (hasattr(x, "shape") and tuple(x.shape) == shape)
+    for x, shape in zip(params_def.flatten_up_to(node), shapes)
+  )
 
 
 def _replicated(params: Any) -> Sharding:
@@ -46,33 +48,35 @@ def _replicated(params: Any) -> Sharding:
     if s is not None and s.is_fully_replicated:
       return s
   raise ValueError(
-      "state_shardings: no param carries a NamedSharding or a replicated sharding, "
-      "so the sharding of the state's scalars (step counts) is unknown. Put the "
-      "params on a mesh first (jax.device_put(params, NamedSharding(mesh, spec))) "
-      "or pass replicated=NamedSharding(mesh, PartitionSpec()).")
+    "state_shardings: no param carries a NamedSharding or a replicated sharding, "
+    "so the sharding of the state's scalars (step counts) is unknown. Put the "
+    "params on a mesh first (jax.device_put(params, NamedSharding(mesh, spec))) "
+    "or pass replicated=NamedSharding(mesh, PartitionSpec())."
+  )
 
 
 def _param_sharding(path: str, p: Any) -> Sharding:
   sharding = getattr(p, "sharding", None)
   if sharding is None:
     raise ValueError(
-        f"state_shardings: param {path} has no sharding ({type(p).__name__}). Pass "
-        "jax.Arrays placed with jax.device_put, or jax.ShapeDtypeStruct(shape, "
-        "dtype, sharding=...) for every leaf.")
+      f"state_shardings: param {path} has no sharding ({type(p).__name__}). Pass "
+      "jax.Arrays placed with jax.device_put, or jax.ShapeDtypeStruct(shape, "
+      "dtype, sharding=...) for every leaf."
+    )
   return sharding
 
 
 def state_shardings(
-    tx: optax.GradientTransformation,
-    params: Any,
-    *,
-    replicated: Optional[Sharding] = None,
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  replicated: Sharding | None = None,
 ) -> Any:
   """The shardings of ``tx.init(params)``, derived from the params' shardings.
 
   The state's structure comes from ``jax.eval_shape(tx.init, params)`` (no
   memory is allocated). Every subtree of the state with the params' tree
-  structure and leaf shapes — ``mu``, ``nu``, ``mu_lo``, ``nu_lo``, ``lo``, and
+  structure and leaf shapes — ``mu``, ``nu``, ``lo``, and
   the per-parameter trees of any other optax transformation — gets the params'
   shardings leaf by leaf (``None`` stays ``None``). Every other array (step
   counts, injected hyperparameters, metrics) gets ``replicated``: by default
@@ -92,8 +96,7 @@ def state_shardings(
     A tree of ``jax.sharding.Sharding`` with the structure of ``tx.init(params)``.
   """
   p_flat, params_def = _tree.leaves_with_paths(params)
-  p_shardings = params_def.unflatten([
-      None if _tree.is_empty(p) else _param_sharding(path, p) for path, p in p_flat])
+  p_shardings = params_def.unflatten([None if _tree.is_empty(p) else _param_sharding(path, p) for path, p in p_flat])
   shapes = [None if _tree.is_empty(p) else tuple(p.shape) for _, p in p_flat]
   abstract = jax.eval_shape(tx.init, params)
   is_mirror = lambda x: _mirrors(x, params_def, shapes)
@@ -102,9 +105,7 @@ def state_shardings(
   def sharding_of(node):
     nonlocal default
     if is_mirror(node):  # empty leaves (None, MaskedNode) stay as they are
-      return jax.tree.map(
-          lambda x, s: x if _tree.is_empty(x) else s, node, p_shardings,
-          is_leaf=_tree.is_empty)
+      return jax.tree.map(lambda x, s: x if _tree.is_empty(x) else s, node, p_shardings, is_leaf=_tree.is_empty)
     if default is None:
       default = _replicated(params)
     return default
@@ -113,10 +114,10 @@ def state_shardings(
 
 
 def abstract_state(
-    tx: optax.GradientTransformation,
-    params: Any,
-    *,
-    replicated: Optional[Sharding] = None,
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  replicated: Sharding | None = None,
 ) -> Any:
   """``tx.init(params)`` as ``jax.ShapeDtypeStruct`` leaves carrying :func:`state_shardings`.
 
@@ -125,22 +126,21 @@ def abstract_state(
   """
   shapes = jax.eval_shape(tx.init, params)
   shardings = state_shardings(tx, params, replicated=replicated)
-  return jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings)
 
 
 def sharded_init(
-    tx: optax.GradientTransformation,
-    params: Any,
-    *,
-    replicated: Optional[Sharding] = None,
+  tx: optax.GradientTransformation,
+  params: Any,
+  *,
+  replicated: Sharding | None = None,
 ) -> Any:
   """``jax.jit(tx.init)(params)`` with every state array sharded like its param.
 
   A plain ``jax.jit(tx.init)`` may replicate the zero-initialised moments (with
   ``optax.adamw`` too): a full copy of every moment on every device. This one
   pins ``out_shardings`` to :func:`state_shardings`, so FSDP-sharded params get
-  FSDP-sharded ``mu``, ``nu``, ``nu_lo`` and ``lo``.
+  FSDP-sharded ``mu``, ``nu`` and ``lo``.
   """
   shardings = state_shardings(tx, params, replicated=replicated)
   return jax.jit(tx.init, out_shardings=shardings)(params)

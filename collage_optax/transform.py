@@ -11,28 +11,27 @@ paper's error-free sums, ~16 significant bits for two bfloat16 components).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
-import numpy as np
 from optax import tree_utils as otu
 from optax._src import numerics
 
-from collage_optax import _tree
-from collage_optax import formats
+from collage_optax import _tree, formats
 
 __all__ = [
-    "CompensateState",
-    "PrecisionMetrics",
-    "PrecisionState",
-    "ScaleByAdamState",
-    "compensate",
-    "measure_precision",
-    "scale_by_adam",
+  "CompensateState",
+  "PrecisionMetrics",
+  "PrecisionState",
+  "ScaleByAdamState",
+  "compensate",
+  "measure_precision",
+  "scale_by_adam",
 ]
 
 
@@ -65,12 +64,14 @@ def _leaf_sums(delta: chex.Array, u: chex.Array) -> chex.Array:
   """``[<Δ, u>, ||u||², #(u != 0), #(u != 0 and Δ == 0)]`` of one leaf, float32."""
   delta, u = delta.astype(jnp.float32), u.astype(jnp.float32)
   moved = u != 0
-  return jnp.stack([
+  return jnp.stack(
+    [
       jnp.sum(delta * u),
       jnp.sum(u * u),
       jnp.sum(moved, dtype=jnp.float32),
       jnp.sum(moved & (delta == 0), dtype=jnp.float32),
-  ])
+    ]
+  )
 
 
 def _ratios(sums: chex.Array) -> tuple[chex.Array, chex.Array]:
@@ -80,7 +81,7 @@ def _ratios(sums: chex.Array) -> tuple[chex.Array, chex.Array]:
   return edq, lost_fraction
 
 
-def _compute_metrics(params: Any, sums: list[Optional[chex.Array]]) -> PrecisionMetrics:
+def _compute_metrics(params: Any, sums: list[chex.Array | None]) -> PrecisionMetrics:
   """Global and per-subtree metrics from per-leaf sums (``None`` = not measured)."""
   zero = jnp.zeros([4], jnp.float32)
   sums = [zero if s is None else s for s in sums]
@@ -110,22 +111,17 @@ def measure_precision() -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     if params is None:
-      raise ValueError(
-          "measure_precision needs `params`: call tx.update(updates, state, params)."
-      )
+      raise ValueError("measure_precision needs `params`: call tx.update(updates, state, params).")
     _tree.check_structure("measure_precision", params, "params", updates, "updates")
     p_flat, treedef = _tree.leaves_with_paths(params)
     u_flat = treedef.flatten_up_to(updates)
     sums = [
-        _leaf_sums(formats.landed(p, u) - formats.widen(p), u)
-        if _tree.is_float(p) and _tree.is_float(u) else None
-        for (_, p), u in zip(p_flat, u_flat)
+      _leaf_sums(formats.landed(p, u) - formats.widen(p), u) if _tree.is_float(p) and _tree.is_float(u) else None
+      for (_, p), u in zip(p_flat, u_flat)
     ]
     return updates, PrecisionState(_compute_metrics(params, sums))
 
   return optax.GradientTransformation(init_fn, update_fn)
-
-
 
 
 def _saturate(x: chex.Array, finite: chex.Array, big: float) -> chex.Array:
@@ -170,7 +166,12 @@ def wide_dtype(p: Any) -> jnp.dtype:
 
 
 def adam_moments(
-    g: chex.Array, mu: chex.Array, nu: chex.Array, b1: Any, b2: Any, finite: chex.Array,
+  g: chex.Array,
+  mu: chex.Array,
+  nu: chex.Array,
+  b1: Any,
+  b2: Any,
+  finite: chex.Array,
 ) -> tuple[chex.Array, chex.Array, chex.Array, chex.Array]:
   """The new stored ``m`` and ``v`` of one leaf, and the values this step uses.
 
@@ -190,8 +191,9 @@ def adam_moments(
   for store, decay, order in ((mu, b1, 1), (nu, b2, 2)):
     fmt = formats.moment_format_of(store)
     old = fmt.decode(store).astype(g.dtype)
-    new = (otu.tree_update_moment(g, old, decay, 1) if order == 1
-           else otu.tree_update_moment_per_elem_norm(g, old, decay, 2))
+    new = (
+      otu.tree_update_moment(g, old, decay, 1) if order == 1 else otu.tree_update_moment_per_elem_norm(g, old, decay, 2)
+    )
     big = float(jnp.finfo(g.dtype).max)
     if fmt.max < big:
       new = _saturate(new, finite, fmt.max)
@@ -204,8 +206,16 @@ def adam_moments(
 
 
 def adam_directions(
-    gs: list[Any], mus: list[Any], m: list[Any], v: list[Any], b1: Any, b2: Any, eps: Any,
-    eps_root: Any, count_inc: chex.Array, nesterov: bool,
+  gs: list[Any],
+  mus: list[Any],
+  m: list[Any],
+  v: list[Any],
+  b1: Any,
+  b2: Any,
+  eps: Any,
+  eps_root: Any,
+  count_inc: chex.Array,
+  nesterov: bool,
 ) -> list[Any]:
   """Adam's ``m̂ / (√(v̂ + eps_root) + eps)`` per leaf.
 
@@ -217,9 +227,11 @@ def adam_directions(
   as there too). Finite gradients give finite directions (:func:`_saturate`).
   """
   if nesterov:
-    m_hat = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g,
-                         otu.tree_bias_correction(m, b1, numerics.safe_increment(count_inc)),
-                         otu.tree_bias_correction(gs, b1, count_inc))
+    m_hat = jax.tree.map(
+      lambda m, g: b1 * m + (1 - b1) * g,
+      otu.tree_bias_correction(m, b1, numerics.safe_increment(count_inc)),
+      otu.tree_bias_correction(gs, b1, count_inc),
+    )
   else:
     m_hat = otu.tree_bias_correction(m, b1, count_inc)
   v_hat = otu.tree_bias_correction(v, b2, count_inc)
@@ -243,7 +255,7 @@ def adam_directions(
   return out
 
 
-def init_moment(p: Any, fmt: Optional[formats.Format]) -> Optional[chex.Array]:
+def init_moment(p: Any, fmt: formats.Format | None) -> chex.Array | None:
   """The zero storage of a moment of ``p`` in ``fmt`` (``None``: the param's own dtype)."""
   return (fmt or formats.native_format(p.dtype)).zeros(p)
 
@@ -263,22 +275,27 @@ class CompensateState(NamedTuple):
   """
 
   lo: Any
-  metrics: Optional[PrecisionMetrics] = None
+  metrics: PrecisionMetrics | None = None
 
 
 def check_residual(who: str, path: str, p: Any, lo: Any, fmt: formats.ParamFormat) -> None:
   """Raises a clear error when the state's residual of leaf ``path`` is not what ``fmt`` keeps for ``p``."""
   want = jax.eval_shape(fmt.init, p) if _tree.is_low_precision(p) else None
-  ok = (lo is None or _tree.is_empty(lo)) if want is None else (
-      lo is not None and not _tree.is_empty(lo)
-      and jnp.shape(lo) == want.shape and jnp.dtype(lo.dtype) == want.dtype)
+  ok = (
+    (lo is None or _tree.is_empty(lo))
+    if want is None
+    else (
+      lo is not None and not _tree.is_empty(lo) and jnp.shape(lo) == want.shape and jnp.dtype(lo.dtype) == want.dtype
+    )
+  )
   if not ok and not (_tree.is_empty(lo) and _tree.is_empty(p)):
     got = "nothing" if lo is None or _tree.is_empty(lo) else f"{jnp.dtype(lo.dtype)}{list(jnp.shape(lo))}"
     need = "nothing" if want is None else f"{want.dtype}{list(want.shape)}"
     raise ValueError(
-        f"{who}: the state's residual for leaf {path} is {got} but the param needs "
-        f"{need} (param format {fmt.name!r}). The state was made for other params or "
-        "another format: call tx.init(params) with this optimizer and the params you train.")
+      f"{who}: the state's residual for leaf {path} is {got} but the param needs "
+      f"{need} (param format {fmt.name!r}). The state was made for other params or "
+      "another format: call tx.init(params) with this optimizer and the params you train."
+    )
 
 
 def _after(u: chex.Array, r: chex.Array) -> chex.Array:
@@ -293,13 +310,16 @@ def _after(u: chex.Array, r: chex.Array) -> chex.Array:
   produces, by ``−u``: the select never changes a bit.
   """
   bits = lax.bitcast_convert_type(r, jnp.uint16 if r.dtype.itemsize == 2 else jnp.uint32)
-  never = np.array(0x7F81 if r.dtype == jnp.bfloat16 else 0x7C01 if r.dtype.itemsize == 2 else 0x7F800001,
-                   bits.dtype)
+  never = np.array(0x7F81 if r.dtype == jnp.bfloat16 else 0x7C01 if r.dtype.itemsize == 2 else 0x7F800001, bits.dtype)
   return jnp.where(bits == never, -u, u)
 
 
 def compensated_leaf(
-    p: chex.Array, lo: Any, x: chex.Array, u_dtype: Any, fmt: formats.ParamFormat,
+  p: chex.Array,
+  lo: Any,
+  x: chex.Array,
+  u_dtype: Any,
+  fmt: formats.ParamFormat,
 ) -> tuple[chex.Array, Any, chex.Array]:
   """Stores the new float32 value ``x`` of a bfloat16/float16 param: ``(update, new residual, Δθ_eff)``.
 
@@ -313,7 +333,7 @@ def compensated_leaf(
   return u, lo_new, delta
 
 
-def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.GradientTransformation:  # noqa: A002
+def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.GradientTransformation:
   """COLLAGE's compensated parameter update; the last link of any chain.
 
   Keeps the residual of every bfloat16/float16 param ``θ`` in ``format``
@@ -347,23 +367,30 @@ def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.Gradie
   def init_fn(params):
     def init(path, p):
       return fmt.init(p) if leaf_kind("compensate", path, p) == "low" else None
+
     return CompensateState(_tree.map_with_path(init, params), _init_metrics(params) if track_metrics else None)
 
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError(
-          "compensate needs `params`: call tx.update(updates, state, params) "
-          "(as for optax.adamw), with the current bf16 params."
+        "compensate needs `params`: call tx.update(updates, state, params) "
+        "(as for optax.adamw), with the current bf16 params."
       )
     if not isinstance(state, CompensateState):
       raise TypeError(
-          f"compensate: got a state of type {type(state).__name__}, not "
-          "CompensateState. It comes from another optimizer: call tx.init(params) "
-          "with this transformation."
+        f"compensate: got a state of type {type(state).__name__}, not "
+        "CompensateState. It comes from another optimizer: call tx.init(params) "
+        "with this transformation."
       )
     _tree.check_structure("compensate", params, "params", updates, "updates")
-    _tree.check_structure("compensate", params, "params", state.lo, "the state's residuals",
-                          fix="Call tx.init(params) with the params you train.")
+    _tree.check_structure(
+      "compensate",
+      params,
+      "params",
+      state.lo,
+      "the state's residuals",
+      fix="Call tx.init(params) with the params you train.",
+    )
     p_flat, treedef = _tree.leaves_with_paths(params)
     u_flat, lo_flat = treedef.flatten_up_to(updates), treedef.flatten_up_to(state.lo)
     out_u, out_lo, sums = [], [], []
@@ -372,13 +399,16 @@ def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.Gradie
       if lo is None or _tree.is_empty(lo) or u is None or _tree.is_empty(u):
         out_u.append(u)
         out_lo.append(lo)
-        sums.append(_leaf_sums(formats.landed(p, u) - formats.widen(p), u)
-                    if track_metrics and _tree.is_float(p) and _tree.is_float(u) else None)
+        sums.append(
+          _leaf_sums(formats.landed(p, u) - formats.widen(p), u)
+          if track_metrics and _tree.is_float(p) and _tree.is_float(u)
+          else None
+        )
         continue
       if not _tree.is_float(u):
         raise TypeError(
-            f"compensate: the update for leaf {path} has dtype {getattr(u, 'dtype', type(u))}; "
-            "updates of bfloat16/float16 params must be floats."
+          f"compensate: the update for leaf {path} has dtype {getattr(u, 'dtype', type(u))}; "
+          "updates of bfloat16/float16 params must be floats."
         )
       u32 = formats.widen(u).astype(jnp.float32)
       emitted, lo_new, delta = compensated_leaf(p, lo, fmt.decode(p, lo) + u32, u.dtype, fmt)
@@ -415,12 +445,18 @@ def check_moment(who: str, path: str, store: Any, want: Any) -> None:
   """Raises a clear error when a moment's storage is not the one this optimizer keeps."""
   if want is None and (store is None or _tree.is_empty(store)):
     return
-  if (want is None or store is None or _tree.is_empty(store)
-      or jnp.shape(store) != want.shape or jnp.dtype(store.dtype) != want.dtype):
+  if (
+    want is None
+    or store is None
+    or _tree.is_empty(store)
+    or jnp.shape(store) != want.shape
+    or jnp.dtype(store.dtype) != want.dtype
+  ):
     raise ValueError(
-        f"{who}: the state's moment for leaf {path} is {_describe(store)} but this optimizer "
-        f"keeps {_describe(want)}. The state was made by another mode or format, or for other "
-        "params: call tx.init(params) with this optimizer and the params you train.")
+      f"{who}: the state's moment for leaf {path} is {_describe(store)} but this optimizer "
+      f"keeps {_describe(want)}. The state was made by another mode or format, or for other "
+      "params: call tx.init(params) with this optimizer and the params you train."
+    )
 
 
 def _describe(store: Any) -> str:
@@ -435,14 +471,14 @@ def _describe(store: Any) -> str:
 
 
 def scale_by_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    *,
-    mcf_mu: bool = False,
-    mcf_nu: bool = True,
-    nesterov: bool = False,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  eps_root: float = 0.0,
+  *,
+  mcf_mu: bool = False,
+  mcf_nu: bool = True,
+  nesterov: bool = False,
 ) -> optax.GradientTransformation:
   """Adam's scaling with 16-bit moments for bfloat16/float16 leaves.
 
@@ -475,16 +511,18 @@ def scale_by_adam(
       def leaf(path, p):
         kind = leaf_kind(who, path, p)
         return init_moment(p, fmt if kind == "low" else None) if kind in ("low", "native") else None
+
       return _tree.map_with_path(leaf, params)
+
     return ScaleByAdamState(jnp.zeros([], jnp.int32), init(mu_fmt), init(nu_fmt))
 
   def update_fn(updates, state, params=None):
     del params
     if not isinstance(state, ScaleByAdamState):
       raise TypeError(
-          f"{who}: got a state of type {type(state).__name__}, not collage_optax "
-          "ScaleByAdamState. It comes from another optimizer (e.g. optax.adam): call "
-          "tx.init(params) with this optimizer."
+        f"{who}: got a state of type {type(state).__name__}, not collage_optax "
+        "ScaleByAdamState. It comes from another optimizer (e.g. optax.adam): call "
+        "tx.init(params) with this optimizer."
       )
     _tree.check_structure(who, state.mu, "the state's moments", updates, "updates")
     expected = jax.eval_shape(init_fn, updates)
@@ -493,7 +531,8 @@ def scale_by_adam(
     count_inc = numerics.safe_increment(state.count)
     gs, out_m, out_v, ms, vs = [], [], [], [], []
     for (path, g), m, v, want_m, want_v in zip(
-        g_flat, flat(state.mu), flat(state.nu), flat(expected.mu), flat(expected.nu)):
+      g_flat, flat(state.mu), flat(state.nu), flat(expected.mu), flat(expected.nu)
+    ):
       check_moment(who, path, m, want_m)
       check_moment(who, path, v, want_v)
       if m is None or _tree.is_empty(m) or g is None:
@@ -503,9 +542,10 @@ def scale_by_adam(
       m, v, m32, v32 = adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
       gs.append(g32), out_m.append(m), out_v.append(v), ms.append(m32), vs.append(v32)
     dirs = adam_directions(gs, out_m, ms, vs, b1, b2, eps, eps_root, count_inc, nesterov)
-    out_u = [g if d is None else formats.narrow(
-        _saturate(d, jnp.isfinite(g32), float(jnp.finfo(g.dtype).max)), g.dtype)
-        for (_, g), g32, d in zip(g_flat, gs, dirs)]
+    out_u = [
+      g if d is None else formats.narrow(_saturate(d, jnp.isfinite(g32), float(jnp.finfo(g.dtype).max)), g.dtype)
+      for (_, g), g32, d in zip(g_flat, gs, dirs)
+    ]
     unflat = treedef.unflatten
     return unflat(out_u), ScaleByAdamState(count_inc, unflat(out_m), unflat(out_v))
 

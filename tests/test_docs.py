@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import types
 
 import myst_parser  # noqa: F401  (the docs extra, installed by the test extra: fail, don't skip)
 import pytest
@@ -62,8 +63,11 @@ def test_every_mcf_function_is_in_the_api_reference(name):
 def test_the_api_page_renders_every_public_name(html):
   page = (html / "api.html").read_text()
   for name in collage_optax.__all__:
-    if name in ("mcf", "MODES"):
-      continue  # a module and a constant: no callable signature to anchor
+    if isinstance(getattr(collage_optax, name), types.ModuleType):  # mcf, formats
+      assert f'id="module-collage_optax.{name}"' in page, f"module collage_optax.{name} did not render"
+      continue
+    if name == "MODES":
+      continue  # a constant documented as collage_optax.alias.MODES
     assert f'id="collage_optax.{name}"' in page, f"collage_optax.{name} did not render"
 
 
