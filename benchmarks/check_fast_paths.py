@@ -7,7 +7,7 @@ NaN:
 * ``mcf._two_sum`` (only the roundings of ``a ⊕ b`` and ``s ⊖ a``) with
   Knuth's TwoSum with every operation rounded by ``reduce_precision``, for
   ``mcf.round_to`` and, in bfloat16, for ``mcf._round_bf16_bits``;
-* ``mcf._split(a + b)`` with ``_round_bf16_bits`` (used by ``_add_float``)
+* ``mcf._split(a + b)`` with ``_round_bf16_bits`` (the rounding ``mcf.grow`` uses)
   with ``from_float``'s rounding by ``round_to``.
 
 ``tests/test_fast_paths.py`` checks the same on landmarks and random samples;

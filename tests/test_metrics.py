@@ -20,6 +20,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import collage_optax as co
+from collage_optax import alias as co_alias
+import reference
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 N = 32  # elements per subtree
@@ -213,13 +215,31 @@ def test_metrics_of_several_tracked_transforms_are_prefixed():
        "plain": optax.chain(optax.adamw(1e-4), co.measure_precision())}, labels)
   params = {"gain": jnp.ones(N, jnp.bfloat16), "w": jnp.ones(N, jnp.bfloat16)}
   grads = {"gain": jnp.full(N, 0.5, jnp.bfloat16), "w": jnp.full(N, -0.5, jnp.bfloat16)}
-  _, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  updates, state = jax.jit(tx.update)(grads, tx.init(params), params)
   got = co.metrics(state)
   assert {k.split("/")[0] for k in got} == {"0", "1"}
   assert all(type(v) is float for v in got.values())
   by_prefix = {p: {k[2:]: v for k, v in got.items() if k.startswith(p + "/")} for p in ("0", "1")}
-  # The tracked transform that saw "gain" kept its updates; the one that saw "w" lost them.
-  assert {by_prefix["0"]["edq/gain"], by_prefix["1"]["edq/w"]} == {1.0, 0.0}
+  collage = next(p for p in by_prefix if "edq/gain" in by_prefix[p])
+  plain = next(p for p in by_prefix if "edq/w" in by_prefix[p])
+  assert {collage, plain} == {"0", "1"}
+  # The intended update of "gain" (AdamW's first step, float64) and where θ + lo
+  # went, read back from the params and adamw's state.
+  p0 = _f64(params["gain"])
+  u = reference.adamw_step(p0, _f64(grads["gain"]), reference.adamw_init(p0), 1e-4, weight_decay=1e-4)[0] - p0
+  new = _f64(optax.apply_updates(params, updates)["gain"])
+  lo = next(s.lo for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, co_alias.AdamWState))
+            if isinstance(s, co_alias.AdamWState))
+  edq = _np_metrics({"gain": new + _f64(lo["gain"]) - p0}, {"gain": u})["edq"]
+  assert by_prefix[collage]["edq/gain"] == pytest.approx(edq, rel=1e-4)
+  # The tracked transform that saw "gain" kept its update to MCF precision:
+  # lo' holds it to 8 bits (2**-9 relative) after float32's 2**-24·|θ| ≈ 6e-4·|u|.
+  assert abs(edq - 1.0) <= 2.0**-9 + 2.0**-24 / 1e-4 + 1e-6, edq
+  # The one that saw "w" (plain optax.adamw) lost it whole: bf16(1 + u) is 1.0.
+  w0 = _f64(params["w"])
+  u_w = reference.adamw_step(w0, _f64(grads["w"]), reference.adamw_init(w0), 1e-4, weight_decay=1e-4)[0] - w0
+  assert np.all(u_w != 0) and np.all(_bf16_landing({"w": w0}, {"w": u_w})["w"] == 0)
+  assert by_prefix[plain]["edq/w"] == 0.0 and by_prefix[plain]["lost_fraction/w"] == 1.0
   # Each reports only the subtree it saw: no perfect EDQ for updates it never got.
   assert {k.split("/")[1] for k in by_prefix["0"] if "/" in k} == {"gain"}
   assert {k.split("/")[1] for k in by_prefix["1"] if "/" in k} == {"w"}
