@@ -67,7 +67,8 @@ def check_structure(
   fix: str = _SAME_TREE_FIX,
 ) -> None:
   """Raises a ValueError naming the first leaf path where two trees differ; ``fix`` says what to do."""
-  if jax.tree.structure(ref, is_leaf=is_empty) == jax.tree.structure(other, is_leaf=is_empty):
+  # jaxlib ships no stubs for PyTreeDef (mypy sees an unresolved type), so its __eq__ is unknown to mypy.
+  if jax.tree.structure(ref, is_leaf=is_empty) == jax.tree.structure(other, is_leaf=is_empty):  # type: ignore[operator]
     return
   ref_paths = [p for p, _ in leaves_with_paths(ref)[0]]
   other_paths = [p for p, _ in leaves_with_paths(other)[0]]

@@ -9,7 +9,7 @@ float32 params bit for bit.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import chex
@@ -150,7 +150,8 @@ def _decay_mask(mask: Any, params: Any) -> list[bool]:
     params,
     is_leaf=lambda x: isinstance(x, bool) or _tree.is_empty(x),
   )
-  flat = params_def.flatten_up_to(full)
+  # PyTreeDef.flatten_up_to exists at runtime, but jaxlib ships no stubs for PyTreeDef.
+  flat = params_def.flatten_up_to(full)  # type: ignore[attr-defined]
   return [bool(m) if not _tree.is_empty(m) else False for m in flat]
 
 
@@ -315,7 +316,7 @@ def adamw(
     )
     # Phase 3: weight decay, learning rate, and the params' encode.
     out = [_param_step(*leaf, d, lr) for leaf, d in zip(leaves, dirs)]
-    cols = list(zip(*out)) if out else [[]] * 5
+    cols: list[Sequence[Any]] = list(zip(*out)) if out else [[]] * 5
     new_u, new_m, new_v, new_lo = (treedef.unflatten(list(c)) for c in cols[:4])
     metrics = transform._compute_metrics(params, list(cols[4])) if track_metrics else None
     return new_u, AdamWState(count_inc, new_m, new_v, new_lo, metrics)

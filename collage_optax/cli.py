@@ -152,14 +152,18 @@ def _compare(args: argparse.Namespace) -> int:
     error(f"--out {args.out} exists and is not a directory")
   if pick("width") % pick("heads"):
     error(f"--width {pick('width')} must be a multiple of --heads {pick('heads')}")
-  model = gpt.GPTConfig(layers=pick("layers"), width=pick("width"), heads=pick("heads"), context=pick("context"))
+  # PRESETS mixes ints and floats (so mypy types its values as float); the int fields are ints.
+  pick_int = lambda name: int(pick(name))
+  model = gpt.GPTConfig(
+    layers=pick_int("layers"), width=pick_int("width"), heads=pick_int("heads"), context=pick_int("context")
+  )
   cfg = compare.TrainConfig(
-    steps=pick("steps"),
-    batch=pick("batch"),
+    steps=pick_int("steps"),
+    batch=pick_int("batch"),
     lr=pick("lr"),
     b2=args.b2,
     weight_decay=args.weight_decay,
-    warmup=pick("warmup"),
+    warmup=pick_int("warmup"),
     seed=args.seed,
   )
   try:

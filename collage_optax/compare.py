@@ -350,11 +350,11 @@ def write_json(results: dict[str, Any], path: Path) -> None:
 
 def _smooth(y: Sequence[float], width: int) -> np.ndarray:
   """Trailing moving average (shorter at the start)."""
-  y = np.asarray(y, np.float64)
-  if width <= 1 or len(y) == 0:
-    return y
-  c = np.cumsum(np.insert(y, 0, 0.0))
-  idx = np.arange(1, len(y) + 1)
+  a = np.asarray(y, np.float64)
+  if width <= 1 or len(a) == 0:
+    return a
+  c = np.cumsum(np.insert(a, 0, 0.0))
+  idx = np.arange(1, len(a) + 1)
   lo = np.maximum(idx - width, 0)
   return (c[idx] - c[lo]) / (idx - lo)
 

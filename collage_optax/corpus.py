@@ -36,22 +36,22 @@ class Corpus(NamedTuple):
 
 def stdlib_files(root: str | None = None) -> list[Path]:
   """The standard library's ``.py`` files, sorted, without site-packages or tests."""
-  root = Path(root or sysconfig.get_paths()["stdlib"])
-  if not root.is_dir():
+  base = Path(root or sysconfig.get_paths()["stdlib"])
+  if not base.is_dir():
     raise CorpusError(
-      f"the Python standard library was not found at {root}; pass --corpus PATH "
+      f"the Python standard library was not found at {base}; pass --corpus PATH "
       "with a text file or a directory of text files."
     )
-  files = []
-  for dirpath, dirnames, filenames in os.walk(root):
+  files: list[Path] = []
+  for dirpath, dirnames, filenames in os.walk(base):
     dirnames[:] = sorted(d for d in dirnames if d not in _EXCLUDED_DIRS)
     files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
-  return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+  return sorted(files, key=lambda p: p.relative_to(base).as_posix())
 
 
 def _text_files(root: Path) -> list[Path]:
   """A directory's non-hidden files, recursively, in sorted order."""
-  files = []
+  files: list[Path] = []
   for dirpath, dirnames, filenames in os.walk(root):
     dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
     files.extend(Path(dirpath, f) for f in filenames if not f.startswith("."))

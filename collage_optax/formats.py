@@ -47,7 +47,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -247,9 +247,19 @@ def landed(p: Array, u: Array) -> Array:
 
 
 def _emit(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
-  """The update to the param's nearest number ``hi = round(x)`` and where it lands."""
+  """The update to the param's nearest number ``hi = round(x)`` and where it lands.
+
+  An ``x`` within the param's range never makes it overflow: the update is
+  clipped to its dtype's range, and where ``apply_updates`` would still land
+  on ±inf (rounding the update up past the param's largest value) the update
+  is 0; the residual then holds the rest of ``x``. Beyond the range the
+  param overflows, as ``apply_updates`` would.
+  """
   hi = mcf.round_to(x, p.dtype)
-  u = narrow(hi - widen(p), u_dtype)
+  big, finite = float(jnp.finfo(u_dtype).max), jnp.isfinite(hi)
+  d = hi - widen(p)
+  u = narrow(jnp.clip(d, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf)), u_dtype)
+  u = jnp.where(finite & ~jnp.isfinite(landed(p, u)), jnp.zeros_like(u), u)
   return u, landed(p, u)
 
 
@@ -265,7 +275,8 @@ def _plain_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, None]:
 
 
 PARAM_FORMATS: dict[str, ParamFormat] = {
-  "mcf": ParamFormat("mcf", 2, jnp.zeros_like, lambda p, r: widen(p) + widen(r), _mcf_param_encode),
+  # The mcf format always keeps a residual (init is zeros_like), so its decode never sees r=None.
+  "mcf": ParamFormat("mcf", 2, jnp.zeros_like, lambda p, r: widen(p) + widen(cast(Array, r)), _mcf_param_encode),
   "bf16": ParamFormat("bf16", 0, lambda p: None, lambda p, r: widen(p), _plain_param_encode),
 }
 

@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.typing import ArrayLike
 
 __all__ = [
   "MCF",
@@ -328,7 +329,7 @@ def two_prod(a: Array, b: Array) -> tuple[Array, Array]:
 # ---------------------------------------------------------------------------
 
 
-def from_float(x: Array, dtype=jnp.bfloat16) -> MCF:
+def from_float(x: ArrayLike, dtype=jnp.bfloat16) -> MCF:
   """Splits ``x`` into an MCF of ``dtype``: ``hi = round(x)``, ``lo = round(x − hi)``.
 
   ``x`` may be any float (a Python float is taken at float64 precision). A
@@ -338,9 +339,9 @@ def from_float(x: Array, dtype=jnp.bfloat16) -> MCF:
   """
   dtype = _check_dtype(dtype)
   if isinstance(x, (float, int, np.floating, np.integer)) or (isinstance(x, np.ndarray) and x.dtype == np.float64):
-    hi = np.asarray(x, np.float64).astype(dtype)
-    lo = (np.asarray(x, np.float64) - hi.astype(np.float64)).astype(dtype)
-    return MCF(jnp.asarray(hi), jnp.asarray(lo))
+    hi_np = np.asarray(x, np.float64).astype(dtype)
+    lo_np = (np.asarray(x, np.float64) - hi_np.astype(np.float64)).astype(dtype)
+    return MCF(jnp.asarray(hi_np), jnp.asarray(lo_np))
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(_wide(dtype))

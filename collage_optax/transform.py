@@ -84,11 +84,11 @@ def _ratios(sums: chex.Array) -> tuple[chex.Array, chex.Array]:
 def _compute_metrics(params: Any, sums: list[chex.Array | None]) -> PrecisionMetrics:
   """Global and per-subtree metrics from per-leaf sums (``None`` = not measured)."""
   zero = jnp.zeros([4], jnp.float32)
-  sums = [zero if s is None else s for s in sums]
-  edq, lost = _ratios(sum(sums, zero))
+  filled = [zero if s is None else s for s in sums]
+  edq, lost = _ratios(sum(filled, zero))
   by_edq, by_lost = {}, {}
   for key, idx in _tree.top_level_groups(params).items():
-    by_edq[key], by_lost[key] = _ratios(sum((sums[i] for i in idx), zero))
+    by_edq[key], by_lost[key] = _ratios(sum((filled[i] for i in idx), zero))
   return PrecisionMetrics(edq, lost, by_edq, by_lost)
 
 
@@ -235,7 +235,7 @@ def adam_directions(
   else:
     m_hat = otu.tree_bias_correction(m, b1, count_inc)
   v_hat = otu.tree_bias_correction(v, b2, count_inc)
-  out = []
+  out: list[chex.Array | None] = []
   for g, m_store, mv, vv, mh, vh in zip(gs, mus, m, v, m_hat, v_hat):
     if g is None:
       out.append(None)
@@ -529,18 +529,30 @@ def scale_by_adam(
     g_flat, treedef = _tree.leaves_with_paths(updates)
     flat = treedef.flatten_up_to
     count_inc = numerics.safe_increment(state.count)
-    gs, out_m, out_v, ms, vs = [], [], [], [], []
+    gs: list[Any] = []  # None where a leaf takes no step
+    ms: list[chex.Array | None] = []
+    vs: list[chex.Array | None] = []
+    out_m: list[Any] = []
+    out_v: list[Any] = []
     for (path, g), m, v, want_m, want_v in zip(
       g_flat, flat(state.mu), flat(state.nu), flat(expected.mu), flat(expected.nu)
     ):
       check_moment(who, path, m, want_m)
       check_moment(who, path, v, want_v)
       if m is None or _tree.is_empty(m) or g is None:
-        gs.append(None), out_m.append(m), out_v.append(v), ms.append(None), vs.append(None)
+        gs.append(None)
+        out_m.append(m)
+        out_v.append(v)
+        ms.append(None)
+        vs.append(None)
         continue
       g32 = formats.widen(g).astype(wide_dtype(g))
       m, v, m32, v32 = adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
-      gs.append(g32), out_m.append(m), out_v.append(v), ms.append(m32), vs.append(v32)
+      gs.append(g32)
+      out_m.append(m)
+      out_v.append(v)
+      ms.append(m32)
+      vs.append(v32)
     dirs = adam_directions(gs, out_m, ms, vs, b1, b2, eps, eps_root, count_inc, nesterov)
     out_u = [
       g if d is None else formats.narrow(_saturate(d, jnp.isfinite(g32), float(jnp.finfo(g.dtype).max)), g.dtype)
