@@ -199,8 +199,10 @@ def adamw(
   on bfloat16 params: ``3e-4`` becomes 2.9948e-4).
 
   Leaves. bfloat16 and float16 params get the formats above. float32 and
-  float64 params get ``optax.adamw``'s update bit for bit, with moments of
-  their own dtype (``mu_dtype`` as in ``optax.adamw``) and no residual.
+  float64 params get ``optax.adamw``'s update, with moments of their own
+  dtype and no residual: bit for bit under ``jit`` on the same tree (with
+  ``mu_dtype=jnp.bfloat16`` the first moment is updated in float32 from its
+  bfloat16 value, where optax multiplies in bfloat16).
   Integer and boolean params get no state and a zero update (of the
   gradient's dtype), so they stay bit for bit (``optax.adamw`` instead runs
   Adam on them and ``apply_updates`` truncates the float update into the
@@ -225,8 +227,9 @@ def adamw(
   dtype's largest value overflows, as in ``optax.apply_updates``.
 
   Args:
-    learning_rate: a scalar or a schedule; values below 0 act as 0 (so a
-      schedule ending at 0 freezes params and residuals bit for bit).
+    learning_rate: a scalar (>= 0) or a schedule; a schedule's values below 0
+      act as 0 (so a schedule ending at 0 freezes params and residuals bit
+      for bit).
     b1, b2, eps, eps_root: Adam's hyperparameters.
     weight_decay: decoupled weight decay.
     mask: where to apply weight decay (as in ``optax.adamw``).
@@ -335,8 +338,9 @@ def adamw(
     # at -1.5e-10 under jit, and the residuals would keep drifting after it.
     u = -jnp.maximum(jnp.asarray(lr, wide), 0) * u  # optax.scale_by_learning_rate
     if kind == "native":
-      sums = transform._leaf_sums(formats.landed(p, u) - x, u) if track_metrics else None
-      return formats.narrow(u, g.dtype), m, v, lo, sums
+      emitted = formats.narrow(u, g.dtype)
+      sums = transform._leaf_sums(formats.landed(p, emitted) - x, u) if track_metrics else None
+      return emitted, m, v, lo, sums
     emitted, lo_new, delta = transform.compensated_leaf(p, lo, x + u, g.dtype, p_fmt)
     return emitted, m, v, lo_new, (transform._leaf_sums(delta, u) if track_metrics else None)
 

@@ -83,7 +83,10 @@ def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
     if lo is not None:
       if jnp.shape(lo) != jnp.shape(p):
         raise ValueError(f"master_params: leaf {path} has shape {jnp.shape(p)} but its low component {jnp.shape(lo)}.")
-      out.append(formats.param_format_of(lo).decode(p, lo).astype(dtype))
+      fmt = formats.param_format_of(lo)
+      # An MCF is hi + lo: summed in a wider dtype when one is asked for (float32 may round it).
+      wide = jnp.finfo(dtype).bits > 32 and fmt.name == "mcf"
+      out.append(p.astype(dtype) + lo.astype(dtype) if wide else fmt.decode(p, lo).astype(dtype))
     elif _tree.is_float(p):
       out.append(p.astype(dtype))
     else:

@@ -346,7 +346,7 @@ def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.Gradie
   the state. float32 (and other) leaves pass through with no state. Every
   rounding is explicit, so a jitted ``apply_updates`` fused with it sees the
   same value as an eager one. A NaN or ±inf update element makes that element
-  of ``θ`` and ``lo`` non-finite (skip such steps with
+  of ``θ`` non-finite and sets its ``lo`` to 0 (skip such steps with
   ``optax.apply_if_finite``); a finite update that carries ``θ`` past its
   dtype's largest value overflows, as ``apply_updates`` does.
 
@@ -470,6 +470,14 @@ def _describe(store: Any) -> str:
   return f"{name}({jnp.dtype(store.dtype)}{list(jnp.shape(store))})"
 
 
+def _expected_moment(store: Any, fmt: formats.Format) -> Any:
+  """The storage :func:`scale_by_adam` keeps where ``store`` is: ``fmt`` for a 16-bit leaf's moment."""
+  if store is None or _tree.is_empty(store) or not hasattr(store, "dtype"):
+    return store
+  low = jnp.dtype(store.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.uint32))
+  return jax.eval_shape(fmt.zeros, store) if low else jax.ShapeDtypeStruct(store.shape, store.dtype)
+
+
 def scale_by_adam(
   b1: float = 0.9,
   b2: float = 0.999,
@@ -525,7 +533,14 @@ def scale_by_adam(
         "tx.init(params) with this optimizer."
       )
     _tree.check_structure(who, state.mu, "the state's moments", updates, "updates")
-    expected = jax.eval_shape(init_fn, updates)
+    # The formats the state must have: a 16-bit leaf's (bf16 or packed mcf)
+    # moments are mu_fmt/nu_fmt whatever the gradients' dtype (params may be
+    # bfloat16 with float32 gradients); other leaves keep their own dtype.
+    expected = ScaleByAdamState(
+      state.count,
+      jax.tree.map(lambda s: _expected_moment(s, mu_fmt), state.mu, is_leaf=_tree.is_empty),
+      jax.tree.map(lambda s: _expected_moment(s, nu_fmt), state.nu, is_leaf=_tree.is_empty),
+    )
     g_flat, treedef = _tree.leaves_with_paths(updates)
     flat = treedef.flatten_up_to
     count_inc = numerics.safe_increment(state.count)

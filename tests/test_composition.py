@@ -366,3 +366,17 @@ def test_update_dtypes_equal_grad_dtypes(name):
   params, state = _run(COMBOS[name](), DTYPES, stream[:3])  # _run asserts dtypes every step
   assert jax.tree.map(lambda x: x.dtype, params) == {k: jnp.dtype(v) for k, v in DTYPES.items()}
   assert np.all(np.isfinite(_flat64(co.master_params(params, state))))
+
+
+def test_scale_by_adam_takes_gradients_wider_than_the_params():
+  """bfloat16 params with float32 gradients (cast up before the optimizer), as optax.scale_by_adam
+  allows: the moments keep the params' formats and the first step is Adam's g / (|g| + eps)."""
+  params = {"w": jnp.ones((3,), jnp.bfloat16)}
+  grads = {"w": jnp.asarray([0.5, -2.0, 1e-3], jnp.float32)}
+  tx = co.scale_by_adam()
+  state = tx.init(params)
+  updates, state = jax.jit(tx.update)(grads, state, params)
+  assert updates["w"].dtype == jnp.float32
+  g = np.asarray(grads["w"], np.float64)
+  np.testing.assert_allclose(np.asarray(updates["w"]), g / (np.abs(g) + 1e-8), rtol=2e-5)
+  assert state.mu["w"].dtype == jnp.bfloat16 and state.nu["w"].dtype == jnp.uint32
