@@ -31,6 +31,7 @@ Two kinds:
   name   residual                    B  precision
   ====== =========================== == =========================================
   mcf    lo of the param's dtype     2  ~16 bits (bf16), ~22 (fp16): COLLAGE
+  exact  int16 (bf16 params only)    2  24 bits: the float32, bit for bit
   bf16   none                        0  the param's own 8 (11) bits
   ====== =========================== == =========================================
 
@@ -246,8 +247,8 @@ def landed(p: Array, u: Array) -> Array:
   return mcf.round_to(widen(p).astype(wide) + widen(u).astype(wide), p.dtype).astype(jnp.float32)
 
 
-def _emit(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
-  """The update to the param's nearest number ``hi = round(x)`` and where it lands.
+def _emit(x: Array, hi: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
+  """The update that carries ``p`` to the format's new first component ``hi``, and where it lands.
 
   An ``x`` within the param's range never makes it overflow: the update is
   clipped to its dtype's range, and where ``apply_updates`` would still land
@@ -255,7 +256,6 @@ def _emit(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
   is 0; the residual then holds the rest of ``x``. Beyond the range the
   param overflows, as ``apply_updates`` would.
   """
-  hi = mcf.round_to(x, p.dtype)
   big, finite = float(jnp.finfo(u_dtype).max), jnp.isfinite(hi)
   d = hi - widen(p)
   u = narrow(jnp.clip(d, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf)), u_dtype)
@@ -264,20 +264,59 @@ def _emit(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
 
 
 def _mcf_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
-  u, at = _emit(x, p, u_dtype)
+  u, at = _emit(x, mcf.round_to(x, p.dtype), p, u_dtype)
   # Past the dtype's range the param overflows (as apply_updates would) and
   # the residual is 0, so the pair decodes to that ±inf, not to NaN.
   return u, narrow(jnp.where(jnp.isfinite(at), x - at, 0.0), p.dtype)
 
 
 def _plain_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, None]:
-  return _emit(x, p, u_dtype)[0], None
+  return _emit(x, mcf.round_to(x, p.dtype), p, u_dtype)[0], None
+
+
+_RESIDUAL_RANGE = (-(1 << 15), (1 << 15) - 1)
+
+
+def _exact_init(p: Array) -> Array:
+  if jnp.dtype(p.dtype) != _BF16:
+    raise TypeError(
+      f"param format 'exact' keeps bfloat16 params (the upper half of a float32); got a {jnp.dtype(p.dtype)} "
+      "param. Use param_format='mcf' for float16 params."
+    )
+  return jnp.zeros_like(p, dtype=jnp.int16)
+
+
+def _exact_decode(p: Array, r: Any) -> Array:
+  """``(bits(p) << 16) + r`` as float32 bits: the float32 value, bit for bit."""
+  hi = lax.bitcast_convert_type(p, jnp.uint16).astype(jnp.uint32) << 16
+  return lax.bitcast_convert_type(hi + r.astype(jnp.int32).astype(jnp.uint32), jnp.float32)
+
+
+def _exact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
+  """``hi`` = the bfloat16 nearest ``x`` with ties away from zero, ``r`` = the rest of its bits.
+
+  ``hi_bits = (bits(x) + 0x8000) >> 16`` and ``r = bits(x) − (landed_bits << 16)``,
+  in ``[−2**15, 2**15)`` when ``apply_updates`` lands on ``hi``; a landing
+  miss larger than that (an update that is no ``u_dtype`` number, e.g. a bf16
+  update across binades) is clipped to the residual's range, an error of at
+  most the miss.
+  """
+  bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+  # A NaN is made quiet (its quiet bit is in the upper half), so that hi is a NaN too.
+  bits = jnp.where(jnp.isnan(x), bits | np.uint32(0x00400000), bits)
+  hi = lax.bitcast_convert_type(((bits + np.uint32(0x8000)) >> 16) << 16, jnp.float32)
+  u, at = _emit(x, hi, p, u_dtype)
+  at_bits = lax.bitcast_convert_type(mcf.round_to(at, _BF16), jnp.uint32)
+  r = bits.astype(jnp.int32) - at_bits.astype(jnp.int32)
+  r = jnp.where(jnp.isfinite(at), jnp.clip(r, *_RESIDUAL_RANGE), 0)
+  return u, r.astype(jnp.int16)
 
 
 PARAM_FORMATS: dict[str, ParamFormat] = {
   # The mcf format always keeps a residual (init is zeros_like), so its decode never sees r=None.
   "mcf": ParamFormat("mcf", 2, jnp.zeros_like, lambda p, r: widen(p) + widen(cast(Array, r)), _mcf_param_encode),
   "bf16": ParamFormat("bf16", 0, lambda p: None, lambda p, r: widen(p), _plain_param_encode),
+  "exact": ParamFormat("exact", 2, _exact_init, _exact_decode, _exact_param_encode),
 }
 
 
@@ -297,4 +336,6 @@ def param_format_of(residual: Any) -> ParamFormat:
   dtype = jnp.dtype(residual.dtype)
   if dtype in (_BF16, jnp.dtype(jnp.float16)):
     return PARAM_FORMATS["mcf"]
+  if dtype == jnp.int16:
+    return PARAM_FORMATS["exact"]
   raise TypeError(f"no param format keeps a residual of dtype {dtype}.")

@@ -306,12 +306,17 @@ def _after(u: chex.Array, r: chex.Array) -> chex.Array:
   unless every other reader of it is an ancestor of the loop that overwrites
   it; this dependence makes the residual's loop one (an
   ``optimization_barrier`` does not survive to copy insertion). ``u`` is
-  replaced where ``r`` has a signalling-NaN bit pattern, which no arithmetic
-  produces, by ``−u``: the select never changes a bit.
+  replaced by ``−u`` where the select's condition holds, which it never does:
+  a float residual with a signalling-NaN bit pattern (no arithmetic produces
+  one), an integer residual whose ``r | 1`` is 0.
   """
-  bits = lax.bitcast_convert_type(r, jnp.uint16 if r.dtype.itemsize == 2 else jnp.uint32)
-  never = np.array(0x7F81 if r.dtype == jnp.bfloat16 else 0x7C01 if r.dtype.itemsize == 2 else 0x7F800001, bits.dtype)
-  return jnp.where(bits == never, -u, u)
+  if jnp.issubdtype(r.dtype, jnp.integer):
+    never = (r | 1) == 0
+  else:
+    bits = lax.bitcast_convert_type(r, jnp.uint16 if r.dtype.itemsize == 2 else jnp.uint32)
+    pattern = 0x7F81 if r.dtype == jnp.bfloat16 else 0x7C01 if r.dtype.itemsize == 2 else 0x7F800001
+    never = bits == np.array(pattern, bits.dtype)
+  return jnp.where(never, -u, u)
 
 
 def compensated_leaf(

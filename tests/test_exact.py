@@ -1,0 +1,98 @@
+"""The ``exact`` param format: bfloat16 hi + int16 residual holds a float32 bit for bit (DESIGN §6).
+
+``hi`` is the bfloat16 nearest the float32 with ties away from zero
+(``(bits + 0x8000) >> 16``) and the residual the rest of the bits, so
+``adamw(param_format="exact", mu_format="f32", nu_format="f32")`` on bfloat16
+params is ``optax.adamw`` on their float32 masters, bit for bit. References:
+numpy bit arithmetic and optax itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import collage_optax as co
+from collage_optax import formats
+
+EXACT = formats.PARAM_FORMATS["exact"]
+
+
+def _split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A float32 as (bfloat16 param, residual), through the format's own encode and apply_updates."""
+  p0 = jnp.zeros(x.shape, jnp.bfloat16)
+  u, r = EXACT.encode(x, p0, jnp.float32)
+  return optax.apply_updates(p0, u), r
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=1, max_size=64), st.sampled_from(["f32", "bf16"]))
+def test_round_trip_is_bit_for_bit(raw, udt):
+  """Any float32 bit pattern within bfloat16's range (with ±0, ±inf, NaN, subnormals) comes back exactly."""
+  x = np.array(raw + [0x80000000, 0x7F800000, 0xFF800000, 0x00000001, 0x807FFFFF, 0x3F808000, 0xBF808000],
+               np.uint32).view(np.float32)
+  x = x[~(np.abs(x) > 3.3e38) | ~np.isfinite(x)]  # the largest float32s round up to a bfloat16 inf
+  xs = jnp.asarray(x)
+  # Start near (one step of a training loop); from 0 for ±inf and NaN (a param that is already
+  # ±inf stays poisoned: inf − inf is NaN, as for apply_updates).
+  p = jnp.asarray(np.where(np.isfinite(x), x, 0)).astype(jnp.bfloat16)
+  u, r = jax.jit(EXACT.encode, static_argnums=2)(xs, p, jnp.float32 if udt == "f32" else jnp.bfloat16)
+  landed = optax.apply_updates(p, u)
+  got = np.asarray(jax.jit(EXACT.decode)(landed, r))
+  nan = np.isnan(x)
+  assert np.all(np.isnan(got[nan]))
+  flushed = (np.abs(x) < np.finfo(np.float32).tiny) & ~nan  # float32 subnormals: XLA:CPU flushes them
+  ok = ~nan & ~flushed
+  assert np.array_equal(got[ok].view(np.uint32), x[ok].view(np.uint32))
+  # hi is the nearest bfloat16, ties away from zero.
+  want_hi = ((x.view(np.uint32).astype(np.uint64) + 0x8000) >> 16).astype(np.uint16)
+  assert np.array_equal(np.asarray(landed).view(np.uint16)[ok & (np.abs(x) > 1e-37)],
+                        want_hi[ok & (np.abs(x) > 1e-37)])
+
+
+def test_float16_params_are_refused_with_the_fix():
+  with pytest.raises(TypeError, match=r"'exact' keeps bfloat16 params.*param_format='mcf'"):
+    co.adamw(1e-3, param_format="exact").init({"w": jnp.ones((3,), jnp.float16)})
+
+
+def test_adamw_exact_is_optax_adamw_bit_for_bit_over_1000_steps():
+  """The master (``master_params``) equals optax.adamw's float32 params after every 100 steps; the
+  bfloat16 hi differs from a round-to-nearest-even cast of the master only at exact ties."""
+  rng = np.random.default_rng(0)
+  shapes = {"w": (64, 32), "b": (32,), "gain": (7,)}
+  masters = {k: jnp.asarray(rng.normal(size=s), jnp.float32) for k, s in shapes.items()}
+  schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 50, 1000)
+  tx = co.adamw(schedule, weight_decay=0.1, param_format="exact", mu_format="f32", nu_format="f32")
+  ref = optax.adamw(schedule, weight_decay=0.1)
+  split = {k: _split(v) for k, v in masters.items()}
+  params = {k: v[0] for k, v in split.items()}
+  state = tx.init(params)._replace(lo={k: v[1] for k, v in split.items()})
+  ref_params, ref_state = masters, ref.init(masters)
+  assert all(np.array_equal(co.master_params(params, state)[k], masters[k]) for k in shapes)
+
+  def step(tx):
+    return jax.jit(lambda p, s, g: (lambda u, s: (optax.apply_updates(p, u), s))(*tx.update(g, s, p)))
+
+  ours, theirs = step(tx), step(ref)
+  ties = 0
+  for i in range(1000):
+    g = {k: jnp.asarray(rng.normal(size=s) * 10.0 ** rng.uniform(-4, 0), jnp.float32) for k, s in shapes.items()}
+    params, state = ours(params, state, g)
+    ref_params, ref_state = theirs(ref_params, ref_state, g)
+    if i % 100 == 99:
+      master = co.master_params(params, state)
+      for k in shapes:
+        assert np.array_equal(np.asarray(master[k]).view(np.uint32), np.asarray(ref_params[k]).view(np.uint32)), (i, k)
+  for k in shapes:
+    m = np.asarray(ref_params[k])
+    rne = m.astype(jnp.bfloat16)
+    differ = np.asarray(params[k]) != rne
+    tie = (m.view(np.uint32) & 0xFFFF) == 0x8000
+    assert np.all(tie[differ]), k  # only at exact ties (ties away from zero vs to even)
+    ties += int(differ.sum())
+  print(f"hi != round-to-nearest-even(master) at {ties} of {sum(np.prod(s) for s in shapes.values())} params")
