@@ -277,7 +277,8 @@ def adamw(
     decay_mask = _decay_mask(mask, params)
     count_inc = numerics.safe_increment(state.count)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    leaves, values = [], []  # (p, g, kind, g32, mu, nu, lo, decay), (m, v): phase 1, the moments.
+    # Phase 1, the moments: per leaf (p, g, kind, mu, nu, lo, decay), its wide gradient and (m, v).
+    leaves, gs, values = [], [], []
     for (path, p), g, m, v, lo, want_m, want_v, decay in zip(
       p_flat,
       flat(updates),
@@ -302,12 +303,13 @@ def adamw(
           )
         g32 = formats.widen(g).astype(transform.wide_dtype(p))
         m, v, m32, v32 = transform.adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
-      leaves.append((p, g, kind, g32, m, v, lo, decay))
+      leaves.append((p, g, kind, m, v, lo, decay))
+      gs.append(g32)
       values.append((m32, v32))
     # Phase 2: Adam's directions, bias-corrected over all leaves at once (as optax).
     dirs = transform.adam_directions(
+      gs,
       [leaf[3] for leaf in leaves],
-      [leaf[4] for leaf in leaves],
       [mv[0] for mv in values],
       [mv[1] for mv in values],
       b1,
@@ -324,7 +326,7 @@ def adamw(
     metrics = transform._compute_metrics(params, list(cols[4])) if track_metrics else None
     return new_u, AdamWState(count_inc, new_m, new_v, new_lo, metrics)
 
-  def _param_step(p, g, kind, g32, m, v, lo, decay, u, lr):
+  def _param_step(p, g, kind, m, v, lo, decay, u, lr):
     """``(update, mu, nu, lo, metric sums)`` of one leaf, given Adam's direction ``u``."""
     if kind == "frozen" and g is not None and not _tree.is_empty(g):
       return jnp.zeros_like(g), m, v, lo, None

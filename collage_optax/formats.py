@@ -205,13 +205,18 @@ def moment_format_of(storage: Any) -> Format:
   raise TypeError(f"no moment format is stored as {dtype}.")
 
 
+def _named(table: dict[str, Any], name: Any, kind: type, what: str) -> Any:
+  """``table[name]``, or ``name`` itself when it is a ``kind`` already; a clear error otherwise."""
+  if isinstance(name, kind):
+    return name
+  if name not in table:
+    raise ValueError(f"unknown {what} format {name!r}; use one of {', '.join(map(repr, table))}.")
+  return table[name]
+
+
 def moment_format(name: Any) -> Format:
   """The :class:`Format` called ``name`` (``"bf16"``, ``"mcf"``, ``"f32"``), or ``name`` itself."""
-  if isinstance(name, Format):
-    return name
-  if name not in MOMENT_FORMATS:
-    raise ValueError(f"unknown moment format {name!r}; use one of {', '.join(map(repr, MOMENT_FORMATS))}.")
-  return MOMENT_FORMATS[name]
+  return _named(MOMENT_FORMATS, name, Format, "moment")
 
 
 # ---------------------------------------------------------------------------
@@ -321,12 +326,8 @@ PARAM_FORMATS: dict[str, ParamFormat] = {
 
 
 def param_format(name: Any) -> ParamFormat:
-  """The :class:`ParamFormat` called ``name`` (``"mcf"``, ``"bf16"``), or ``name`` itself."""
-  if isinstance(name, ParamFormat):
-    return name
-  if name not in PARAM_FORMATS:
-    raise ValueError(f"unknown param format {name!r}; use one of {', '.join(map(repr, PARAM_FORMATS))}.")
-  return PARAM_FORMATS[name]
+  """The :class:`ParamFormat` called ``name`` (``"mcf"``, ``"bf16"``, ``"exact"``), or ``name`` itself."""
+  return _named(PARAM_FORMATS, name, ParamFormat, "param")
 
 
 def param_format_of(residual: Any) -> ParamFormat:
