@@ -17,6 +17,18 @@ def is_empty(x: Any) -> bool:
   return x is None or isinstance(x, optax.MaskedNode)
 
 
+def per_param(tree: Any) -> Any:
+  """A state tree with each per-param storage node (a ``q8`` moment's codes and scales) as one leaf.
+
+  So that it has the params' tree structure for :func:`check_structure`.
+  """
+  from collage_optax.formats import Q8  # pylint: disable=g-import-not-at-top
+
+  return jax.tree.map(
+    lambda x: x.codes if isinstance(x, Q8) else x, tree, is_leaf=lambda x: isinstance(x, Q8) or is_empty(x)
+  )
+
+
 def path_str(path) -> str:
   s = jax.tree_util.keystr(path)
   return s if s else "<root>"

@@ -25,11 +25,16 @@ __all__ = ["MODES", "PRESETS", "AdamWState", "adamw"]
 #: The presets of :func:`adamw`'s ``mode``: ``(param_format, mu_format,
 #: nu_format)`` for bfloat16/float16 params. light: MCF params (Yu et al.
 #: 2024, strategy B); plus: also an MCF ``v`` (strategy C); full: also an MCF
-#: ``m`` (C+).
+#: ``m`` (C+); exact: float32 masters bit for bit (bf16 + int16) and a float32
+#: ``v``, at plus's memory; compact: bf16 + int8 masters and 8-bit moments
+#: (FlashOptim's layout, ~7 bytes per param with bf16 gradients). exact and
+#: compact keep bfloat16 params only.
 PRESETS: dict[str, tuple[str, str, str]] = {
   "light": ("mcf", "bf16", "bf16"),
   "plus": ("mcf", "bf16", "mcf"),
   "full": ("mcf", "mcf", "mcf"),
+  "exact": ("exact", "bf16", "exact"),
+  "compact": ("compact", "q8", "q8"),
 }
 
 #: The values of ``mode`` in :func:`adamw`.
@@ -95,7 +100,7 @@ def _check_update_args(updates: Any, state: Any, params: Any) -> None:
     who,
     params,
     "params",
-    state.mu,
+    _tree.per_param(state.mu),
     "opt_state",
     fix="The state was made for other params: call tx.init(params) with the params you train.",
   )
@@ -131,7 +136,7 @@ def _formats(
   return (
     formats.param_format(param_format or preset[0]),
     formats.moment_format(mu_format or preset[1]),
-    formats.moment_format(nu_format or preset[2]),
+    formats.moment_format(nu_format or preset[2], second=True),
     mu_native,
   )
 
@@ -258,7 +263,11 @@ def adamw(
     def leaf(path, p):  # (mu, nu, lo) of one leaf, by its kind.
       kind = transform.leaf_kind(who, path, p)
       if kind == "low":
-        return transform.init_moment(p, mu_fmt), transform.init_moment(p, nu_fmt), p_fmt.init(p)
+        return (
+          transform.init_moment(p, mu_fmt),
+          transform.init_moment(p, nu_fmt),
+          transform.init_residual(who, path, p, p_fmt),
+        )
       if kind == "native":
         return transform.init_moment(p, mu_other), transform.init_moment(p, None), None
       return None, None, None

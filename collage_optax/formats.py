@@ -15,25 +15,32 @@ Two kinds:
   step writes it with a single loop (XLA:CPU has no multi-output fusion, and
   a value stored as two arrays would be computed twice and copied).
 
-  ====== ====================== == ==============================================
-  name   storage                B  precision
-  ====== ====================== == ==============================================
-  bf16   bfloat16               2  8 bits (``v`` with β2 = 0.999 stalls)
-  mcf    uint32: bf16 hi | lo   4  ~16 bits: the paper's two-bfloat16 MCF
-  f32    float32                4  24 bits
-  ====== ====================== == ==============================================
+  ====== ========================== ===== ==========================================
+  name   storage                    B     precision
+  ====== ========================== ===== ==========================================
+  bf16   bfloat16                   2     8 bits (``v`` with β2 = 0.999 stalls)
+  mcf    uint32: bf16 hi | lo       4     ~16 bits: the paper's two-bfloat16 MCF
+  f32    float32                    4     24 bits (alias ``exact``: the float32 bits)
+  q8     :class:`Q8`: 8-bit codes   1.06  companded 8 bits relative to a group's
+         + a bf16 scale per 32            largest value (FlashOptim's moments)
+  ====== ========================== ===== ==========================================
+
+  ``q8`` stores ``m`` as int8 codes of ``φ(m/s) = 2y/(1+|y|)`` and ``v`` as
+  uint8 codes of ``√v/s``, ``s`` the largest magnitude in each group of 32
+  along the last axis (see :func:`moment_format`'s ``second``).
 
 * :class:`ParamFormat` -- a parameter: its first component is the parameter
   array the model computes with (bfloat16 or float16); the rest (the
   *residual*) lives in the optimizer state.
 
-  ====== =========================== == =========================================
-  name   residual                    B  precision
-  ====== =========================== == =========================================
-  mcf    lo of the param's dtype     2  ~16 bits (bf16), ~22 (fp16): COLLAGE
-  exact  int16 (bf16 params only)    2  24 bits: the float32, bit for bit
-  bf16   none                        0  the param's own 8 (11) bits
-  ====== =========================== == =========================================
+  ======= =========================== == =========================================
+  name    residual                    B  precision
+  ======= =========================== == =========================================
+  mcf     lo of the param's dtype     2  ~16 bits (bf16), ~22 (fp16): COLLAGE
+  exact   int16 (bf16 params only)    2  24 bits: the float32, bit for bit
+  compact int8 (bf16 params only)     1  ~15 bits: ``hi`` ± ulp(hi)/508
+  bf16    none                        0  the param's own 8 (11) bits
+  ======= =========================== == =========================================
 
 An ``mcf`` value ``hi + lo`` is the :class:`collage_optax.MCF` number of
 ``collage_optax.mcf`` (``hi = round(x)``, ``lo = round(x − hi)``): encoding a
@@ -43,6 +50,8 @@ float32 sum ``hi + lo`` is ``mcf.to_float``.
 References:
   T. Yu et al., "Collage: Light-Weight Low-Precision Strategy for LLM
   Training", ICML 2024 (the MCF formats).
+  J. Ortiz et al., "FlashOptim", 2026 (the ``compact`` master-weight split and
+  the companded 8-bit moments of ``q8``).
 """
 
 from __future__ import annotations
@@ -60,6 +69,7 @@ from collage_optax import mcf
 __all__ = [
   "MOMENT_FORMATS",
   "PARAM_FORMATS",
+  "Q8",
   "Format",
   "ParamFormat",
   "landed",
@@ -70,6 +80,7 @@ __all__ = [
   "native_format",
   "param_format",
   "param_format_of",
+  "q8_bound",
   "widen",
 ]
 
@@ -128,9 +139,9 @@ class Format(NamedTuple):
 
   name: str
   bytes: float
-  zeros: Callable[[Any], Array]
-  encode: Callable[[Array], Array]
-  decode: Callable[[Array], Array]
+  zeros: Callable[[Any], Any]  # the storage: an array, or a Q8
+  encode: Callable[[Array], Any]
+  decode: Callable[[Any], Array]
   max: float
 
 
@@ -171,11 +182,121 @@ def mcf_components(s: Array) -> mcf.MCF:
 
 _zeros = lambda dtype: lambda like: jnp.zeros_like(like, dtype=dtype)  # keeps the sharding
 
+# ---------------------------------------------------------------------------
+# q8: 8-bit codes and one bfloat16 scale per group of 32 along the last axis.
+# ---------------------------------------------------------------------------
+
+_GROUP = 32
+
+
+class Q8(NamedTuple):
+  """The storage of a ``q8`` moment.
+
+  ``codes`` has the param's shape (int8 for ``m``, uint8 for ``v``);
+  ``scales`` one bfloat16 per group of 32 consecutive elements along the last
+  axis (the last group of a row may be shorter: rows are padded, not
+  refused), shape ``param.shape[:-1] + (ceil(n / 32),)`` (``(1,)`` for a
+  scalar). Grouping along the last axis keeps both arrays sharded like the
+  param.
+  """
+
+  codes: Any  # arrays (or, as a tree of shardings or shapes, their descriptions)
+  scales: Any
+
+
+def _grouped(x: Array) -> Array:
+  """``x`` (any shape) as ``(..., groups, 32)`` along its last axis, zero-padded."""
+  x = jnp.reshape(x, x.shape or (1,))
+  pad = -x.shape[-1] % _GROUP
+  if pad:
+    x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
+  return x.reshape(*x.shape[:-1], -1, _GROUP)
+
+
+def _ungrouped(x: Array, shape: tuple[int, ...]) -> Array:
+  """The inverse of :func:`_grouped`: drops the padding, restores ``shape``."""
+  n = shape[-1] if shape else 1
+  return x.reshape(*x.shape[:-2], -1)[..., :n].reshape(shape)
+
+
+# Codes that mark a non-finite element (a NaN or ±inf gradient poisons that element only).
+_Q8_NAN = {jnp.dtype(jnp.int8): -128, jnp.dtype(jnp.uint8): 255}
+# The largest magnitude a q8 moment holds (its scale's square stays finite).
+_Q8_MAX = 1e38
+
+
+def _q8_encoder(signed: bool) -> Callable[[Array], Q8]:
+  """``m``: ``c = round(127·φ(x/s))``, ``φ(y) = 2y/(1+|y|)``; ``v``: ``c = round(254·√x/s)``.
+
+  ``s`` is the group's largest finite magnitude (of ``x``, or of ``√x``),
+  rounded to bfloat16: its 8 exponent bits span float32's range, so the codes
+  do not depend on the moments' scale (an fp16 scale underflows at gradients
+  of 1e-6 to 1e-8). Non-finite elements get the NaN code.
+  """
+  dtype, levels = (jnp.dtype(jnp.int8), 127.0) if signed else (jnp.dtype(jnp.uint8), 254.0)
+
+  def encode(x: Array) -> Q8:
+    x = jnp.asarray(x, jnp.float32)
+    finite = jnp.isfinite(x)
+    y = jnp.where(finite, x if signed else jnp.sqrt(jnp.maximum(x, 0.0)), 0.0)
+    groups = _grouped(y)
+    s = mcf.round_to(jnp.max(jnp.abs(groups), axis=-1), _BF16)
+    inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+    y = _ungrouped(groups * inv[..., None], x.shape)
+    if signed:
+      y = 2.0 * y / (1.0 + jnp.abs(y))
+    c = jnp.clip(jnp.round(levels * y), -levels if signed else 0.0, levels)
+    c = jnp.where(finite, c, float(_Q8_NAN[dtype]))
+    return Q8(c.astype(dtype), s.astype(_BF16))
+
+  return encode
+
+
+def _q8_decode(q: Q8) -> Array:
+  """The float32 moment of a ``q8`` storage (NaN at the NaN code)."""
+  signed = jnp.dtype(q.codes.dtype) == jnp.int8
+  c = q.codes.astype(jnp.float32)
+  shape = q.codes.shape
+  if signed:
+    z = c * (1.0 / 127.0)
+    c = z / (2.0 - jnp.abs(z))  # φ⁻¹
+  s = widen(q.scales) * (1.0 if signed else 1.0 / 254.0)
+  x = _ungrouped(_grouped(c) * s[..., None], shape)
+  if not signed:
+    x = x * x
+  return jnp.where(q.codes == _Q8_NAN[jnp.dtype(q.codes.dtype)], jnp.nan, x)
+
+
+def _q8_zeros(dtype: Any) -> Callable[[Any], Q8]:
+  def zeros(like: Any) -> Q8:
+    codes = jnp.zeros_like(like, dtype=dtype)  # keeps the sharding
+    # The scales by the reduction the encode uses, so that they get the sharding a step gives them.
+    return Q8(codes, jnp.max(_grouped(jnp.zeros_like(like, dtype=_BF16)), axis=-1))
+
+  return zeros
+
+
+def q8_bound(second: bool) -> float:
+  """The error of a ``q8`` moment, as a fraction of its group's largest magnitude ``s``.
+
+  ``m``: ``|m̃ − m| ≤ q8_bound(False)·s`` (half a code step, 1/254, times
+  ``φ⁻¹``'s largest slope, 2, times the bfloat16 scale's rounding, 1 + 2⁻⁸);
+  ``v``: ``|√ṽ − √v| ≤ q8_bound(True)·s`` with ``s`` the largest ``√v``.
+  Plus float32 rounding (a few ulp of ``s``).
+  """
+  return (1.0 / 508.0 if second else 1.0 / 127.0) * (1.0 + 2.0**-8)
+
+
 MOMENT_FORMATS: dict[str, Format] = {
   "bf16": Format("bf16", 2, _zeros(_BF16), _bf16_encode, widen, _finite_max(_BF16)),
   "mcf": Format("mcf", 4, _zeros(jnp.uint32), _mcf_encode, _mcf_decode, _finite_max(_BF16)),
   "f32": Format("f32", 4, _zeros(jnp.float32), lambda x: x.astype(jnp.float32), lambda s: s, _finite_max(jnp.float32)),
+  "q8": Format("q8", 1 + 2 / _GROUP, _q8_zeros(jnp.int8), _q8_encoder(True), _q8_decode, _Q8_MAX),
 }
+MOMENT_FORMATS["exact"] = MOMENT_FORMATS["f32"]  # the float32 bits, as the 'exact' param format keeps them
+
+# The q8 format of a second moment (non-negative): uint8 codes of √v.
+_Q8_SECOND = Format("q8", 1 + 2 / _GROUP, _q8_zeros(jnp.uint8), _q8_encoder(False), _q8_decode, _Q8_MAX)
 
 
 def native_format(dtype: Any) -> Format:
@@ -197,6 +318,8 @@ def native_format(dtype: Any) -> Format:
 
 def moment_format_of(storage: Any) -> Format:
   """The format of a moment's storage, from its dtype (a packed uint32 is ``mcf``)."""
+  if isinstance(storage, Q8):
+    return MOMENT_FORMATS["q8"] if jnp.dtype(storage.codes.dtype) == jnp.int8 else _Q8_SECOND
   dtype = jnp.dtype(storage.dtype)
   if dtype == jnp.uint32:
     return MOMENT_FORMATS["mcf"]
@@ -214,9 +337,14 @@ def _named(table: dict[str, Any], name: Any, kind: type, what: str) -> Any:
   return table[name]
 
 
-def moment_format(name: Any) -> Format:
-  """The :class:`Format` called ``name`` (``"bf16"``, ``"mcf"``, ``"f32"``), or ``name`` itself."""
-  return _named(MOMENT_FORMATS, name, Format, "moment")
+def moment_format(name: Any, *, second: bool = False) -> Format:
+  """The :class:`Format` called ``name`` (a key of :data:`MOMENT_FORMATS`), or ``name`` itself.
+
+  ``second=True`` asks for the format of a second moment (``v ≥ 0``): for
+  ``"q8"``, unsigned codes of ``√v``; every other format holds either sign.
+  """
+  fmt = _named(MOMENT_FORMATS, name, Format, "moment")
+  return _Q8_SECOND if second and fmt is MOMENT_FORMATS["q8"] else fmt
 
 
 # ---------------------------------------------------------------------------
@@ -282,13 +410,18 @@ def _plain_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, None]:
 _RESIDUAL_RANGE = (-(1 << 15), (1 << 15) - 1)
 
 
-def _exact_init(p: Array) -> Array:
-  if jnp.dtype(p.dtype) != _BF16:
-    raise TypeError(
-      f"param format 'exact' keeps bfloat16 params (the upper half of a float32); got a {jnp.dtype(p.dtype)} "
-      "param. Use param_format='mcf' for float16 params."
-    )
-  return jnp.zeros_like(p, dtype=jnp.int16)
+def _bf16_only(name: str, dtype: Any) -> Callable[[Array], Array]:
+  """The ``init`` of a residual of ``dtype`` that only bfloat16 params have (a clear error otherwise)."""
+
+  def init(p: Array) -> Array:
+    if jnp.dtype(p.dtype) != _BF16:
+      raise TypeError(
+        f"param format {name!r} keeps bfloat16 params (the upper half of a float32); got a "
+        f"{jnp.dtype(p.dtype)} param. Use param_format='mcf' (or mode='plus') for float16 params."
+      )
+    return jnp.zeros_like(p, dtype=dtype)
+
+  return init
 
 
 def _exact_decode(p: Array, r: Any) -> Array:
@@ -301,32 +434,94 @@ def _exact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]
   """``hi`` = the bfloat16 nearest ``x`` with ties away from zero, ``r`` = the rest of its bits.
 
   ``hi_bits = (bits(x) + 0x8000) >> 16`` and ``r = bits(x) − (landed_bits << 16)``,
-  in ``[−2**15, 2**15)`` when ``apply_updates`` lands on ``hi``; a landing
-  miss larger than that (an update that is no ``u_dtype`` number, e.g. a bf16
-  update across binades) is clipped to the residual's range, an error of at
-  most the miss.
+  in ``[−2**15, 2**15)`` when ``apply_updates`` lands on ``hi``. Should it
+  land elsewhere (``hi − p`` is no ``u_dtype`` number: a bfloat16 update
+  across binades or across zero), the residual absorbs up to half an ulp of
+  where it lands; beyond that it is clipped (:func:`_bits_residual`), an
+  error of at most the update's own rounding, ``2**-9·|hi − p|`` for a
+  bfloat16 update. float32 updates always land on ``hi``.
   """
   bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
-  # A NaN is made quiet (its quiet bit is in the upper half), so that hi is a NaN too.
-  bits = jnp.where(jnp.isnan(x), bits | np.uint32(0x00400000), bits)
+  # A NaN becomes the quiet NaN of its sign, so that hi is a NaN too (the
+  # rounding of 0x7FFF8000 would carry into the sign bit).
+  bits = jnp.where(jnp.isnan(x), (bits & np.uint32(0x80000000)) | np.uint32(0x7FC00000), bits)
   hi = lax.bitcast_convert_type(((bits + np.uint32(0x8000)) >> 16) << 16, jnp.float32)
   u, at = _emit(x, hi, p, u_dtype)
-  at_bits = lax.bitcast_convert_type(mcf.round_to(at, _BF16), jnp.uint32)
-  r = bits.astype(jnp.int32) - at_bits.astype(jnp.int32)
-  r = jnp.where(jnp.isfinite(at), jnp.clip(r, *_RESIDUAL_RANGE), 0)
-  return u, r.astype(jnp.int16)
+  return u, _bits_residual(bits, lax.bitcast_convert_type(at, jnp.uint32), at)
+
+
+def _bits_residual(bits: Array, at_bits: Array, at: Array) -> Array:
+  """``bits − at_bits`` as an int16, clipped to what keeps ``at``'s sign (the decode adds it to ``at_bits``).
+
+  Sign and magnitude are apart in a float's bits: the distance is taken
+  between magnitudes, ``x``'s counted negative when its sign is not
+  ``at``'s, and clipped to ``[max(−2**15, −|at|), 2**15)`` so that the
+  decoded value is the one of ``at``'s sign nearest ``x`` (``±0`` when ``x``
+  is across zero), never a NaN pattern.
+  """
+  mag = lambda b: (b & np.uint32(0x7FFFFFFF)).astype(jnp.int32)
+  at_mag = mag(at_bits)
+  same = (bits >> 31) == (at_bits >> 31)
+  t = jnp.where(same, mag(bits), -mag(bits))
+  # Clipped before the subtraction, so that it cannot overflow int32.
+  t = jnp.clip(t, at_mag + _RESIDUAL_RANGE[0] - 1, at_mag + _RESIDUAL_RANGE[1] + 1)
+  r = jnp.clip(t - at_mag, jnp.maximum(_RESIDUAL_RANGE[0], -at_mag), _RESIDUAL_RANGE[1])
+  return jnp.where(jnp.isfinite(at), r, 0).astype(jnp.int16)
+
+
+_COMPACT_LEVELS = 127.0
+
+
+def _half_ulp_exponent(hi: Array) -> Array:
+  """``k`` with ``2**k = ulp(hi)/2`` for a bfloat16 value ``hi`` held in float32, at least −126.
+
+  From the exponent bits: ``ulp = 2**(e − 7)``. Below ``2**-118`` the unit is
+  held at ``2**-126`` (the smallest normal float32), so both it and its
+  inverse are normal numbers.
+  """
+  e = (lax.bitcast_convert_type(hi, jnp.uint32) >> 23) & np.uint32(0xFF)
+  return jnp.maximum(e.astype(jnp.int32) - 127 - 8, -126)
+
+
+def _pow2(k: Array) -> Array:
+  """``2.0**k`` in float32 for integer ``k`` in [−126, 127], from its bits."""
+  return lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.uint32), jnp.float32)
+
+
+def _compact_decode(p: Array, r: Any) -> Array:
+  """``hi + r·(ulp(hi)/2)/127``: the value of a ``compact`` param."""
+  hi = widen(p)
+  k = _half_ulp_exponent(hi)
+  return hi + r.astype(jnp.float32) * (_pow2(k) * (1.0 / _COMPACT_LEVELS))
+
+
+def _compact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
+  """``hi = round(x)`` (bfloat16, nearest even), ``r = round(127·(x − hi)/(ulp(hi)/2))``.
+
+  ``|x − hi| ≤ ulp(hi)/2``, so ``r`` is in [−127, 127] and the value is kept
+  within ``ulp(hi)/508`` (FlashOptim's 24-bit master weights: bf16 + int8).
+  The residual is taken from where ``apply_updates`` lands; a miss beyond
+  half an ulp is clipped, an error of at most the miss.
+  """
+  u, at = _emit(x, mcf.round_to(x, _BF16), p, u_dtype)
+  k = _half_ulp_exponent(at)
+  # (x − at)·127 is exact (16 + 7 significant bits), the power-of-two scaling too.
+  r = jnp.round((x - at) * _COMPACT_LEVELS * _pow2(-k))
+  r = jnp.where(jnp.isfinite(at) & jnp.isfinite(r), jnp.clip(r, -_COMPACT_LEVELS, _COMPACT_LEVELS), 0.0)
+  return u, r.astype(jnp.int8)
 
 
 PARAM_FORMATS: dict[str, ParamFormat] = {
   # The mcf format always keeps a residual (init is zeros_like), so its decode never sees r=None.
   "mcf": ParamFormat("mcf", 2, jnp.zeros_like, lambda p, r: widen(p) + widen(cast(Array, r)), _mcf_param_encode),
   "bf16": ParamFormat("bf16", 0, lambda p: None, lambda p, r: widen(p), _plain_param_encode),
-  "exact": ParamFormat("exact", 2, _exact_init, _exact_decode, _exact_param_encode),
+  "exact": ParamFormat("exact", 2, _bf16_only("exact", jnp.int16), _exact_decode, _exact_param_encode),
+  "compact": ParamFormat("compact", 1, _bf16_only("compact", jnp.int8), _compact_decode, _compact_param_encode),
 }
 
 
 def param_format(name: Any) -> ParamFormat:
-  """The :class:`ParamFormat` called ``name`` (``"mcf"``, ``"bf16"``, ``"exact"``), or ``name`` itself."""
+  """The :class:`ParamFormat` called ``name`` (a key of :data:`PARAM_FORMATS`), or ``name`` itself."""
   return _named(PARAM_FORMATS, name, ParamFormat, "param")
 
 
@@ -339,4 +534,6 @@ def param_format_of(residual: Any) -> ParamFormat:
     return PARAM_FORMATS["mcf"]
   if dtype == jnp.int16:
     return PARAM_FORMATS["exact"]
+  if dtype == jnp.int8:
+    return PARAM_FORMATS["compact"]
   raise TypeError(f"no param format keeps a residual of dtype {dtype}.")

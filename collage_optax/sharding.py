@@ -2,8 +2,10 @@
 
 Every per-parameter array of a COLLAGE state (the residuals ``lo``, the
 moments ``mu``/``nu`` in their storage formats, e.g. the packed uint32 of an
-``mcf`` moment) is made with ``jnp.zeros_like(param, dtype)`` and updated
-elementwise, so an eager ``tx.init`` and
+``mcf`` moment, a ``q8`` moment's codes) is made with
+``jnp.zeros_like(param, dtype)`` and updated elementwise (a ``q8`` moment's
+scales: along the last axis, sharded like the param where the mesh divides
+them), so an eager ``tx.init`` and
 every jitted step already give it its parameter's sharding. Only
 ``jax.jit(tx.init)`` needs help: its outputs are constants, and XLA is free to
 replicate them (a full copy per device). :func:`state_shardings` derives the
@@ -14,13 +16,14 @@ state's shardings from the params' (``jax.eval_shape`` + tree matching), for
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
 import optax
 from jax.sharding import NamedSharding, PartitionSpec, Sharding
 
-from collage_optax import _tree
+from collage_optax import _tree, formats
 
 __all__ = ["abstract_state", "sharded_init", "state_shardings"]
 
@@ -28,13 +31,32 @@ __all__ = ["abstract_state", "sharded_init", "state_shardings"]
 def _mirrors(node: Any, params_def: Any, shapes: list[Any]) -> bool:
   """True if ``node`` is a per-parameter tree: the params' structure and shapes.
 
-  ``None``/``MaskedNode`` leaves (no state for that param) match any param.
+  ``None``/``MaskedNode`` leaves (no state for that param) match any param; a
+  ``q8`` moment matches by its codes.
   """
+  node = _tree.per_param(node)
   if jax.tree.structure(node, is_leaf=_tree.is_empty) != params_def:
     return False
   return all(
     _tree.is_empty(x) or (hasattr(x, "shape") and tuple(x.shape) == shape)
     for x, shape in zip(params_def.flatten_up_to(node), shapes)
+  )
+
+
+def _scales_sharding(s: Sharding, shape: tuple[int, ...], fallback: Any) -> Sharding:
+  """The sharding of a ``q8`` moment's scales (one per 32 along the last axis) for a param sharded by ``s``.
+
+  The param's ``PartitionSpec``, with every axis the scales cannot be split
+  evenly along replicated; a fully replicated ``s`` as it is.
+  """
+  if s.is_fully_replicated:
+    return s
+  if not isinstance(s, NamedSharding):
+    return fallback()
+  spec = list(s.spec) + [None] * (len(shape) - len(s.spec))
+  size = lambda axes: math.prod(s.mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
+  return NamedSharding(
+    s.mesh, PartitionSpec(*(a if a is not None and n % size(a) == 0 else None for a, n in zip(spec, shape)))
   )
 
 
@@ -102,13 +124,22 @@ def state_shardings(
   is_mirror = lambda x: _mirrors(x, params_def, shapes)
   default = replicated
 
-  def sharding_of(node):
+  def replicated_default():
     nonlocal default
-    if is_mirror(node):  # empty leaves (None, MaskedNode) stay as they are
-      return jax.tree.map(lambda x, s: x if _tree.is_empty(x) else s, node, p_shardings, is_leaf=_tree.is_empty)
     if default is None:
       default = _replicated(params)
     return default
+
+  def leaf_sharding(x, s):
+    if isinstance(x, formats.Q8):
+      return formats.Q8(s, _scales_sharding(s, tuple(x.scales.shape), replicated_default))
+    return x if _tree.is_empty(x) else s  # empty leaves (None, MaskedNode) stay as they are
+
+  def sharding_of(node):
+    if is_mirror(node):
+      is_leaf = lambda x: _tree.is_empty(x) or isinstance(x, formats.Q8)
+      return jax.tree.map(leaf_sharding, node, p_shardings, is_leaf=is_leaf)
+    return replicated_default()
 
   return jax.tree.map(sharding_of, abstract, is_leaf=is_mirror)
 

@@ -165,6 +165,10 @@ def wide_dtype(p: Any) -> jnp.dtype:
 # ---------------------------------------------------------------------------
 
 
+# The moment formats of 8 bits or fewer: the step uses the value before their rounding.
+_LOSSY = ("bf16", "q8")
+
+
 def adam_moments(
   g: chex.Array,
   mu: chex.Array,
@@ -185,7 +189,8 @@ def adam_moments(
   except for an 8-bit ``"bf16"`` moment: there the step uses the value before
   its rounding (2**-9 relative; measured on the trajectory replay, COLLAGE-
   plus's error vs float64 is 6.1e-4 so, 6.7e-4 from the rounded ``m``),
-  at the price of XLA:CPU copying that moment's 2 bytes first.
+  at the price of XLA:CPU copying that moment's 2 bytes first; likewise for a
+  ``"q8"`` moment (as FlashOptim does).
   """
   out = []
   for store, decay, order in ((mu, b1, 1), (nu, b2, 2)):
@@ -200,7 +205,7 @@ def adam_moments(
     else:  # Only an overflow to ±inf: a clip here would change how XLA fuses optax's formula.
       new = jnp.where(finite & jnp.isinf(new), jnp.copysign(big, new), new)
     stored = fmt.encode(new)
-    out.append((stored, new if fmt.name == "bf16" else fmt.decode(stored).astype(g.dtype)))
+    out.append((stored, new if fmt.name in _LOSSY else fmt.decode(stored).astype(g.dtype)))
   (mu, m), (nu, v) = out
   return mu, nu, m, v
 
@@ -298,6 +303,14 @@ def check_residual(who: str, path: str, p: Any, lo: Any, fmt: formats.ParamForma
     )
 
 
+def init_residual(who: str, path: str, p: Any, fmt: formats.ParamFormat) -> Any:
+  """``fmt.init(p)``, with the leaf named in the error of a format that cannot keep ``p``."""
+  try:
+    return fmt.init(p)
+  except TypeError as e:
+    raise TypeError(f"{who}: leaf {path}: {e}") from None
+
+
 def _after(u: chex.Array, r: chex.Array) -> chex.Array:
   """``u``, made to depend on ``r`` (XLA cannot see that it does not).
 
@@ -371,7 +384,7 @@ def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.Gradie
 
   def init_fn(params):
     def init(path, p):
-      return fmt.init(p) if leaf_kind("compensate", path, p) == "low" else None
+      return init_residual("compensate", path, p, fmt) if leaf_kind("compensate", path, p) == "low" else None
 
     return CompensateState(_tree.map_with_path(init, params), _init_metrics(params) if track_metrics else None)
 
@@ -450,13 +463,7 @@ def check_moment(who: str, path: str, store: Any, want: Any) -> None:
   """Raises a clear error when a moment's storage is not the one this optimizer keeps."""
   if want is None and (store is None or _tree.is_empty(store)):
     return
-  if (
-    want is None
-    or store is None
-    or _tree.is_empty(store)
-    or jnp.shape(store) != want.shape
-    or jnp.dtype(store.dtype) != want.dtype
-  ):
+  if want is None or store is None or _tree.is_empty(store) or _layout(store) != _layout(want):
     raise ValueError(
       f"{who}: the state's moment for leaf {path} is {_describe(store)} but this optimizer "
       f"keeps {_describe(want)}. The state was made by another mode or format, or for other "
@@ -464,15 +471,21 @@ def check_moment(who: str, path: str, store: Any, want: Any) -> None:
     )
 
 
+def _layout(store: Any) -> Any:
+  """A moment storage's arrays as ``(structure, [(dtype, shape)])``."""
+  leaves, treedef = jax.tree.flatten(store)
+  return treedef, [(jnp.dtype(x.dtype), tuple(jnp.shape(x))) for x in leaves]
+
+
 def _describe(store: Any) -> str:
-  """A moment storage for an error message: its format, dtype and shape."""
+  """A moment storage for an error message: its format, dtypes and shapes."""
   if store is None or _tree.is_empty(store):
     return "nothing"
   try:
     name = f"a {formats.moment_format_of(store).name!r} moment "
-  except TypeError:
+  except (TypeError, AttributeError):
     name = ""
-  return f"{name}({jnp.dtype(store.dtype)}{list(jnp.shape(store))})"
+  return name + "(" + " + ".join(f"{d}{list(sh)}" for d, sh in _layout(store)[1]) + ")"
 
 
 def _expected_moment(store: Any, fmt: formats.Format) -> Any:

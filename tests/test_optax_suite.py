@@ -183,6 +183,19 @@ _COMPLEX_REASON = (
     "optimise complex leaves with a plain optax optimizer")
 
 
+# The presets whose param formats keep bfloat16 params only (the upper half of a float32).
+_BF16_ONLY = {f"adamw_{m}" for m, (pf, _, _) in co.PRESETS.items() if pf in ("exact", "compact")}
+
+
+def _skip_if_float16_refused(opt_name: str, opt_kwargs: dict, dtype) -> None:
+  """For an optimizer keeping bfloat16 params only: checks that float16 ones are refused, then skips."""
+  if opt_name not in _BF16_ONLY or jnp.dtype(dtype) != jnp.float16:
+    return
+  with pytest.raises(TypeError, match=r"leaf .*keeps bfloat16 params.*param_format='mcf'"):
+    _FACTORIES[opt_name](**opt_kwargs).init({"w": jnp.zeros([2], jnp.float16)})
+  pytest.skip(f"{opt_name} keeps bfloat16 params only and refuses float16 ones with a TypeError (by design)")
+
+
 def _skip_if_complex(opt_name: str, opt_kwargs: dict, dtype) -> None:
   """Checks that a complex dtype is refused, then skips with the documented reason."""
   if not jnp.issubdtype(jnp.dtype(dtype), jnp.complexfloating):
@@ -210,6 +223,7 @@ def alias_case(monkeypatch):
 @pytest.mark.parametrize("dtype", [*_REAL, "complex64"])
 def test_optimization(alias_case, opt, target, dtype):
   _skip_if_complex(**opt, dtype=dtype)
+  _skip_if_float16_refused(**opt, dtype=dtype)
   setup = {"parabola": alias_test._setup_parabola, "rosenbrock": alias_test._setup_rosenbrock}[target]
   method = _unparameterized(alias_test.AliasTest, "test_optimization")
   method(alias_case, **opt, target=setup, dtype=getattr(jnp, dtype))
@@ -218,6 +232,7 @@ def test_optimization(alias_case, opt, target, dtype):
 @_OPTS
 @pytest.mark.parametrize("dtype", _REAL)
 def test_optimizers_accept_extra_args(alias_case, monkeypatch, opt, dtype):
+  _skip_if_float16_refused(**opt, dtype=dtype)
   # The test sets up _setup_rosenbrock(jnp.float32): give it the dtype under test.
   rosenbrock = alias_test._setup_rosenbrock
   monkeypatch.setattr(alias_test, "_setup_rosenbrock", lambda _: rosenbrock(getattr(jnp, dtype)))
@@ -248,8 +263,8 @@ def test_explicit_dtype(alias_case, monkeypatch, opt_name, params_dtype, state_d
   mode = opt_name.removeprefix("adamw_")
   if state_dtype is None and params_dtype == "bfloat16" and co.PRESETS[mode][1] != "bf16":
     pytest.skip(
-        f"mode={mode!r} stores m of bfloat16 params as a two-bfloat16 MCF packed in a uint32 "
-        "(formats 'mcf'), not as a bfloat16 array; pass mu_dtype to choose its dtype")
+        f"mode={mode!r} stores m of bfloat16 params in format {co.PRESETS[mode][1]!r} (a packed uint32 "
+        "or 8-bit codes and scales), not as a bfloat16 array; pass mu_dtype to choose its dtype")
 
   def factory(learning_rate, mu_dtype=None):
     return co.adamw(learning_rate, mode=mode, mu_dtype=mu_dtype)
@@ -261,6 +276,7 @@ def test_explicit_dtype(alias_case, monkeypatch, opt_name, params_dtype, state_d
 @_OPTS
 @pytest.mark.parametrize("dtype", _REAL)
 def test_preserve_dtype(alias_case, opt, dtype):
+  _skip_if_float16_refused(**opt, dtype=dtype)
   method = _unparameterized(alias_test.AliasTest, "test_preserve_dtype")
   method(alias_case, **opt, dtype=dtype)
 
@@ -269,6 +285,7 @@ def test_preserve_dtype(alias_case, opt, dtype):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64", "complex64", "complex128"])
 def test_state_shape_dtype_shard_stability(alias_case, opt, dtype):
   _skip_if_complex(**opt, dtype=dtype)
+  _skip_if_float16_refused(**opt, dtype=dtype)
   method = _unparameterized(alias_test.AliasTest, "test_state_shape_dtype_shard_stability")
   method(alias_case, **opt, dtype=getattr(jnp, dtype))
 
@@ -276,6 +293,7 @@ def test_state_shape_dtype_shard_stability(alias_case, opt, dtype):
 @_OPTS
 @pytest.mark.parametrize("dtype", _REAL)
 def test_gradient_accumulation(alias_case, opt, dtype):
+  _skip_if_float16_refused(**opt, dtype=dtype)
   method = _unparameterized(alias_test.AliasTest, "test_gradient_accumulation")
   method(alias_case, **opt, dtype=dtype)
 
@@ -310,6 +328,9 @@ def _run_sharding_worker(out: Path) -> None:
         # They name the params' dtype jnp.float16 (sharding) or jnp.float32 (abstract input).
         sharding_test.jnp = _ModuleProxy(jnp, float16=getattr(jnp, dtype), float32=getattr(jnp, dtype))
         kwargs = dict(opt["opt_kwargs"], learning_rate=1.0)  # as their OPTIMIZERS
+        if opt["opt_name"] in _BF16_ONLY and dtype == "float16":
+          results[f"{method_name}/{opt['opt_name']}/{dtype}"] = ["skipped", "bfloat16 params only (by design)"]
+          continue
         try:
           method(sharding_test.ShardingTest(), optimizer=_FACTORIES[opt["opt_name"]](**kwargs))
           status = ["passed", ""]
@@ -495,6 +516,10 @@ def test_tree_shapes_and_leaf_dtypes(opt_name, shape, kind):
   else:
     tx = _FACTORIES[opt_name](_LR, weight_decay=_WD)
   kinds = _LEAF_CLASSES if kind == "mixed" else (kind,)
+  if opt_name in _BF16_ONLY:
+    if kind == "float16":
+      _skip_if_float16_refused(opt_name, {"learning_rate": _LR}, kind)
+    kinds = tuple(k for k in kinds if k != "float16")
   x64 = jax.enable_x64(True) if "float64" in kinds else contextlib.nullcontext()
   with x64:
     params0 = _tree(shape, kinds, grad=False, for_sgd=for_sgd)
