@@ -47,24 +47,45 @@ STRATEGIES: dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]
 }
 
 
-def _flash_adamw(**kwargs: Any) -> Callable[[], Any]:
-  def make():
-    import flashoptim_jax  # pylint: disable=import-outside-toplevel
-    # fused=False: FlashOptim's plain-JAX path (its fused path is a Pallas/Triton GPU kernel).
-    return flashoptim_jax.flash_adamw(LR, weight_decay=WD, fused=False, **kwargs)
+#: FlashOptim's AdamW (``flashoptim_jax.flash_adamw``, Ortiz et al. 2026) variants: name -> (label,
+#: ``flash_adamw`` keyword arguments). Its "24-bit master" is the bf16 param + an int8 correction in
+#: units of half its ulp / 127, its "32-bit master" the same with an int16 correction (/ 32767); its
+#: 8-bit moments are int8 (m, softsign) and uint8 (√v) codes with a float16 scale per 32 elements of
+#: the flattened leaf.
+FLASH_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "flash_adamw": ("FlashOptim flash_adamw: 24-bit master, 8-bit moments", {}),
+    "flash_adamw_24_f32": ("FlashOptim flash_adamw: 24-bit master, fp32 moments", {"quantize": False}),
+    "flash_adamw_32_q8": ("FlashOptim flash_adamw: 32-bit master, 8-bit moments", {"master_weight_bits": 32}),
+    "flash_adamw_32": ("FlashOptim flash_adamw: 32-bit master, fp32 moments",
+                       {"master_weight_bits": 32, "quantize": False}),
+}
 
-  return make
+
+def flash_adamw(name: str, learning_rate: Any = LR, weight_decay: float = WD, **kwargs: Any) -> Any:
+  """FlashOptim variant ``name`` of :data:`FLASH_VARIANTS` (``kwargs``: more ``flash_adamw`` arguments,
+  e.g. ``b1``, ``param_groups``).
+
+  ``fused=False``: FlashOptim's plain-JAX path (its fused path is a Pallas/Triton GPU kernel).
+  """
+  import flashoptim_jax  # pylint: disable=import-outside-toplevel
+
+  return flashoptim_jax.flash_adamw(learning_rate, weight_decay=weight_decay, fused=False,
+                                    **FLASH_VARIANTS[name][1], **kwargs)
 
 
-#: FlashOptim (``flashoptim_jax``, Ortiz et al. 2026), side by side: name -> (label, param dtype,
-#: factory). Not optax transformations: a ``FlashOptimizer(init, step)`` with
+def _flash(name: str) -> tuple[str, Any, Callable[[], Any]]:
+  return FLASH_VARIANTS[name][0], jnp.bfloat16, lambda: flash_adamw(name)
+
+
+#: FlashOptim, side by side: name -> (label, param dtype, factory), every variant of
+#: :data:`FLASH_VARIANTS`. Not optax transformations: a ``FlashOptimizer(init, step)`` with
 #: ``params, state = step(params, state, grads)``. Its initial state shares buffers (mu and nu are
 #: one zeros array), so its step cannot be donated; it is timed without donation.
-FLASH_STRATEGIES: dict[str, tuple[str, Any, Callable[[], Any]]] = {
-    "flash_adamw": ("FlashOptim flash_adamw: 24-bit master, 8-bit moments", jnp.bfloat16, _flash_adamw()),
-    "flash_adamw_32": ("FlashOptim flash_adamw: 32-bit master, fp32 moments", jnp.bfloat16,
-                       _flash_adamw(master_weight_bits=32, quantize=False)),
-}
+ALL_FLASH_STRATEGIES: dict[str, tuple[str, Any, Callable[[], Any]]] = {name: _flash(name) for name in FLASH_VARIANTS}
+
+#: The FlashOptim variants the step benchmark and the device check run by default: its default
+#: (24-bit master, 8-bit moments) and its most precise (32-bit master, fp32 moments).
+FLASH_STRATEGIES = {name: ALL_FLASH_STRATEGIES[name] for name in ("flash_adamw", "flash_adamw_32")}
 
 
 def flash_unavailable() -> str | None:

@@ -11,6 +11,8 @@ For each parameter count (about 1M, 16M, 64M by default) and each strategy
   (32-bit master, fp32 moments): FlashOptim's ``flashoptim_jax.flash_adamw``
   (plain-JAX path, ``fused=False``), side by side when it is importable
   (``pip install 'collage-optax[benchmarks]'``), else skipped with a note;
+  its other two variants, ``flash_adamw_24_f32`` and ``flash_adamw_32_q8``,
+  run when named in ``--strategies``;
 
 one jitted step ``params, state = apply_updates(params, tx.update(grads, state,
 params))`` is timed with params and state donated (updated in place, as in a
@@ -91,8 +93,13 @@ def _tree(shapes: dict[str, tuple[int, ...]], dtype: Any, seed: int, scale: floa
 
 
 def known_strategies() -> dict[str, tuple[str, Any, Any]]:
-  """Every strategy this benchmark knows: the optax ones, then FlashOptim's."""
-  return {**_common.STRATEGIES, **_common.FLASH_STRATEGIES}
+  """Every strategy this benchmark knows: the optax ones, then every FlashOptim variant."""
+  return {**_common.STRATEGIES, **_common.ALL_FLASH_STRATEGIES}
+
+
+def default_strategies() -> list[str]:
+  """What a run without ``--strategies`` times: the optax ones and FlashOptim's two of ``FLASH_STRATEGIES``."""
+  return [*_common.STRATEGIES, *_common.FLASH_STRATEGIES]
 
 
 def can_donate(name: str) -> bool:
@@ -346,7 +353,7 @@ def table(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="1M,16M,64M", help="comma-separated parameter counts (k/M suffixes)")
-  parser.add_argument("--strategies", default=",".join(known_strategies()),
+  parser.add_argument("--strategies", default=",".join(default_strategies()),
                       help=f"comma-separated subset of {', '.join(known_strategies())}")
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per strategy per round")
@@ -393,7 +400,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def available(names: list[str], nondonated: bool = True) -> tuple[list[str], dict[str, str]]:
   """``names`` less the strategies that cannot run here, and why each of those is skipped."""
   skipped: dict[str, str] = {}
-  flash = [k for k in names if k in _common.FLASH_STRATEGIES]
+  flash = [k for k in names if k in _common.ALL_FLASH_STRATEGIES]
   why = _common.flash_unavailable() if flash else None
   if why is None and not nondonated:
     why = "FlashOptim's step cannot be donated (its state shares buffers) and --donated-only was given"

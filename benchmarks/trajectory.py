@@ -5,8 +5,21 @@ One fixed, seeded stream of bfloat16 gradients is replayed through
 * ``float64``: AdamW in numpy float64 (``tests/reference.py``), the reference;
 * ``fp32``: ``optax.adamw`` on float32 params (the fp32-master recipe, D);
 * ``bf16``: ``optax.adamw`` on bfloat16 params (naive, A);
-* ``light`` / ``plus`` / ``full``: ``collage_optax.adamw(mode=...)`` on
-  bfloat16 params (B, C, C+), read out with ``collage_optax.master_params``.
+* ``light`` / ``plus`` / ``full`` / ``exact`` / ``compact``:
+  ``collage_optax.adamw(mode=...)`` on bfloat16 params (B, C, C+, and the
+  int16- and int8-residual formats), read out with ``collage_optax.master_params``;
+* ``exact_m``: ``mode="exact", mu_format="exact"`` (float32 moments over the
+  exact master: float32 AdamW bit for bit, so it should track float64 as fp32 does);
+* ``flash_adamw`` (24-bit master, 8-bit moments: FlashOptim's default),
+  ``flash_adamw_24_f32``, ``flash_adamw_32_q8``, ``flash_adamw_32`` (32-bit
+  master, fp32 moments): FlashOptim's ``flashoptim_jax.flash_adamw``
+  (``fused=False``) on bfloat16 params, read out with
+  ``flashoptim_jax.reconstruct_weights(params, state.ecc)``, when it is
+  importable (else skipped, with the reason in ``result["skipped"]``). It takes
+  the same schedule (called with the step count before the step, as optax
+  does), and the weight-decay mask as ``param_groups`` (weight decay 0 on the
+  undecayed leaves); it computes in float32 from float32-cast gradients, as
+  collage_optax does.
 
 The gradients do not depend on the params (a replay), so every optimizer sees
 exactly the same inputs and the trajectories are comparable step for step.
@@ -31,8 +44,15 @@ A second scenario replays the same stream with a constant learning rate of
 3e-4 given as a Python float (``result["constant_lr"]``): optax rounds such a
 learning rate to bfloat16 (2.9948e-4, 0.17% short on every step).
 
+Memory: for each strategy ``result["bytes_per_param"]`` counts the arrays
+themselves (the ``nbytes`` of the param and optimizer-state leaves over the
+number of params), and adds the gradients (bfloat16, 2 B/param; float32 for
+fp32). On this small tree a per-32 scale costs a little more than on a large
+model (``mlp/kernel``'s rows are 16 long: one scale per 16 for compact's q8).
+
 Run: ``python benchmarks/trajectory.py`` (writes
-``benchmarks/results/trajectory.json`` and prints the tables).
+``benchmarks/results/trajectory.json`` and prints the tables);
+``--strategies exact,compact`` for a subset.
 """
 
 from __future__ import annotations
@@ -53,7 +73,10 @@ import collage_optax
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import _common  # noqa: E402  (FlashOptim's variants, nbytes)
 import reference  # noqa: E402  (tests/reference.py: numpy float64 AdamW)
+import step as step_benchmark  # noqa: E402  (step_function: optax and FlashOptim alike)
 
 RESULTS = ROOT / "benchmarks" / "results" / "trajectory.json"
 
@@ -73,7 +96,17 @@ LAYOUT = {
     "attn/kernel": ((32, 64), ("normal", 0.02), 1e-3, True),
     "mlp/kernel": ((64, 16), ("normal", 0.5), 1e-2, True),
 }
-STRATEGIES = ("fp32", "bf16", "light", "plus", "full")
+#: The COLLAGE strategies: name -> ``collage_optax.adamw`` keyword arguments.
+COLLAGE: dict[str, dict[str, str]] = {
+    **{mode: {"mode": mode} for mode in ("light", "plus", "full", "exact", "compact")},
+    "exact_m": {"mode": "exact", "mu_format": "exact"},
+}
+#: What :func:`run` replays by default: optax's fp32 and bf16, then the COLLAGE strategies.
+STRATEGIES = ("fp32", "bf16", *COLLAGE)
+#: FlashOptim's variants (``_common.FLASH_VARIANTS``), replayed when ``flashoptim_jax`` is importable.
+FLASH = tuple(_common.FLASH_VARIANTS)
+#: Every strategy, the default of the command line.
+ALL = STRATEGIES + FLASH
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -150,9 +183,14 @@ def run_float64(problem: dict[str, Any]) -> dict[str, np.ndarray]:
   return out
 
 
-def make_optimizer(strategy: str, problem: dict[str, Any]) -> optax.GradientTransformation:
+def make_optimizer(strategy: str, problem: dict[str, Any]) -> Any:
   """The optimizer of one strategy; the learning rate is a schedule that looks
-  up ``problem["lrs"]``, or the Python float ``problem["constant_lr"]``."""
+  up ``problem["lrs"]``, or the Python float ``problem["constant_lr"]``.
+
+  An optax ``GradientTransformation``, or for FlashOptim a
+  ``FlashOptimizer(init, step)``: its weight-decay mask is ``param_groups``
+  giving the undecayed leaves (by their ``"outer/inner"`` paths) weight decay 0.
+  """
   if problem["constant_lr"] is None:
     table = jnp.asarray(problem["lrs"], jnp.float32)
     learning_rate = lambda count: table[count]
@@ -161,31 +199,68 @@ def make_optimizer(strategy: str, problem: dict[str, Any]) -> optax.GradientTran
   mask = _unflatten({k: v[3] for k, v in LAYOUT.items()})
   if strategy in ("fp32", "bf16"):
     return optax.adamw(learning_rate, B1, B2, EPS, weight_decay=WEIGHT_DECAY, mask=mask)
-  return collage_optax.adamw(
-      learning_rate, B1, B2, EPS, weight_decay=WEIGHT_DECAY, mask=mask, mode=strategy)
+  if strategy in COLLAGE:
+    return collage_optax.adamw(
+        learning_rate, B1, B2, EPS, weight_decay=WEIGHT_DECAY, mask=mask, **COLLAGE[strategy])
+  if strategy in FLASH:
+    undecayed = [k for k, v in LAYOUT.items() if not v[3]]
+    return _common.flash_adamw(strategy, learning_rate, WEIGHT_DECAY, b1=B1, b2=B2, eps=EPS,
+                               param_groups=[{"params": undecayed, "weight_decay": 0.0}])
+  raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(ALL)}")
 
 
-def run_strategy(strategy: str, problem: dict[str, Any]) -> dict[str, np.ndarray]:
-  """Final params of one strategy (float32 values of ``hi + lo`` for COLLAGE)."""
+def _master(strategy: str, params: Any, state: Any) -> Any:
+  """The float32 values a strategy holds: ``master_params`` for COLLAGE, FlashOptim's
+  ``reconstruct_weights`` (bf16 + its ECC correction), the params themselves for optax."""
+  if strategy in COLLAGE:
+    return collage_optax.master_params(params, state)
+  if strategy in FLASH:
+    import flashoptim_jax  # pylint: disable=import-outside-toplevel
+
+    return flashoptim_jax.reconstruct_weights(params, state.ecc)
+  return params
+
+
+def run_strategy(strategy: str, problem: dict[str, Any], info: Optional[dict[str, Any]] = None
+                 ) -> dict[str, np.ndarray]:
+  """Final params of one strategy (float32 values of ``hi + lo`` for COLLAGE).
+
+  With ``info`` (a dict), ``info["bytes_per_param"]`` is filled in from the
+  initial params and state arrays (the state keeps its shapes and dtypes).
+  """
   dtype = jnp.float32 if strategy == "fp32" else jnp.bfloat16
-  tx = make_optimizer(strategy, problem)
+  init, step = step_benchmark.step_function(make_optimizer(strategy, problem))
   params0 = _unflatten({k: jnp.asarray(v, dtype) for k, v in problem["params0"].items()})
   grads = _unflatten({k: jnp.asarray(v, dtype) for k, v in problem["grads"].items()})
+  if info is not None:
+    info["bytes_per_param"] = bytes_per_param(params0, init(params0), jax.tree.map(lambda g: g[0], grads))
 
   @jax.jit
   def replay(params, grads):
-    def step(carry, g):
-      p, state = carry
-      u, state = tx.update(g, state, p)
-      return (optax.apply_updates(p, u), state), None
+    def one(carry, g):
+      return step(*carry, g), None
 
-    (params, state), _ = jax.lax.scan(step, (params, tx.init(params)), grads)
-    if strategy in collage_optax.MODES:
-      return collage_optax.master_params(params, state)
-    return params
+    (params, state), _ = jax.lax.scan(one, (params, init(params)), grads)
+    return _master(strategy, params, state)
 
   final = jax.device_get(replay(params0, grads))
   return {k: np.asarray(v, np.float64) for k, v in _flatten(final).items()}
+
+
+def bytes_per_param(params: Any, state: Any, grads: Any) -> dict[str, float]:
+  """Bytes per parameter of the arrays: params, optimizer state, their sum, the gradients, all together."""
+  n = sum(int(x.size) for x in jax.tree.leaves(params))
+  p, s, g = (_common.nbytes(t) / n for t in (params, state, grads))
+  return {"params": round(p, 4), "optimizer_state": round(s, 4), "params_plus_state": round(p + s, 4),
+          "gradients": round(g, 4), "total_with_gradients": round(p + s + g, 4)}
+
+
+def available(strategies) -> tuple[list[str], dict[str, str]]:
+  """``strategies`` less FlashOptim's when ``flashoptim_jax`` is not importable, and why those are skipped."""
+  flash = [s for s in strategies if s in FLASH]
+  why = _common.flash_unavailable() if flash else None
+  skipped = {s: why for s in flash} if why else {}
+  return [s for s in strategies if s not in skipped], skipped
 
 
 def relative_error(final: dict[str, np.ndarray], ref: dict[str, np.ndarray],
@@ -198,16 +273,25 @@ def relative_error(final: dict[str, np.ndarray], ref: dict[str, np.ndarray],
 
 def run(steps: int = STEPS, seed: int = SEED, strategies=STRATEGIES,
         constant_lr: Optional[float] = None) -> dict[str, Any]:
-  """All strategies on one stream; returns the errors, per leaf too, and timings."""
+  """The ``strategies`` on one stream; returns the errors, per leaf too, bytes per param and timings.
+
+  FlashOptim's strategies are skipped, with the reason in ``"skipped"``, when it is not importable.
+  """
+  unknown = [s for s in strategies if s not in ALL]
+  if unknown:
+    raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
+  strategies, skipped = available(strategies)
   t0 = time.perf_counter()
   problem = make_problem(steps, seed, constant_lr)
   ref = run_float64(problem)
   seconds = {"stream+float64": time.perf_counter() - t0}
-  errors, per_leaf = {"float64": 0.0}, {}
+  errors, per_leaf, memory = {"float64": 0.0}, {}, {}
   for strategy in strategies:
     t0 = time.perf_counter()
-    final = run_strategy(strategy, problem)
+    info: dict[str, Any] = {}
+    final = run_strategy(strategy, problem, info)
     seconds[strategy] = time.perf_counter() - t0
+    memory[strategy] = info["bytes_per_param"]
     errors[strategy] = relative_error(final, ref, problem["params0"])
     per_leaf[strategy] = {
         k: relative_error(final, ref, problem["params0"], [k]) for k in LAYOUT}
@@ -221,19 +305,54 @@ def run(steps: int = STEPS, seed: int = SEED, strategies=STRATEGIES,
           "params": {k: list(v[0]) for k, v in LAYOUT.items()},
           "backend": jax.default_backend(),
       },
+      "strategies": {s: describe(s) for s in strategies},
       "relative_error": errors,
       "relative_error_per_leaf": per_leaf,
+      "bytes_per_param": memory,
+      "skipped": skipped,
       "seconds": seconds,
   }
 
 
+def describe(strategy: str) -> dict[str, Any]:
+  """What a strategy is, and for FlashOptim how its replay differs from the others'."""
+  if strategy == "fp32":
+    return {"label": "optax.adamw, float32 params", "kind": "optax"}
+  if strategy == "bf16":
+    return {"label": "optax.adamw, bfloat16 params", "kind": "optax"}
+  if strategy in COLLAGE:
+    args = ", ".join(f"{k}={v!r}" for k, v in COLLAGE[strategy].items())
+    return {"label": f"collage_optax.adamw({args})", "kind": "collage_optax",
+            "formats": dict(zip(("param", "mu", "nu"), _formats(COLLAGE[strategy])))}
+  label, kwargs = _common.FLASH_VARIANTS[strategy]
+  return {
+      "label": label, "kind": "flashoptim_jax",
+      "flash_adamw_kwargs": {"fused": False, **kwargs},
+      "differences": (
+          "weight-decay mask given as param_groups (weight_decay 0 on ln/scale, ln/bias): the same decay; "
+          "schedule called with the pre-step count, as optax; master read with reconstruct_weights(params, "
+          "state.ecc); its 8-bit moment scales are float16, one per 32 elements of the flattened leaf"),
+  }
+
+
+def _formats(kwargs: dict[str, str]) -> tuple[str, str, str]:
+  preset = collage_optax.PRESETS[kwargs["mode"]]
+  return (kwargs.get("param_format", preset[0]), kwargs.get("mu_format", preset[1]),
+          kwargs.get("nu_format", preset[2]))
+
+
 def format_table(result: dict[str, Any]) -> str:
   leaves = list(LAYOUT)
-  head = f"{'strategy':<9} {'all params':>11} " + " ".join(f"{k:>12}" for k in leaves)
+  w = max(9, *(len(s) for s in result["relative_error"]))
+  head = f"{'strategy':<{w}} {'all params':>11} " + " ".join(f"{k:>12}" for k in leaves) + f" {'B/param':>8}"
   rows = [head, "-" * len(head)]
   for s, e in result["relative_error"].items():
     per = result["relative_error_per_leaf"].get(s, {})
-    rows.append(f"{s:<9} {e:>11.3e} " + " ".join(f"{per.get(k, 0.0):>12.3e}" for k in leaves))
+    b = result.get("bytes_per_param", {}).get(s, {}).get("params_plus_state")
+    rows.append(f"{s:<{w}} {e:>11.3e} " + " ".join(f"{per.get(k, 0.0):>12.3e}" for k in leaves)
+                + (f" {b:>8.3f}" if b is not None else f" {'':>8}"))
+  for s, why in result.get("skipped", {}).items():
+    rows.append(f"{s:<{w}} skipped: {why}")
   return "\n".join(rows)
 
 
@@ -243,16 +362,24 @@ def main(argv=None) -> None:
   parser.add_argument("--seed", type=int, default=SEED)
   parser.add_argument("--constant-lr", type=float, default=CONSTANT_LR,
                       help="also replay the stream with this constant (Python float) learning rate")
+  parser.add_argument("--strategies", default=",".join(ALL),
+                      help=f"comma-separated subset of {', '.join(ALL)}")
   parser.add_argument("--out", type=Path, default=RESULTS)
   args = parser.parse_args(argv)
-  result = run(args.steps, args.seed)
+  strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+  unknown = [s for s in strategies if s not in ALL]
+  if unknown:
+    parser.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
+  started = time.perf_counter()
+  result = run(args.steps, args.seed, strategies)
   print(f"relative trajectory error, {args.steps} steps, warmup + cosine learning rate "
         "(||θ_T − θ64_T|| / ||θ64_T − θ_0||):")
   print(format_table(result))
   if args.constant_lr:
-    result["constant_lr"] = run(args.steps, args.seed, constant_lr=args.constant_lr)
+    result["constant_lr"] = run(args.steps, args.seed, strategies, constant_lr=args.constant_lr)
     print(f"\nthe same stream with a constant learning rate {args.constant_lr}:")
     print(format_table(result["constant_lr"]))
+  result["wall_s"] = round(time.perf_counter() - started, 1)
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(result, indent=2) + "\n")
   print(f"wrote {args.out}")

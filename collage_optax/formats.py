@@ -437,9 +437,10 @@ def _exact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]
   in ``[−2**15, 2**15)`` when ``apply_updates`` lands on ``hi``. Should it
   land elsewhere (``hi − p`` is no ``u_dtype`` number: a bfloat16 update
   across binades or across zero), the residual absorbs up to half an ulp of
-  where it lands; beyond that it is clipped (:func:`_bits_residual`), an
-  error of at most the update's own rounding, ``2**-9·|hi − p|`` for a
-  bfloat16 update. float32 updates always land on ``hi``.
+  where it lands; beyond that it is clipped (:func:`_bits_residual`). Such a
+  miss needs ``ulp(hi − p) > ulp(hi)`` and leaves an error of at most an ulp
+  of the bfloat16 update, ``2**-7·|hi − p|``. float32 updates always land on
+  ``hi``.
   """
   bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
   # A NaN becomes the quiet NaN of its sign, so that hi is a NaN too (the
