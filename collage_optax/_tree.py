@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,30 @@ def per_param(tree: Any) -> Any:
   return jax.tree.map(
     lambda x: x.codes if isinstance(x, Q8) else x, tree, is_leaf=lambda x: isinstance(x, Q8) or is_empty(x)
   )
+
+
+def lift_storage(tree: Any) -> Any:
+  """A state tree with each flax ``nnx.Variable`` holding a ``q8`` moment split into two, under the ``Q8``.
+
+  ``tx.init(nnx.state(model, nnx.Param))`` mirrors the params' Variables;
+  a Variable's value must be an array (``nnx.Optimizer`` writes each step's
+  state back into it with ``nnx.update``, which would turn a pytree value
+  into an ``nnx.State``), so a ``Q8(codes, scales)`` value becomes
+  ``Q8(Variable(codes), Variable(scales))``.
+  """
+  if "flax" not in sys.modules:
+    return tree
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  from collage_optax.formats import Q8  # pylint: disable=g-import-not-at-top
+
+  def lift(x):
+    if isinstance(x, nnx.Variable) and isinstance(x.get_value(), Q8):
+      q = x.get_value()
+      return Q8(x.replace(q.codes), x.replace(q.scales))
+    return x
+
+  return jax.tree.map(lift, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def path_str(path) -> str:

@@ -274,7 +274,7 @@ def adamw(
 
     flat, treedef = _tree.leaves_with_paths(params)
     out = [leaf(path, p) for path, p in flat]
-    mu, nu, lo = (treedef.unflatten([o[i] for o in out]) for i in range(3))
+    mu, nu, lo = (_tree.lift_storage(treedef.unflatten([o[i] for o in out])) for i in range(3))
     return AdamWState(jnp.zeros([], jnp.int32), mu, nu, lo, transform._init_metrics(params) if track_metrics else None)
 
   def update_fn(updates, state, params=None, **extra_args):

@@ -281,10 +281,13 @@ def q8_bound(second: bool) -> float:
 
   ``m``: ``|m̃ − m| ≤ q8_bound(False)·s`` (half a code step, 1/254, times
   ``φ⁻¹``'s largest slope, 2, times the bfloat16 scale's rounding, 1 + 2⁻⁸);
-  ``v``: ``|√ṽ − √v| ≤ q8_bound(True)·s`` with ``s`` the largest ``√v``.
-  Plus float32 rounding (a few ulp of ``s``).
+  ``v``: ``|√ṽ − √v| ≤ q8_bound(True)·s`` with ``s`` the largest ``√v``:
+  half a code step, 1/508, times 1 + 2⁻⁸, except in a group whose scale
+  rounds below ``s`` (half of them): its largest elements clip at code 254,
+  off by up to that rounding, 2⁻⁸·s. (A clipped ``m`` is off by at most
+  2⁻⁸·s too, within its bound.) Plus float32 rounding (a few ulp of ``s``).
   """
-  return (1.0 / 508.0 if second else 1.0 / 127.0) * (1.0 + 2.0**-8)
+  return 2.0**-8 if second else (1.0 / 127.0) * (1.0 + 2.0**-8)
 
 
 MOMENT_FORMATS: dict[str, Format] = {
@@ -489,11 +492,22 @@ def _pow2(k: Array) -> Array:
   return lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.uint32), jnp.float32)
 
 
+def _compact_lift(k: Array) -> Array:
+  """``s`` (64 or 0) such that the residual's arithmetic, done ``2**s`` higher, meets no float32 subnormal.
+
+  Below ``2**-64`` the unit ``2**k/127`` and ``x − hi`` may be subnormal,
+  which XLA:CPU flushes to zero (it would lose the residual of every
+  ``|hi| < 2**-110``); scaling by a power of two is exact.
+  """
+  return jnp.where(k < -64, 64, 0)
+
+
 def _compact_decode(p: Array, r: Any) -> Array:
   """``hi + r·(ulp(hi)/2)/127``: the value of a ``compact`` param."""
   hi = widen(p)
   k = _half_ulp_exponent(hi)
-  return hi + r.astype(jnp.float32) * (_pow2(k) * (1.0 / _COMPACT_LEVELS))
+  s = _compact_lift(k)
+  return (hi * _pow2(s) + r.astype(jnp.float32) * (_pow2(k + s) * (1.0 / _COMPACT_LEVELS))) * _pow2(-s)
 
 
 def _compact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
@@ -506,9 +520,11 @@ def _compact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Arra
   """
   u, at = _emit(x, mcf.round_to(x, _BF16), p, u_dtype)
   k = _half_ulp_exponent(at)
-  # (x − at)·127 is exact (16 + 7 significant bits), the power-of-two scaling too.
-  r = jnp.round((x - at) * _COMPACT_LEVELS * _pow2(-k))
-  r = jnp.where(jnp.isfinite(at) & jnp.isfinite(r), jnp.clip(r, -_COMPACT_LEVELS, _COMPACT_LEVELS), 0.0)
+  s = _compact_lift(k)
+  # (x − at)·127 is exact (16 + 7 significant bits), the power-of-two scalings too. A miss so
+  # large that the product overflows is clipped like any other (r is NaN only for a non-finite x).
+  r = jnp.round((x * _pow2(s) - at * _pow2(s)) * _COMPACT_LEVELS * _pow2(-k - s))
+  r = jnp.where(jnp.isfinite(at) & ~jnp.isnan(r), jnp.clip(r, -_COMPACT_LEVELS, _COMPACT_LEVELS), 0.0)
   return u, r.astype(jnp.int8)
 
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 from flax.training import train_state
 
@@ -122,6 +123,51 @@ def test_nnx_optimizer_trains_bf16_model_and_keeps_low_components():
     assert m.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(m), np.asarray(p, np.float32) + np.asarray(l, np.float32))
     assert np.all(np.abs(np.asarray(l, np.float32)) <= np.spacing(np.abs(np.asarray(p, np.float32)), dtype=np.float32) * 2**15 + 1e-38)
+  assert abs(co.metrics(optimizer.opt_state)["edq"] - 1.0) < 0.05
+
+
+def _decode64(mode: str, p: np.ndarray, r: np.ndarray) -> np.ndarray:
+  """The documented value of an ``exact``/``compact`` param, in numpy (float64)."""
+  if mode == "exact":  # the float32 whose upper half is p's bits, plus the residual
+    bits = (p.view(np.uint16).astype(np.int64) << 16) + r.astype(np.int64)
+    return bits.astype(np.uint32).view(np.float32).astype(np.float64)
+  hi = p.astype(np.float64)
+  e = np.maximum(np.frexp(np.where(hi == 0, 1.0, hi))[1] - 1, -126 + 8)  # hi = m·2**e, 1 <= m < 2
+  e = np.where(np.abs(hi) < 2.0**-118, -118, e)
+  return hi + r.astype(np.float64) * 2.0 ** (e - 8) / 127
+
+
+@pytest.mark.parametrize("mode", ["exact", "compact"])
+def test_nnx_optimizer_trains_with_the_integer_residual_modes(mode):
+  """``nnx.Optimizer`` with ``mode="exact"`` (int16 residuals, float32 ``v``) and
+  ``mode="compact"`` (int8 residuals, 8-bit moments with bf16 group scales): the state keeps
+  its structure, the model trains, the residuals are in use, and ``master_params`` is each
+  format's documented value (recomputed here in numpy)."""
+  x, y = _task()
+  model = _MLP(nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, co.adamw(3e-3, mode=mode, track_metrics=True), wrt=nnx.Param)
+  structure0 = jax.tree.structure(optimizer.opt_state)
+  losses = []
+  for _ in range(STEPS):
+    loss, _ = _nnx_step(model, optimizer, x, y)
+    losses.append(float(loss))
+    assert jax.tree.structure(optimizer.opt_state) == structure0, "the state changed its structure"
+  assert losses[-1] < 0.5 * losses[0], losses
+  params = nnx.state(model, nnx.Param)
+  adam = _adamw_state(optimizer.opt_state)
+  want = {"exact": jnp.int16, "compact": jnp.int8}[mode]
+  assert {a.dtype for a in jax.tree.leaves(adam.lo)} == {jnp.dtype(want)}
+  assert _nonzero_fraction(adam.lo) > 0.5
+  if mode == "compact":
+    q8 = [m for m in jax.tree.leaves(adam.mu, is_leaf=lambda n: isinstance(n, formats.Q8))]
+    assert q8 and all(isinstance(m, formats.Q8) and m.codes.dtype == jnp.int8 for m in q8)
+  master = co.master_params(params, optimizer.opt_state)
+  for p, m, r in zip(jax.tree.leaves(_unbox(params)), jax.tree.leaves(master), jax.tree.leaves(adam.lo)):
+    got, ref = np.asarray(m, np.float64), _decode64(mode, np.asarray(p), np.asarray(r))
+    if mode == "exact":
+      np.testing.assert_array_equal(got, ref)
+    else:  # float32 arithmetic of the decode: within two float32 roundings
+      np.testing.assert_allclose(got, ref, rtol=2.0**-22, atol=1e-37)
   assert abs(co.metrics(optimizer.opt_state)["edq"] - 1.0) < 0.05
 
 
