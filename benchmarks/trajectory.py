@@ -9,7 +9,9 @@ One fixed, seeded stream of bfloat16 gradients is replayed through
   ``collage_optax.adamw(mode=...)`` on bfloat16 params (B, C, C+, and the
   int16- and int8-residual formats), read out with ``collage_optax.master_params``;
 * ``exact_m``: ``mode="exact", mu_format="exact"`` (float32 moments over the
-  exact master: float32 AdamW bit for bit, so it should track float64 as fp32 does);
+  exact master: float32 AdamW but for the bfloat16 rounding of the updates
+  (bf16 gradients make bf16 updates) where a param crosses a binade, see
+  tests/test_exact.py; it should track float64 as fp32 does);
 * ``flash_adamw`` (24-bit master, 8-bit moments: FlashOptim's default),
   ``flash_adamw_24_f32``, ``flash_adamw_32_q8``, ``flash_adamw_32`` (32-bit
   master, fp32 moments): FlashOptim's ``flashoptim_jax.flash_adamw``
@@ -20,6 +22,11 @@ One fixed, seeded stream of bfloat16 gradients is replayed through
   does), and the weight-decay mask as ``param_groups`` (weight decay 0 on the
   undecayed leaves); it computes in float32 from float32-cast gradients, as
   collage_optax does.
+
+Probes, run only when named (``--strategies compact_f32,exact_q8,exact_q8_nu``):
+``compact``'s param format with float32 moments, and ``exact``'s with
+``compact``'s q8 moments (both, or the second moment only): where a preset's
+error comes from.
 
 The gradients do not depend on the params (a replay), so every optimizer sees
 exactly the same inputs and the trajectories are comparable step for step.
@@ -102,11 +109,19 @@ COLLAGE: dict[str, dict[str, str]] = {
     "exact_m": {"mode": "exact", "mu_format": "exact"},
 }
 #: What :func:`run` replays by default: optax's fp32 and bf16, then the COLLAGE strategies.
-STRATEGIES = ("fp32", "bf16", *COLLAGE)
+STRATEGIES = ("fp32", "bf16", *COLLAGE)  # before the probes join COLLAGE
+#: Probes, by name only (not in the defaults): which part of a preset the error comes from.
+PROBES: dict[str, dict[str, str]] = {
+    "compact_f32": {"mode": "compact", "mu_format": "f32", "nu_format": "f32"},  # compact's param format alone
+    "exact_q8": {"mode": "exact", "mu_format": "q8", "nu_format": "q8"},  # compact's moments alone
+    "exact_q8_nu": {"mode": "exact", "mu_format": "f32", "nu_format": "q8"},  # its second moment alone
+}
+COLLAGE.update(PROBES)
 #: FlashOptim's variants (``_common.FLASH_VARIANTS``), replayed when ``flashoptim_jax`` is importable.
 FLASH = tuple(_common.FLASH_VARIANTS)
-#: Every strategy, the default of the command line.
+#: Every strategy, the default of the command line (the probes are not in it).
 ALL = STRATEGIES + FLASH
+KNOWN = ALL + tuple(PROBES)
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -206,7 +221,7 @@ def make_optimizer(strategy: str, problem: dict[str, Any]) -> Any:
     undecayed = [k for k, v in LAYOUT.items() if not v[3]]
     return _common.flash_adamw(strategy, learning_rate, WEIGHT_DECAY, b1=B1, b2=B2, eps=EPS,
                                param_groups=[{"params": undecayed, "weight_decay": 0.0}])
-  raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(ALL)}")
+  raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(KNOWN)}")
 
 
 def _master(strategy: str, params: Any, state: Any) -> Any:
@@ -277,9 +292,9 @@ def run(steps: int = STEPS, seed: int = SEED, strategies=STRATEGIES,
 
   FlashOptim's strategies are skipped, with the reason in ``"skipped"``, when it is not importable.
   """
-  unknown = [s for s in strategies if s not in ALL]
+  unknown = [s for s in strategies if s not in KNOWN]
   if unknown:
-    raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
+    raise ValueError(f"unknown strategies {unknown}; choose from {', '.join(KNOWN)}")
   strategies, skipped = available(strategies)
   t0 = time.perf_counter()
   problem = make_problem(steps, seed, constant_lr)
@@ -363,13 +378,14 @@ def main(argv=None) -> None:
   parser.add_argument("--constant-lr", type=float, default=CONSTANT_LR,
                       help="also replay the stream with this constant (Python float) learning rate")
   parser.add_argument("--strategies", default=",".join(ALL),
-                      help=f"comma-separated subset of {', '.join(ALL)}")
+                      help=f"comma-separated strategies among {', '.join(KNOWN)} (the probes "
+                      f"{', '.join(PROBES)} are not in the default)")
   parser.add_argument("--out", type=Path, default=RESULTS)
   args = parser.parse_args(argv)
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-  unknown = [s for s in strategies if s not in ALL]
+  unknown = [s for s in strategies if s not in KNOWN]
   if unknown:
-    parser.error(f"unknown strategies {unknown}; choose from {', '.join(ALL)}")
+    parser.error(f"unknown strategies {unknown}; choose from {', '.join(KNOWN)}")
   started = time.perf_counter()
   result = run(args.steps, args.seed, strategies)
   print(f"relative trajectory error, {args.steps} steps, warmup + cosine learning rate "

@@ -12,7 +12,10 @@ sharded) or sharded along one axis (FSDP), and shows:
   plain ``jax.jit(tx.init)``, ``collage_optax.sharded_init`` and after every
   jitted step;
 * the collectives (all-gather, all-reduce, ...) in the compiled update and
-  train step, next to ``optax.adamw``'s;
+  train step, next to ``optax.adamw``'s (mode ``"compact"``'s 8-bit moments
+  take one scale per 32 elements along the last axis: where a shard of that
+  axis is not a whole number of groups, as here, the group maxima cross shards;
+  params whose shards hold whole groups need none);
 * that ten steps on the mesh end bitwise where ten steps on one device end.
 
 ``--out DIR`` writes what the tests check: ``results.json`` (shardings,
@@ -48,10 +51,15 @@ STEPS = 10
 COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter", "all-to-all")
 # (layout, optimizer) pairs trained on the mesh. The COLLAGE runs are compared
 # with the same steps on one device ("full" keeps every MCF component there
-# is); optax.adamw is the baseline for shardings and collectives.
+# is, "exact" an int16 residual, "compact" an int8 one and q8 moments);
+# optax.adamw is the baseline for shardings and collectives.
 RUNS = (("dp", "collage full"), ("fsdp", "collage full"), ("fsdp", "collage plus"),
+        ("fsdp", "collage compact"), ("fsdp", "collage exact"), ("dp", "collage compact"),
         ("dp", "optax.adamw"), ("fsdp", "optax.adamw"))
-REFERENCES = ("collage full", "collage plus")
+REFERENCES = ("collage full", "collage plus", "collage compact", "collage exact")
+# Params whose FSDP shards (of the last axis, or of another one) hold whole
+# groups of 32: a q8 moment's scales split like them (see ``q8_collectives``).
+ALIGNED = {"kernel": ((8, 256), P(None, "fsdp")), "bias": ((256,), P("fsdp")), "rows": ((64, 40), P("fsdp", None))}
 
 
 def optimizer(name: str) -> optax.GradientTransformation:
@@ -183,6 +191,25 @@ def metrics_collectives(mesh, out: Path | None) -> dict[str, dict[str, int]]:
   return counts
 
 
+def q8_collectives(mesh, out: Path | None) -> tuple[dict[str, Any], dict[str, dict[str, int]]]:
+  """Mode "compact"'s FSDP update on params whose shards hold whole groups of 32 (``ALIGNED``).
+
+  mlp.py's ``dense1`` kernel and bias put 8 elements of the last axis on each
+  device, ``dense2``'s bias 5: a group of 32 spans devices, and its scale (the
+  group's largest magnitude) needs their values. Here every shard holds whole
+  groups, so the scales shard like the param and the update stays local.
+  """
+  params = {k: jax.device_put(jnp.ones(shape, jnp.bfloat16), NamedSharding(mesh, spec))
+            for k, (shape, spec) in ALIGNED.items()}
+  tx = collage_optax.adamw(1e-2, mode="compact")
+  state = collage_optax.sharded_init(tx, params)
+  hlo = jax.jit(tx.update).lower(params, state, params).compile().as_text()
+  if out is not None:
+    (out / "hlo" / "fsdp-aligned_collage-compact_update.txt").write_text(hlo)
+  rec = {"params": describe(params), "sharded_init": describe(state)}
+  return {"fsdp-aligned/collage compact": rec}, {"fsdp-aligned/collage compact": {"update": count_collectives(hlo)}}
+
+
 def composite_run(mesh) -> dict[str, Any]:
   """``sharded_init`` of COLLAGE inside other optax wrappers, FSDP params."""
   params, _ = setup(mesh, "fsdp")
@@ -201,8 +228,11 @@ def print_table(rec: dict[str, Any], title: str) -> None:
   """One line per param: its sharding, then every state array of that param."""
   print(f"\n{title}")
   for ppath, p in rec["params"].items():
-    state = [f"{s.split('.')[-1].split('[')[0]}={d['spec']}" for s, d in rec[f"step {STEPS}"].items()
-             if s.endswith(ppath)]
+    state = []
+    for s, d in rec[f"step {STEPS}"].items():
+      base, part = re.fullmatch(r"(.*?)((?:\.codes|\.scales)?)", s).groups()  # a q8 moment's two arrays
+      if base.endswith(ppath):
+        state.append(f"{base.split('.')[-1].split('[')[0]}{part}={d['spec']}")
     print(f"  {ppath:22s} {p['dtype']:8s} {p['spec']:16s} state: {', '.join(state)}")
 
 
@@ -233,15 +263,18 @@ def main() -> None:
   results["seconds"]["fsdp-explicit"] = time.perf_counter() - t0
   results["shardings"].update(composite_run(meshes["fsdp"]))
   results["collectives"].update(metrics_collectives(meshes["fsdp"], out))
+  shardings, counts = q8_collectives(meshes["fsdp"], out)
+  results["shardings"].update(shardings)
+  results["collectives"].update(counts)
   if out is not None:
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
-  for key in ("dp/collage full", "fsdp/collage full"):
+  for key in ("dp/collage full", "fsdp/collage full", "fsdp/collage compact"):
     print_table(results["shardings"][key], f"{key}: param sharding, state shardings after {STEPS} jitted steps")
   print("\ncollectives in the compiled HLO: update alone | whole train step")
   fmt = lambda d: " ".join(f"{k}={v}" for k, v in d.items() if v) or "none"
   for key, c in results["collectives"].items():
-    print(f"  {key:36s} {fmt(c['update']):12s} | {fmt(c['step']) if 'step' in c else '-'}")
+    print(f"  {key:40s} {fmt(c['update']):12s} | {fmt(c['step']) if 'step' in c else '-'}")
   print(f"\nparams and state after {STEPS} steps, bitwise equal to one device:", results["bitwise"])
   print("\nseconds:", {k: round(v, 1) for k, v in results["seconds"].items()})
 

@@ -127,13 +127,14 @@ def _optax_adamw():
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode,tol", [("light", 8e-3), ("plus", 5e-3), ("full", 5e-3)])
+@pytest.mark.parametrize("mode,tol", [("light", 8e-3), ("plus", 5e-3), ("full", 5e-3), ("exact", 4e-3), ("compact", 2e-2)])
 def test_chain_with_clip_by_global_norm_tracks_fp32_optax(mode, tol):
   p0, stream = _stream()
   assert all(np.sqrt(sum(np.sum(v**2) for v in g.values())) > 2.0 for g in stream), "clipping must act"
   make_ref = lambda: optax.chain(optax.clip_by_global_norm(1.0), _optax_adamw())
   ours = _run(optax.chain(optax.clip_by_global_norm(1.0), co.adamw(LR, weight_decay=WD, mode=mode)), DTYPES)
-  _assert_tracks(*ours, _reference("clip+adamw", make_ref), _reference("clip+adamw", make_ref, DTYPES), tol)
+  err, _ = _assert_tracks(*ours, _reference("clip+adamw", make_ref), _reference("clip+adamw", make_ref, DTYPES), tol)
+  print(f"{mode}: {err:.2e}")
 
 
 @pytest.mark.parametrize(
@@ -143,9 +144,14 @@ def test_chain_with_clip_by_global_norm_tracks_fp32_optax(mode, tol):
         ("sgd_momentum", lambda: optax.sgd(1e-4, momentum=0.9), 2e-2),
     ],
 )
-def test_compensate_after_optimizer_tracks_fp32_optax(name, make_inner, tol):
-  ours = _run(optax.chain(make_inner(), co.compensate()), DTYPES)
-  _assert_tracks(*ours, _reference(name, make_inner), _reference(name, make_inner, DTYPES), tol)
+@pytest.mark.parametrize("fmt", ["mcf", "exact", "compact"])
+def test_compensate_after_optimizer_tracks_fp32_optax(name, make_inner, tol, fmt):
+  ours = _run(optax.chain(make_inner(), co.compensate(format=fmt)), DTYPES)
+  # compact's residual unit is ulp(θ)/254 (3e-5 at |θ| ~ 1), a third of lion's ±1e-4 steps:
+  # its rounding is a random walk of ~15% of a step (measured 3.9e-2; mcf 1.4e-2).
+  tol = 3 * tol if fmt == "compact" else tol
+  err, _ = _assert_tracks(*ours, _reference(name, make_inner), _reference(name, make_inner, DTYPES), tol)
+  print(f"{name} + compensate({fmt!r}): {err:.2e}")
 
 
 # ---------------------------------------------------------------------------
