@@ -194,8 +194,16 @@ def adamw(
   formats: ``"light"`` = (mcf, bf16, bf16): MCF params (Yu et al. 2024,
   strategy B); ``"plus"`` = (mcf, bf16, mcf): also an MCF second moment, so
   ``b2=0.999`` means 0.999 (strategy C, the default); ``"full"`` = (mcf,
-  mcf, mcf) (C+). ``param_format``, ``mu_format`` and ``nu_format`` override
-  the preset. Params stay plain bfloat16 arrays; apply the updates with
+  mcf, mcf) (C+); ``"exact"`` = (exact, bf16, exact): the float32 master bit
+  for bit in bf16 + int16, at plus's memory (with ``mu_format="exact"`` it is
+  ``optax.adamw`` on float32 params, bit for bit, given float32 gradients;
+  bfloat16 gradients make bfloat16 updates, which miss a param's new value by
+  at most an ulp of the update where it crosses zero or a binade);
+  ``"compact"`` = (compact, q8, q8): a bf16 + int8 master and 8-bit moments
+  with a bf16 scale per 32 values (FlashOptim's layout, Ortiz et al. 2026:
+  ~7 bytes per param with bf16 gradients). exact and compact keep bfloat16
+  params only. ``param_format``, ``mu_format`` and ``nu_format`` override
+  the preset (any names of :mod:`collage_optax.formats`). Params stay plain bfloat16 arrays; apply the updates with
   ``optax.apply_updates``: each update is ``θ' − θ`` in the gradient's
   dtype, so ``apply_updates`` lands on the new first component (a landing
   miss is folded into the residual). ``learning_rate`` may be a schedule, and
@@ -238,7 +246,8 @@ def adamw(
     b1, b2, eps, eps_root: Adam's hyperparameters.
     weight_decay: decoupled weight decay.
     mask: where to apply weight decay (as in ``optax.adamw``).
-    mode: ``"light"``, ``"plus"`` or ``"full"`` (see :data:`PRESETS`).
+    mode: ``"light"``, ``"plus"``, ``"full"``, ``"exact"`` or ``"compact"``
+      (see :data:`PRESETS`).
     mu_dtype: the first moment's dtype for every float leaf, as in
       ``optax.adamw`` (``jnp.bfloat16`` or ``jnp.float32``).
     param_format, mu_format, nu_format: formats overriding the preset for

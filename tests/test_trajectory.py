@@ -10,14 +10,17 @@
   rate with peak 1e-3, LayerNorm-like gains at 1.0, weights ~N(0, 0.02) and
   ~N(0, 0.5); see its docstring) through float64 AdamW (numpy, the reference),
   ``optax.adamw`` on float32 and on bfloat16 params, and ``collage_optax.adamw``
-  light / plus / full on bfloat16 params (read with ``master_params``).
+  light / plus / full / exact / compact, and exact with float32 moments
+  (``exact_m``), on bfloat16 params (read with ``master_params``).
 
   Metric: the relative error of the trajectory,
   ``||θ_T − θ64_T|| / ||θ64_T − θ_0||``: the distance between the final params
   and float64's final params, relative to the distance float64 travelled from
   the common start ``θ_0`` (2-norms over all params). Requirements: plus
   <= 1e-3, full <= 5e-4, both at least 100× below naive bfloat16, light below
-  naive bfloat16. ``pytest -s`` prints the six numbers;
+  naive bfloat16; exact <= 6e-4; exact_m <= 2e-5 (float32's own precision:
+  float32 AdamW on the exact master); compact <= 1e-2 is a target it misses
+  (a strict xfail, see the test). ``pytest -s`` prints the numbers;
   ``python benchmarks/trajectory.py`` writes them to
   ``benchmarks/results/trajectory.json``.
 
@@ -149,12 +152,17 @@ def test_bf16_second_moment_does_not_decay(name, tx, read_nu):
 
 
 @pytest.fixture(scope="module")
-def cosine_run():
+def cosine_run_result():
   result = trajectory.run()
   print("\nrelative trajectory error ||θ_T − θ64_T|| / ||θ64_T − θ_0||, "
         f"{trajectory.STEPS} steps, warmup + cosine learning rate:")
   print(trajectory.format_table(result))
-  return result["relative_error"]
+  return result
+
+
+@pytest.fixture(scope="module")
+def cosine_run(cosine_run_result):
+  return cosine_run_result["relative_error"]
 
 
 def test_fp32_agrees_with_float64_reference(cosine_run):
@@ -179,6 +187,56 @@ def test_compensated_is_100x_closer_than_naive_bf16(cosine_run, mode):
 
 def test_light_beats_naive_bf16(cosine_run):
   assert cosine_run["light"] < cosine_run["bf16"]
+
+
+def test_exact_within_6e4(cosine_run):
+  """The int16 residual holds the float32 master; the bfloat16 first moment is the floor."""
+  assert cosine_run["exact"] <= 6e-4
+  assert 100 * cosine_run["exact"] <= cosine_run["bf16"]
+
+
+def test_exact_with_float32_moments_tracks_float64_like_fp32(cosine_run):
+  """``mode="exact", mu_format="exact"`` is float32 AdamW on the exact master (but for the
+  bfloat16 updates' rounding at binade crossings, tests/test_exact.py): float32's error."""
+  assert cosine_run["exact_m"] <= 2e-5
+  assert cosine_run["exact_m"] <= 3 * cosine_run["fp32"]
+
+
+def test_compact_beats_naive_bf16(cosine_run):
+  assert cosine_run["compact"] < cosine_run["bf16"]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "compact misses its 1e-2 target (measured 0.20): its q8 second moment cannot follow b2=0.999. "
+    "√v decays 0.05% a step, under half a code step for every 8-bit code and under the bfloat16 "
+    "scale's half ulp (0.2%), so v only ratchets up (√v/√v64 median 1.32 by step 4000); the "
+    "param format alone (compact_f32) is at 5e-4"))
+def test_compact_within_1e2(cosine_run):
+  assert cosine_run["compact"] <= 1e-2
+
+
+def test_compact_param_format_alone_is_within_1e3():
+  """The int8 residual itself: compact's param format with float32 moments (the ``compact_f32``
+  probe) meets plus's bound, so compact's error comes from its q8 moments."""
+  errors = trajectory.run(strategies=("compact_f32",))["relative_error"]
+  assert errors["compact_f32"] <= 1e-3
+
+
+def test_bytes_per_param_are_the_arrays(cosine_run_result):
+  """Params + state bytes from the arrays: each format's bytes (the q8 scales: one bfloat16
+  per 32 along the last axis, ``mlp/kernel``'s rows of 16 get one each), and the gradients."""
+  n = sum(int(np.prod(v[0])) for v in trajectory.LAYOUT.values())
+  groups = sum(int(np.prod(v[0][:-1])) * -(-v[0][-1] // 32) for v in trajectory.LAYOUT.values())
+  q8 = 1 + 2 * groups / n
+  expected = {"fp32": 12, "bf16": 6, "light": 8, "plus": 10, "full": 12, "exact": 10, "exact_m": 12,
+              "compact": 3 + 2 * q8}
+  table = cosine_run_result["bytes_per_param"]
+  assert set(table) == set(trajectory.STRATEGIES)
+  for name, total in expected.items():
+    assert table[name]["params_plus_state"] == pytest.approx(total, abs=0.01), name  # + the step counts
+    grads = 4 if name == "fp32" else 2
+    assert table[name]["gradients"] == grads, name
+    assert table[name]["total_with_gradients"] == pytest.approx(total + grads, abs=0.01), name
 
 
 def test_constant_python_float_learning_rate_is_not_rounded():
