@@ -223,7 +223,8 @@ def adamw(
 
   Non-finite gradients. A NaN or ±inf gradient element poisons, at that
   element only, ``m``, ``v`` and the param (its residual is set to 0); every
-  other element is unaffected and the step count advances, as in
+  other element is unaffected (in a ``q8`` moment the rest of its group of
+  32 is requantised without it) and the step count advances, as in
   ``optax.adamw``. To skip
   such steps instead, one line::
 

@@ -373,7 +373,10 @@ def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.Gradie
     tx = optax.chain(optax.lion(1e-4), collage_optax.compensate())
 
   Args:
-    format: the param format of :mod:`collage_optax.formats` (``"mcf"``).
+    format: the param format of :mod:`collage_optax.formats`: ``"mcf"`` (the
+      paper's, any bfloat16/float16 param), ``"exact"`` (an int16 residual:
+      the float32 bit for bit) or ``"compact"`` (an int8 residual, ~15 bits);
+      the last two keep bfloat16 params only.
     track_metrics: record EDQ and lost fraction in the state (read them with
       :func:`collage_optax.metrics`).
 
