@@ -16,9 +16,11 @@ from collage_optax.transform import (
   PrecisionMetrics,
   PrecisionState,
   ScaleByAdamState,
+  StochasticRoundingState,
   compensate,
   measure_precision,
   scale_by_adam,
+  stochastic_rounding,
 )
 
 __version__ = "0.1.0"
@@ -32,6 +34,7 @@ __all__ = [
   "PrecisionMetrics",
   "PrecisionState",
   "ScaleByAdamState",
+  "StochasticRoundingState",
   "abstract_state",
   "adamw",
   "compensate",
@@ -43,4 +46,5 @@ __all__ = [
   "scale_by_adam",
   "sharded_init",
   "state_shardings",
+  "stochastic_rounding",
 ]

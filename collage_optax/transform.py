@@ -22,16 +22,19 @@ from jax import lax
 from optax import tree_utils as otu
 from optax._src import numerics
 
-from collage_optax import _tree, formats
+from collage_optax import _tree, formats, mcf
 
 __all__ = [
   "CompensateState",
   "PrecisionMetrics",
   "PrecisionState",
   "ScaleByAdamState",
+  "StochasticRoundingState",
   "compensate",
   "measure_precision",
   "scale_by_adam",
+  "stochastic_round",
+  "stochastic_rounding",
 ]
 
 
@@ -438,6 +441,101 @@ def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.Gradie
       sums.append(_leaf_sums(delta, u32) if track_metrics else None)
     metrics = _compute_metrics(params, sums) if track_metrics else None
     return treedef.unflatten(out_u), CompensateState(treedef.unflatten(out_lo), metrics)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# ---------------------------------------------------------------------------
+# stochastic_rounding: unbiased rounding of the update into the params.
+# ---------------------------------------------------------------------------
+
+
+class StochasticRoundingState(NamedTuple):
+  """State of :func:`stochastic_rounding`: the step count, the counter of its PRNG."""
+
+  count: chex.Array  # shape=(), dtype=jnp.int32.
+
+
+def stochastic_round(x: chex.Array, dtype: Any, bits: chex.Array) -> chex.Array:
+  """``x`` (float32) rounded to ``dtype`` up or down at random, unbiased: ``E[result] = x``.
+
+  With ``r`` the nearest ``dtype`` value and ``n`` its neighbour on ``x``'s
+  side, the result is ``n`` with probability ``|x − r| / |n − r|`` (an exact
+  ratio: ``n − r`` is a power of two), from ``bits`` (uint32, one per element:
+  their top 24 bits are the uniform variate). Exact values, ±inf and NaN are
+  kept; a finite ``x`` never rounds to ±inf (it stays at ``dtype``'s largest
+  value). Connolly, Higham & Mary, "Stochastic rounding and its probabilistic
+  backward error analysis", SIAM J. Sci. Comput. 2021.
+  """
+  dtype = jnp.dtype(dtype)
+  r = mcf.round_to(x, dtype)
+  d = x - r  # exact: r is x rounded
+  toward = jnp.where(d > 0, jnp.inf, -jnp.inf).astype(dtype)
+  n = formats.widen(lax.nextafter(r.astype(dtype), toward)).astype(jnp.float32)
+  u = (bits >> 8).astype(jnp.float32) * 2.0**-24  # uniform in [0, 1)
+  up = (u * jnp.abs(n - r) < jnp.abs(d)) & jnp.isfinite(n)
+  return jnp.where(up, n, r)
+
+
+def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
+  r"""Adds each update to its bfloat16/float16 param with stochastic rounding; the last link of a chain.
+
+  ``θ' = SR(θ + u)`` with ``P(SR(x) = n) = |x − r| / |n − r|`` (``r`` the
+  nearest value, ``n`` the other neighbour), so ``E[θ'] = θ + u``: an update
+  far below half an ulp of ``θ`` is applied on average instead of lost
+  (Gupta et al. 2015; the method torchao and several PyTorch trainers offer
+  for bf16 params). No residual: the params and the optimizer's own state
+  stay all there is. It emits ``θ' − θ`` in ``u``'s dtype, which
+  ``optax.apply_updates`` lands on (a bfloat16 update across zero or a
+  binade may land next to ``θ'``: the rounding is then that of the update).
+  The randomness is counter-based: element ``i`` of leaf ``k`` at step ``t``
+  uses ``jax.random.bits(fold_in(fold_in(key(seed), t), k))[i]``, so a run is
+  reproducible and resumes exactly from a checkpointed state. float32 and
+  other leaves pass through.
+
+  Example::
+
+    tx = optax.chain(optax.adamw(1e-3), collage_optax.stochastic_rounding())
+
+  Args:
+    seed: the PRNG seed.
+
+  Returns:
+    An ``optax.GradientTransformation`` whose ``update`` needs ``params``.
+  """
+
+  def init_fn(params):
+    del params
+    return StochasticRoundingState(jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+        "stochastic_rounding needs `params`: call tx.update(updates, state, params) with the current params."
+      )
+    if not isinstance(state, StochasticRoundingState):
+      raise TypeError(
+        f"stochastic_rounding: got a state of type {type(state).__name__}, not StochasticRoundingState. "
+        "It comes from another optimizer: call tx.init(params) with this transformation."
+      )
+    _tree.check_structure("stochastic_rounding", params, "params", updates, "updates")
+    key = jax.random.fold_in(jax.random.key(seed), state.count)
+    p_flat, treedef = _tree.leaves_with_paths(params)
+    out = []
+    for i, ((path, p), u) in enumerate(zip(p_flat, treedef.flatten_up_to(updates))):
+      if leaf_kind("stochastic_rounding", path, p) != "low" or u is None or _tree.is_empty(u):
+        out.append(u)
+        continue
+      if not _tree.is_float(u):
+        raise TypeError(
+          f"stochastic_rounding: the update for leaf {path} has dtype {getattr(u, 'dtype', type(u))}; "
+          "updates of bfloat16/float16 params must be floats."
+        )
+      x = formats.widen(p) + formats.widen(u).astype(jnp.float32)
+      bits = jax.random.bits(jax.random.fold_in(key, i), jnp.shape(p), jnp.uint32)
+      target = stochastic_round(x, p.dtype, bits)
+      out.append(formats._emit(x, target, p, u.dtype)[0])
+    return treedef.unflatten(out), StochasticRoundingState(numerics.safe_increment(state.count))
 
   return optax.GradientTransformation(init_fn, update_fn)
 

@@ -83,3 +83,63 @@ def test_memory_train_step_is_compiled_and_donated(memory_json):
   # Persistent state: the bf16 strategies take fewer argument bytes than fp32 (D).
   assert step["plus"]["bytes"]["arguments"] < step["fp32"]["bytes"]["arguments"]
   assert step["bf16"]["bytes"]["arguments"] < step["light"]["bytes"]["arguments"] < step["plus"]["bytes"]["arguments"]
+
+
+# ---------------------------------------------------------------------------
+# trajectory.py (a short replay) and frontier.py (on the committed JSON).
+# ---------------------------------------------------------------------------
+
+RESULTS = BENCH / "results"
+
+
+def test_trajectory_short_run_writes_every_strategy_or_why_it_is_skipped(tmp_path):
+  """A 20-step replay of fp32, compact and FlashOptim's default: FlashOptim runs where it is
+  importable, else it is skipped with a reason; every strategy that ran has its error and bytes."""
+  out = tmp_path / "trajectory.json"
+  _load("trajectory").main(["--steps", "20", "--constant-lr", "0", "--strategies", "fp32,compact,flash_adamw",
+                            "--out", str(out)])
+  result = json.loads(out.read_text())
+  ran = [s for s in ("fp32", "compact", "flash_adamw") if s not in result["skipped"]]
+  assert set(result["skipped"]) <= {"flash_adamw"}
+  assert set(ran) >= {"fp32", "compact"}
+  for name in ran:
+    assert 0 <= result["relative_error"][name] < 1, name
+    b = result["bytes_per_param"][name]
+    assert b["total_with_gradients"] == pytest.approx(b["params_plus_state"] + b["gradients"]), name
+    assert result["strategies"][name]["label"], name
+  assert result["bytes_per_param"]["compact"]["params_plus_state"] < 6
+
+
+def test_trajectory_skips_flashoptim_when_it_is_not_importable(monkeypatch):
+  trajectory = _load("trajectory")
+  monkeypatch.setattr(trajectory._common, "flash_unavailable", lambda: "not installed (test)")  # pylint: disable=protected-access
+  result = trajectory.run(steps=5, strategies=("fp32", *trajectory.FLASH))
+  assert result["skipped"] == {name: "not installed (test)" for name in trajectory.FLASH}
+  assert set(result["relative_error"]) == {"float64", "fp32"}
+
+
+def _table_rows(table: str) -> list[str]:
+  """The first cell of each body row of a markdown table."""
+  return [line.split("|")[1].strip() for line in table.splitlines()[2:] if line.startswith("|")]
+
+
+def test_frontier_on_the_committed_json(tmp_path, capsys):
+  """frontier.py reads results/trajectory.json (and step.json, memory.json): a row per strategy."""
+  frontier = _load("frontier")
+  trajectory = json.loads((RESULTS / "trajectory.json").read_text())
+  names = [s for s in trajectory["relative_error"] if s != "float64"]
+  result = frontier.main(["--out", str(tmp_path / "frontier.json")])
+  assert list(result["strategies"]) == names
+  assert _table_rows(frontier.table(result)) == names
+  assert json.loads((tmp_path / "frontier.json").read_text())["strategies"].keys() == set(names)
+  assert "| fp32 " in capsys.readouterr().out
+  fp32 = result["strategies"]["fp32"]
+  assert fp32["relative_error"] < 1e-4 and fp32["bytes_per_param_with_gradients"] == pytest.approx(16, abs=0.01)
+
+
+def test_frontier_without_step_json_shows_dashes(tmp_path):
+  frontier = _load("frontier")
+  result = frontier.main(["--step", str(tmp_path / "missing.json"), "--out", str(tmp_path / "frontier.json")])
+  assert all(r["step"]["ratio_to_fp32"] is None for r in result["strategies"].values())
+  for line in frontier.table(result).splitlines()[2:]:
+    assert line.count(frontier.DASH) == 2, line

@@ -7,9 +7,10 @@ formula, ml_dtypes for the bfloat16 rounding, optax itself; never the library.
 
 Measured (2 cores, XLA:CPU, which flushes float32 subnormals): the round trip
 is within ``u/254`` (``ulp(hi)/508``; ``2**-126/254`` absolute below
-``2**-118``) plus at most 0.5 float32 ulp of ``x``: the largest error seen was
-0.99994 of ``u/254`` for ``|hi| >= 2**-118`` and 0.99999 below. The residual
-equals the float64 formula's everywhere. A float32 subnormal ``x`` is read as
+``2**-118``); the tests allow half a float32 ulp of ``x`` more for the final
+rounding. Over 3.2M values (every binade, and 2**-126 to 2**-100 densely) the
+largest error was 0.99994 of ``u/254`` for ``|hi| >= 2**-118`` and 0.9999995
+below, never beyond it. The residual equals the float64 formula's everywhere. A float32 subnormal ``x`` is read as
 zero by the arithmetic (DAZ; see tests/test_formats.py): its pair decodes within
 ``2**-126`` of it. Before the residual's arithmetic was lifted by ``2**64``
 (formats._compact_lift), ``x − hi`` and the unit ``u/127`` were float32
@@ -231,7 +232,8 @@ def test_nan_and_inf(udt):
   inf = np.isinf(want)
   assert np.all(q.astype(F32)[inf] == want[inf]) and np.all(d[inf] == want[inf])
   # What optax would do with the plain float32 step: the same non-finite param.
-  plain = np.asarray(optax.apply_updates(jnp.asarray(p), jnp.asarray(x - p.astype(F32)).astype(UDTYPES[udt])))
+  with np.errstate(over="ignore"):
+    plain = np.asarray(optax.apply_updates(jnp.asarray(p), jnp.asarray(x - p.astype(F32)).astype(UDTYPES[udt])))
   assert np.array_equal(np.isnan(plain.astype(F32)), np.isnan(want))
   assert np.all(plain.astype(F32)[inf] == want[inf])
 
@@ -364,8 +366,8 @@ def test_float16_params_are_refused_naming_the_leaf(make):
 def test_compensate_compact_tracks_float64_sgd():
   """``optax.chain(optax.sgd(lr), compensate(format="compact"))`` on bfloat16 params against float64
   SGD (the same float32 gradients, which do not depend on the params): 300 steps of ~1e-4 on params
-  ~N(0, 1), well below their half ulp. Measured error ||θ − θ64|| / ||θ64 − θ0||: compact 2.5e-3,
-  plain bfloat16 (``optax.sgd`` + ``apply_updates``) 0.89 (it stalls), float32 SGD 2.5e-6."""
+  ~N(0, 1), well below their half ulp. Measured error ||θ − θ64|| / ||θ64 − θ0||: compact 3.8e-3,
+  plain bfloat16 (``optax.sgd`` + ``apply_updates``) 0.97 (it stalls), float32 SGD 1.5e-5."""
   rng = np.random.default_rng(0)
   n, steps, lr = 4096, 300, 1e-4
   theta0 = rng.normal(size=n).astype(BF16)
