@@ -22,6 +22,8 @@ extensions = [
     "sphinx.ext.napoleon",
     "sphinx.ext.mathjax",
     "sphinx.ext.viewcode",
+    # MathJax from the site itself, not a CDN: the formulas render offline.
+    "sphinx-mathjax-offline",
 ]
 
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}

@@ -54,7 +54,7 @@ COLLECTIVES = ("all-gather", "all-reduce", "collective-permute", "reduce-scatter
 # is, "exact" an int16 residual, "compact" an int8 one and q8 moments);
 # optax.adamw is the baseline for shardings and collectives.
 RUNS = (("dp", "collage full"), ("fsdp", "collage full"), ("fsdp", "collage plus"),
-        ("fsdp", "collage compact"), ("fsdp", "collage exact"), ("dp", "collage compact"),
+        ("fsdp", "collage compact"), ("fsdp", "collage exact"),
         ("dp", "optax.adamw"), ("fsdp", "optax.adamw"))
 REFERENCES = ("collage full", "collage plus", "collage compact", "collage exact")
 # Params whose FSDP shards (of the last axis, or of another one) hold whole

@@ -84,3 +84,20 @@ def test_doc_examples_run(page, tmp_path, monkeypatch):
   namespace = {"__name__": f"docs_{page}"}
   for i, block in enumerate(blocks):
     exec(compile(block, f"docs/{page} (python block {i + 1})", "exec"), namespace)  # pylint: disable=exec-used
+
+
+def test_no_page_loads_a_script_or_stylesheet_from_another_host(html):
+  """The site works offline: MathJax is bundled (sphinx-mathjax-offline), not fetched from a CDN,
+  so the Concepts page's formulas render without a network."""
+  ref = re.compile(r"<(script|link)\b[^>]*\b(?:src|href)=\"([^\"]+)\"")
+  pages = sorted(html.glob("**/*.html"))
+  assert pages
+  for page in pages:
+    for tag, url in ref.findall(page.read_text()):
+      if tag == "link" and not re.search(r"\.(css|js)(\?|$)", url):
+        continue  # links to pages (prev/next, the repository button), not resources
+      assert not re.match(r"(https?:)?//", url), f"{page.name} loads {url} from another host"
+  concepts = (html / "concepts.html").read_text()
+  assert '<script defer="defer" src="_static/mathjax/tex-chtml.js"' in concepts
+  assert (html / "_static" / "mathjax" / "tex-chtml.js").is_file()
+  assert r"\(\theta" in concepts or r"\theta" in concepts  # math is there for MathJax to typeset
