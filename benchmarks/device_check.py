@@ -58,7 +58,7 @@ import step  # noqa: E402
 
 import collage_optax  # noqa: E402
 from collage_optax import cli  # noqa: E402
-from collage_optax import compare  # noqa: E402
+from collage_optax.cli import compare  # noqa: E402
 
 OUT = _common.RESULTS / "device_check.json"
 BF16 = ml_dtypes.bfloat16

@@ -5,7 +5,7 @@
    gradients (which have the params' dtypes) on top. Compare DESIGN §1:
    A 8, B 10, C 12, C+ 14, D 16 bytes/param including gradients.
 2. A full training step of the GPT of ``collage-optax compare``
-   (``collage_optax.gpt``): ``loss, grads = value_and_grad(loss)``, the optimizer
+   (``collage_optax.cli.gpt``): ``loss, grads = value_and_grad(loss)``, the optimizer
    update and ``apply_updates``, jitted with params and state donated, and
    ``jax.jit(step).lower(...).compile().memory_analysis()``: the bytes of the
    arguments (params, state, batch), outputs, outputs aliased to donated
@@ -34,7 +34,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from collage_optax import gpt  # noqa: E402
+from collage_optax.cli import gpt  # noqa: E402
 
 OUT = _common.RESULTS / "memory.json"
 
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result: dict[str, Any] = {
       "benchmark": "persistent bytes/param and compiled memory of a GPT training step",
       "machine": _common.machine(),
-      "model": f"collage_optax.gpt GPT: {cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, "
+      "model": f"collage_optax.cli.gpt GPT: {cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, "
                f"compute dtype {jnp.dtype(cfg.dtype).name}",
       "config": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "max_context": cfg.context},
       "persistent_bytes_per_param": persistent(cfg, names),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from collage_optax import cli
-from collage_optax import corpus
+from collage_optax.cli import corpus
 
 STRATEGIES = ("fp32", "bf16", "light", "plus")
 # Optimizer + param bytes per param (DESIGN §1's table without the bf16 gradients):
@@ -93,7 +93,7 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
 def test_every_strategy_stores_what_design_says():
   """Optimizer + param bytes per param of all five strategies, from their initial pytrees."""
   import jax
-  from collage_optax import compare, gpt
+  from collage_optax.cli import compare, gpt
   _, params = gpt.init_params(gpt.GPTConfig(layers=1, width=16, heads=2, context=8), seed=0)
   n = sum(p.size for p in jax.tree.leaves(params))
   want = {**BYTES_PER_PARAM, "full": 12}
@@ -248,3 +248,36 @@ def test_python_dash_m_entry_point():
       env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert proc.returncode == 2
   assert "collage-optax compare: error: argument --steps: 0 must be a positive integer" in proc.stderr
+
+
+def test_the_tool_is_a_subpackage_on_the_public_api():
+  """cli, compare, gpt and corpus live in ``collage_optax.cli`` and use only ``collage_optax.__all__``
+  (DESIGN §5); importing the library does not import the tool (nor matplotlib, tqdm, flax's GPT)."""
+  import ast
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  import collage_optax
+
+  pkg = Path(collage_optax.__file__).parent / "cli"
+  files = sorted(pkg.glob("*.py"))
+  assert {f.name for f in files} >= {"__init__.py", "compare.py", "gpt.py", "corpus.py"}
+  public = set(collage_optax.__all__) | {"cli"}
+  for f in files:
+    for node in ast.walk(ast.parse(f.read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("collage_optax"):
+        if node.module == "collage_optax":
+          bad = [a.name for a in node.names if a.name not in public]
+          assert not bad, f"{f.name} imports {bad} from collage_optax (not public)"
+        else:
+          assert node.module.startswith("collage_optax.cli"), f"{f.name} imports {node.module}"
+      if isinstance(node, ast.Import):
+        for a in node.names:
+          assert a.name == "collage_optax" or not a.name.startswith("collage_optax.") or a.name.startswith(
+              "collage_optax.cli"), f"{f.name} imports {a.name}"
+      if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "collage_optax":
+        assert node.attr in public, f"{f.name} uses collage_optax.{node.attr} (not public)"
+  code = "import sys, collage_optax; print(sorted(m for m in sys.modules if m.startswith('collage_optax')))"
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+  assert "collage_optax.cli" not in out and "collage_optax.alias" in out, out

@@ -55,28 +55,52 @@ def _param_of(state_path: str, params: dict) -> str | None:
   return max(found, key=len) if found else None
 
 
+def _scales_layout(p: dict) -> tuple[list[int], tuple[str, ...], list[int]]:
+  """Shape, ``_spec`` and shard shape a ``q8`` moment's scales must have, from its param's.
+
+  One scale per group of 32 along the last axis: shape ``p.shape[:-1] +
+  (ceil(n / 32),)``, ``(1,)`` for a scalar. Each dimension keeps the param's
+  mesh axis where that axis's size (the param's dimension over its shard's)
+  divides the scales' dimension, and is replicated otherwise.
+  """
+  shape = [*p["shape"][:-1], -(-p["shape"][-1] // 32)] if p["shape"] else [1]
+  axes = list(_spec(p["spec"])) + ["None"] * (len(shape) - len(_spec(p["spec"])))
+  ways = [n // s for n, s in zip(p["shape"], p["shard_shape"])] or [1]
+  keep = [a != "None" and n % w == 0 for a, n, w in zip(axes, shape, ways)]
+  spec = [a if k else "None" for a, k in zip(axes, keep)]
+  while spec and spec[-1] == "None":
+    spec.pop()
+  return shape, tuple(spec), [n // w if k else n for n, w, k in zip(shape, ways, keep)]
+
+
 def _check_follows(rec: dict, source: str) -> dict[tuple[str, str], str]:
   """Asserts every per-parameter state array of ``rec[source]`` is laid out like its param.
 
-  Returns the ``(state kind, param)`` pairs found with each array's dtype, e.g.
-  ``{("nu", "['dense1']['kernel']"): "uint32"}`` (a packed two-bfloat16 MCF moment).
+  A ``q8`` moment is two arrays, ``<path>.codes`` (laid out like the param)
+  and ``<path>.scales`` (checked against :func:`_scales_layout`). Returns the
+  ``(state kind, param)`` pairs found with each array's dtype, e.g.
+  ``{("nu", "['dense1']['kernel']"): "uint32"}`` (a packed two-bfloat16 MCF
+  moment) or ``{("mu.scales", "['dense1']['kernel']"): "bfloat16"}``.
   """
   params, found = rec["params"], {}
   for path, leaf in rec[source].items():
-    ppath = _param_of(path, params)
+    base, part = re.fullmatch(r"(.*?)((?:\.codes|\.scales)?)", path).groups()
+    ppath = _param_of(base, params)
     if not leaf["shape"]:  # step count, hyperparameters
       assert ppath is None or params[ppath]["shape"] == [], (source, path)
       continue
     assert ppath is not None, f"{source}: state leaf {path} matches no param"
     p = params[ppath]
-    where = f"{source}: {path} (param {ppath} is {p['spec']} {p['shard_shape']})"
-    assert leaf["shape"] == p["shape"], where
+    where = f"{source}: {path} (param {ppath} is {p['spec']} {p['shape']} in {p['shard_shape']} shards)"
+    shape, spec, shard_shape = (p["shape"], _spec(p["spec"]), p["shard_shape"]) if part != ".scales" else (
+        _scales_layout(p))
+    assert leaf["shape"] == shape, where + f" got shape {leaf['shape']}"
     assert leaf["spec"].startswith("P("), where + f" got no NamedSharding ({leaf['devices']} device(s))"
-    assert _spec(leaf["spec"]) == _spec(p["spec"]), where + f" got {leaf['spec']}"
-    assert leaf["shard_shape"] == p["shard_shape"], where + f" got {leaf['shard_shape']}"
+    assert _spec(leaf["spec"]) == spec, where + f" got {leaf['spec']}, want {spec}"
+    assert leaf["shard_shape"] == shard_shape, where + f" got {leaf['shard_shape']}"
     assert leaf["devices"] == p["devices"], where
-    kind = re.search(r"\.(\w+)$", path[: len(path) - len(ppath)])
-    found[(kind.group(1) if kind else path, ppath)] = leaf["dtype"]
+    kind = re.search(r"\.(\w+)$", base[: len(base) - len(ppath)])
+    found[((kind.group(1) if kind else base) + part, ppath)] = leaf["dtype"]
   return found
 
 
@@ -91,12 +115,19 @@ EXPECTED_STATE = {
     "collage plus": {(k, p): d for p in BF16 for k, d in (("mu", "bfloat16"), ("nu", "uint32"), ("lo", "bfloat16"))}
     | _FP32_MOMENTS,
     "optax.adamw": {(k, p): "bfloat16" for p in BF16 for k in ("mu", "nu")} | _FP32_MOMENTS,
+    # float32 masters bit for bit: bf16 + an int16 residual, a float32 v.
+    "collage exact": {(k, p): d for p in BF16 for k, d in (("mu", "bfloat16"), ("nu", "float32"), ("lo", "int16"))}
+    | _FP32_MOMENTS,
+    # bf16 + an int8 residual; q8 moments: 8-bit codes (signed for m, of √v for v), a bf16 scale per 32.
+    "collage compact": {(k, p): d for p in BF16 for k, d in (
+        ("mu.codes", "int8"), ("mu.scales", "bfloat16"), ("nu.codes", "uint8"), ("nu.scales", "bfloat16"),
+        ("lo", "int8"))} | _FP32_MOMENTS,
 }
 SOURCES = ["eager init", "sharded_init"] + [f"step {i}" for i in range(1, 11)]
 
 
-@pytest.mark.parametrize("run", ["dp/collage full", "fsdp/collage full", "fsdp/collage plus",
-                                 "dp/optax.adamw", "fsdp/optax.adamw"])
+@pytest.mark.parametrize("run", ["dp/collage full", "fsdp/collage full", "fsdp/collage plus", "fsdp/collage compact",
+                                 "fsdp/collage exact", "dp/optax.adamw", "fsdp/optax.adamw"])
 def test_every_state_array_has_its_params_sharding(example, run):
   _, results, _ = example
   rec = results["shardings"][run]
@@ -105,6 +136,29 @@ def test_every_state_array_has_its_params_sharding(example, run):
       assert np.prod(rec["params"][p]["shard_shape"]) * 8 == np.prod(rec["params"][p]["shape"])
   for source in SOURCES:
     assert _check_follows(rec, source) == EXPECTED_STATE[run.split("/")[1]], source
+
+
+def test_q8_scales_shard_where_the_mesh_divides_them(example):
+  """mlp.py's FSDP layout splits the last axis of dense1's kernel (64) and both
+  biases (64, 40) 8 ways: 2 groups of 32, so their scales are replicated;
+  dense2's kernel is split along its rows, and so are its scales. Params whose
+  shards hold whole groups (``ALIGNED``) get scales sharded like them."""
+  _, results, _ = example
+  for source in ("eager init", "sharded_init", "step 10"):
+    rec = results["shardings"]["fsdp/collage compact"][source]
+    for m in ("mu", "nu"):
+      assert rec[f".{m}['dense1']['kernel'].scales"]["shard_shape"] == [24, 2], source
+      assert rec[f".{m}['dense2']['bias'].scales"]["shard_shape"] == [2], source
+      assert rec[f".{m}['dense2']['kernel'].scales"]["shard_shape"] == [8, 2], source
+  rec = results["shardings"]["fsdp-aligned/collage compact"]
+  found = _check_follows(rec, "sharded_init")
+  assert {k for k, d in found.items() if d == "bfloat16"} == {(f"{m}.scales", f"['{p}']") for m in ("mu", "nu")
+                                                              for p in ("kernel", "bias", "rows")}
+  for path, leaf in rec["sharded_init"].items():
+    if path.endswith(".scales"):
+      p = rec["params"][re.search(r"\['\w+'\]", path).group(0)]
+      assert _spec(leaf["spec"]) == _spec(p["spec"]), path
+      assert np.prod(leaf["shard_shape"]) * 8 == np.prod(leaf["shape"]), path
 
 
 def test_sharded_init_replicates_scalars_over_the_mesh(example):
@@ -145,11 +199,30 @@ def _count(hlo: str) -> dict[str, int]:
 def test_no_collectives_beyond_optax_adamw(example, layout):
   out, _, _ = example
   read = lambda name, what: (out / "hlo" / f"{layout}_{name}_{what}.txt").read_text()
-  for name in ("collage-full", "collage-plus") if layout == "fsdp" else ("collage-full",):
+  for name in ("collage-full", "collage-plus", "collage-exact") if layout == "fsdp" else ("collage-full",):
     assert _count(read(name, "update")) == dict.fromkeys(COLLECTIVES, 0), name
     assert _count(read(name, "step")) == _count(read("optax.adamw", "step")), name
   assert _count(read("optax.adamw", "update")) == dict.fromkeys(COLLECTIVES, 0)
   assert sum(_count(read("optax.adamw", "step")).values()) > 0  # the counter sees collectives
+
+
+def test_compact_fsdp_collectives_are_the_q8_group_maxima(example):
+  """A q8 moment's scale is the largest magnitude of a group of 32 along the
+  last axis. mlp.py's FSDP layout puts 8 (dense1) and 5 (dense2's bias)
+  elements of a last axis on each device, so a group spans 4 to 7 devices and
+  the update needs collectives (an all-reduce of partial group maxima, small
+  all-gathers and halo exchanges; no full-size array, see below); the train
+  step needs exactly optax.adamw's and the update's. Where every shard holds
+  whole groups (``ALIGNED``: 32 of 256 per device, or rows sharded) there are
+  none."""
+  out, results, _ = example
+  read = lambda name, what: _count((out / "hlo" / f"{name}_{what}.txt").read_text())
+  update = read("fsdp_collage-compact", "update")
+  assert update["all-reduce"] >= 1 and sum(update.values()) > 1, update
+  assert update == results["collectives"]["fsdp/collage compact"]["update"]
+  optax_step = read("fsdp_optax.adamw", "step")
+  assert read("fsdp_collage-compact", "step") == {c: optax_step[c] + update[c] for c in COLLECTIVES}
+  assert read("fsdp-aligned_collage-compact", "update") == dict.fromkeys(COLLECTIVES, 0)
 
 
 def test_measuring_precision_costs_one_all_reduce_either_way(example):
@@ -169,7 +242,7 @@ def test_fsdp_update_holds_no_full_size_array(example):
   """No replicated copy (fp32 or bf16) of a sharded param, moment or low part
   exists anywhere in the compiled FSDP update: only per-device shards."""
   out, _, _ = example
-  for name in ("collage-full", "collage-plus"):
+  for name in ("collage-full", "collage-plus", "collage-exact", "collage-compact"):
     shapes = _shapes((out / "hlo" / f"fsdp_{name}_update.txt").read_text())
     assert "24,8" in shapes and "8,40" in shapes, name  # the shards are there
     assert not shapes & set(SHARDED_GLOBAL_SHAPES), (name, shapes & set(SHARDED_GLOBAL_SHAPES))
@@ -177,7 +250,8 @@ def test_fsdp_update_holds_no_full_size_array(example):
   assert "24,64" in _shapes((out / "hlo" / "dp_collage-full_update.txt").read_text())
 
 
-@pytest.mark.parametrize("run", ["dp_collage-full", "fsdp_collage-full", "fsdp_collage-plus"])
+@pytest.mark.parametrize("run", ["dp_collage-full", "fsdp_collage-full", "fsdp_collage-plus", "fsdp_collage-compact",
+                                 "fsdp_collage-exact"])
 def test_ten_steps_on_the_mesh_are_bitwise_one_device(example, run):
   out, _, _ = example
   mesh = multidevice.load_npz(out / f"{run}_mesh.npz")
@@ -193,16 +267,25 @@ def test_ten_steps_on_the_mesh_are_bitwise_one_device(example, run):
   kernel = mesh["[0]['dense1']['kernel']"].view(np.uint16)
   assert (kernel != np.asarray(init["dense1"]["kernel"]).view(np.uint16)).mean() > 0.5
   lo = [k for k in mesh if ".lo[" in k]
-  assert len(lo) == len(BF16) and all(np.any(mesh[k].view(np.uint16) & 0x7FFF) for k in lo)
+  assert len(lo) == len(BF16)
+  for k in lo:  # bf16 (mcf): a nonzero magnitude; int16 (exact), int8 (compact): a nonzero integer
+    bits = mesh[k].view(np.uint16) & 0x7FFF if mesh[k].dtype.kind == "V" else mesh[k]
+    assert mesh[k].dtype.itemsize == {"exact": 2, "compact": 1}.get(run.split("-")[-1], 2), (k, mesh[k].dtype)
+    assert np.any(bits), k
   # The packed MCF moments (hi << 16 | lo, uint32) carry low halves too.
   packed = [k for k in mesh if mesh[k].dtype == np.uint32]
-  assert len(packed) == len(BF16) * (2 if "full" in run else 1), packed
+  assert len(packed) == len(BF16) * {"full": 2, "plus": 1}.get(run.split("-")[-1], 0), packed
   assert all(np.any(mesh[k] & 0x7FFF) for k in packed)
+  # q8 moments: codes and scales moved off zero.
+  q8 = [k for k in mesh if k.endswith((".codes", ".scales"))]
+  assert len(q8) == (4 * len(BF16) if run.endswith("compact") else 0), q8
+  assert all(np.any(mesh[k].view(np.uint16) if mesh[k].dtype.kind == "V" else mesh[k]) for k in q8)
 
 
 def test_master_params_of_a_sharded_state_stay_sharded(example):
   _, results, _ = example
-  for run in ("dp/collage full", "fsdp/collage full", "fsdp/collage plus"):
+  for run in ("dp/collage full", "fsdp/collage full", "fsdp/collage plus", "fsdp/collage compact",
+              "fsdp/collage exact"):
     rec = results["shardings"][run]
     for source in ("master_params", "jit(master_params)"):
       for path, leaf in rec[source].items():
@@ -218,6 +301,10 @@ def test_example_prints_the_state_table(example):
   # dense1's kernel and its state: m, v (packed MCF) and lo, each sharded like it.
   assert re.search(r"\['dense1'\]\['kernel'\] +bfloat16 +P\(None, 'fsdp'\) +state: "
                    r"mu=P\(None, 'fsdp'\), nu=P\(None, 'fsdp'\), lo=P\(None, 'fsdp'\)\n", stdout), stdout
+  # A q8 moment: codes like the param, scales (2 groups of 32 over 8 devices) replicated.
+  assert re.search(r"\['dense1'\]\['kernel'\] +bfloat16 +P\(None, 'fsdp'\) +state: mu.codes=P\(None, 'fsdp'\), "
+                   r"mu.scales=P\(\), nu.codes=P\(None, 'fsdp'\), nu.scales=P\(\), lo=P\(None, 'fsdp'\)\n",
+                   stdout), stdout
   assert "bitwise equal to one device: {'dp/collage full': True, 'fsdp/collage full': True, " in stdout
 
 

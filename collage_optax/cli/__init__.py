@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from collage_optax import compare, corpus, gpt
+from collage_optax.cli import compare, corpus, gpt
 
 __all__ = ["PRESETS", "main"]
 

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from collage_optax import alias, gpt, transform
-from collage_optax.corpus import Corpus
+import collage_optax
+from collage_optax.cli import gpt
+from collage_optax.cli.corpus import Corpus
 
 __all__ = [
   "DEFAULT_STRATEGIES",
@@ -78,10 +79,10 @@ def make_optimizer(strategy: str, cfg: TrainConfig) -> optax.GradientTransformat
   if strategy in ("fp32", "bf16"):
     return optax.chain(
       optax.adamw(cfg.schedule(), cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=_decay_mask),
-      transform.measure_precision(),
+      collage_optax.measure_precision(),
     )
-  if strategy in alias.MODES:
-    return alias.adamw(
+  if strategy in collage_optax.MODES:
+    return collage_optax.adamw(
       cfg.schedule(),
       cfg.b1,
       cfg.b2,
@@ -100,7 +101,7 @@ def param_dtype(strategy: str) -> Any:
 
 def _precision(opt_state: Any) -> tuple[jax.Array, jax.Array]:
   """Global ``(edq, lost_fraction)`` of the one tracked transformation in a state (jittable)."""
-  is_metrics = lambda x: isinstance(x, transform.PrecisionMetrics)
+  is_metrics = lambda x: isinstance(x, collage_optax.PrecisionMetrics)
   (m,) = [x for x in jax.tree.leaves(opt_state, is_leaf=is_metrics) if is_metrics(x)]
   return m.edq, m.lost_fraction
 
