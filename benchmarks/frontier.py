@@ -34,22 +34,22 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
 OUT = _common.RESULTS / "frontier.json"
 DASH = "—"
 
 
-def _load(path: Optional[Path]) -> Optional[dict[str, Any]]:
+def _load(path: Path | None) -> dict[str, Any] | None:
   if path is None or not path.exists():
     return None
   return json.loads(path.read_text())
 
 
-def _pick_size(step: Optional[dict[str, Any]], n_params: Optional[int]) -> Optional[dict[str, Any]]:
+def _pick_size(step: dict[str, Any] | None, n_params: int | None) -> dict[str, Any] | None:
   """The step.json size entry nearest ``n_params`` (the largest when ``None``)."""
   sizes = (step or {}).get("sizes") or []
   if not sizes:
@@ -59,7 +59,7 @@ def _pick_size(step: Optional[dict[str, Any]], n_params: Optional[int]) -> Optio
   return min(sizes, key=lambda s: abs(s["n_params"] - n_params))
 
 
-def step_ratios(size: Optional[dict[str, Any]], name: str) -> dict[str, Any]:
+def step_ratios(size: dict[str, Any] | None, name: str) -> dict[str, Any]:
   """One strategy's step-time ratios to fp32 at one step.json size (``None`` where unknown)."""
   entries = (size or {}).get("strategies", {})
   s, base = entries.get(name), entries.get(_common.BASELINE)
@@ -72,8 +72,8 @@ def step_ratios(size: Optional[dict[str, Any]], name: str) -> dict[str, Any]:
   return {"donated": donated, "ratio_to_fp32": ratio, "ratio_to_fp32_nondonated": s.get("ratio_to_fp32_nondonated")}
 
 
-def frontier(trajectory: dict[str, Any], step: Optional[dict[str, Any]] = None,
-             memory: Optional[dict[str, Any]] = None, n_params: Optional[int] = None) -> dict[str, Any]:
+def frontier(trajectory: dict[str, Any], step: dict[str, Any] | None = None,
+             memory: dict[str, Any] | None = None, n_params: int | None = None) -> dict[str, Any]:
   """One row per strategy of ``trajectory`` (float64, the reference, excluded), in its order."""
   size = _pick_size(step, n_params)
   constant = trajectory.get("constant_lr", {}).get("relative_error", {})
@@ -106,7 +106,7 @@ def frontier(trajectory: dict[str, Any], step: Optional[dict[str, Any]] = None,
   }
 
 
-def _on_frontier(name: str, rows: dict[str, Any]) -> Optional[bool]:
+def _on_frontier(name: str, rows: dict[str, Any]) -> bool | None:
   key = lambda r: (r["bytes_per_param_with_gradients"], r["relative_error"])
   mine = key(rows[name])
   if None in mine:
@@ -120,7 +120,7 @@ def _on_frontier(name: str, rows: dict[str, Any]) -> Optional[bool]:
   return True
 
 
-def _fmt(x: Optional[float], spec: str) -> str:
+def _fmt(x: float | None, spec: str) -> str:
   return DASH if x is None else format(x, spec)
 
 
@@ -142,7 +142,7 @@ def table(result: dict[str, Any]) -> str:
        f"step × fp32{at}", "step × fp32, not donated", "frontier"], rows)
 
 
-def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--trajectory", type=Path, default=_common.RESULTS / "trajectory.json")
   parser.add_argument("--step", type=Path, default=_common.RESULTS / "step.json")
@@ -159,7 +159,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                        for k, p in (("trajectory", args.trajectory), ("step", args.step), ("memory", args.memory))}
   _common.write_json(result, args.out)
   print(table(result))
-  print("\n* FlashOptim's step cannot be donated (its state shares buffers): its non-donated step over fp32's donated one.")
+  print("\n* FlashOptim's step cannot be donated (its state shares buffers): "
+        "its non-donated step over fp32's donated one.")
   print(f"{DASH}: not in {args.step.name}.")
   for name, why in result["skipped"].items():
     print(f"skipped {name}: {why}")

@@ -236,8 +236,8 @@ def _master(strategy: str, params: Any, state: Any) -> Any:
   return params
 
 
-def run_strategy(strategy: str, problem: dict[str, Any], info: Optional[dict[str, Any]] = None
-                 ) -> dict[str, np.ndarray]:
+def run_strategy(strategy: str, problem: dict[str, Any],
+                 info: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
   """Final params of one strategy (float32 values of ``hi + lo`` for COLLAGE).
 
   With ``info`` (a dict), ``info["bytes_per_param"]`` is filled in from the

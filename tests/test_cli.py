@@ -14,10 +14,13 @@ import pytest
 from collage_optax import cli
 from collage_optax.cli import corpus
 
-STRATEGIES = ("fp32", "bf16", "light", "plus")
+STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "sr")
 # Optimizer + param bytes per param (DESIGN §1's table without the bf16 gradients):
-# fp32 params, m, v = 12; bf16 params, m, v = 6; + lo(params) = 8; + lo(v) = 10.
-BYTES_PER_PARAM = {"fp32": 12, "bf16": 6, "light": 8, "plus": 10}
+# fp32 params, m, v = 12; bf16 params, m, v = 6 (sr too: no residual); + lo(params) = 8;
+# + lo(v) = 10; + lo(m) = 12; exact: bf16 + int16, bf16 m, float32 v = 10; compact: bf16 + int8,
+# and 8-bit m and v with a bf16 scale per 32 = 3 + 2·(1 + 2/32) = 5.125 (a bit more where a
+# row is shorter than 32 and its scale covers fewer values).
+BYTES_PER_PARAM = {"fp32": 12, "bf16": 6, "light": 8, "plus": 10, "full": 12, "exact": 10, "compact": 5.125, "sr": 6}
 
 
 def _text(n: int) -> bytes:
@@ -49,60 +52,117 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
   out = tmp_path / "out"
   steps = 8
   code, stdout, stderr = _run(
-      ["compare", "--preset", "tiny", "--steps", str(steps), "--corpus", str(text), "--out", str(out),
+      ["compare", "--preset", "tiny", "--steps", str(steps), "--seeds", "2", "--corpus", str(text), "--out", str(out),
        "--no-progress"], capsys)
   assert code == 0, stderr
+  # Progress per strategy and seed.
+  assert "plus seed 1: val loss" in stderr and "fp32 seed 0: val loss" in stderr
 
   # The table: a header and one row per strategy, with finite numbers.
   rows = [line for line in stdout.splitlines() if line.startswith("|")]
-  assert "val loss" in rows[0] and "Δ vs fp32" in rows[0] and "lost fraction" in rows[0]
+  assert "val loss (mean ± sd, 2 seeds)" in rows[0] and "Δ vs fp32 [95% CI]" in rows[0]
+  assert "lost fraction" in rows[0]
   names = [r.split("|")[1].strip() for r in rows[2:]]
   assert names == list(STRATEGIES)
   assert (out / "table.md").read_text().strip() == "\n".join(rows)
 
   res = json.loads((out / "results.json").read_text())
+  assert res["partial"] is False and res["config"]["seeds"] == [0, 1]
   assert res["config"]["train"]["steps"] == steps
   assert res["config"]["model"]["layers"] == cli.PRESETS["tiny"]["layers"]
   assert set(res["strategies"]) == set(STRATEGIES)
+  fp32 = res["strategies"]["fp32"]
   for name, r in res["strategies"].items():
+    assert r["n_seeds"] == 2 and [s["seed"] for s in r["seeds"]] == [0, 1], name
+    losses = [s["val_loss"] for s in r["seeds"]]
     # Trained a little below the uniform byte distribution's ln(256) nats.
-    assert 0 < r["val_loss"] < math.log(256), name
-    assert r["val_ppl"] == pytest.approx(math.exp(r["val_loss"]), rel=1e-4)
-    assert 0.0 <= r["lost_fraction"] <= 1.0 and 0.0 <= r["edq"] <= 1.01, name
-    assert r["bytes_per_param"] == pytest.approx(BYTES_PER_PARAM[name], abs=0.05), name
+    assert all(0 < v < math.log(256) for v in losses), name
+    assert r["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
+    assert r["val_loss_std"] == pytest.approx(np.std(losses, ddof=1), abs=2e-5)  # 6 digits in the JSON
+    assert r["bytes_per_param"] == pytest.approx(BYTES_PER_PARAM[name], abs=0.1), name
     assert r["step_time_ratio"] > 0
-    curves = r["curves"]
-    assert len(curves["train_loss"]) == len(curves["edq"]) == len(curves["lost_fraction"]) == steps
-    assert curves["val_step"][0] == 0 and curves["val_step"][-1] == steps
-    assert curves["val_loss"][-1] == r["val_loss"]
-  fp32, bf16, plus = (res["strategies"][k] for k in ("fp32", "bf16", "plus"))
-  assert fp32["step_time_ratio"] == 1.0 and fp32["delta_vs_fp32"] == 0.0
-  # Same init (the fp32 init cast to bf16, computing in bf16) and the same first batch:
-  # the step-0 losses agree exactly across strategies.
-  for r in res["strategies"].values():
-    assert r["curves"]["val_loss"][0] == fp32["curves"]["val_loss"][0]
-    assert r["curves"]["train_loss"][0] == fp32["curves"]["train_loss"][0]
+    for s, f in zip(r["seeds"], fp32["seeds"]):
+      curves = s["curves"]
+      assert len(curves["train_loss"]) == len(curves["edq"]) == len(curves["lost_fraction"]) == steps
+      assert curves["val_step"][0] == 0 and curves["val_step"][-1] == steps
+      assert curves["val_loss"][-1] == s["val_loss"]
+      # Same init per seed (the fp32 init cast to bf16, computing in bf16) and the same first batch.
+      assert curves["val_loss"][0] == f["curves"]["val_loss"][0]
+      assert curves["train_loss"][0] == f["curves"]["train_loss"][0]
+      assert s["delta_vs_fp32"] == pytest.approx(s["val_loss"] / f["val_loss"] - 1, abs=1e-6)
+    if name == "sr":
+      assert r["edq"] is None and r["lost_fraction"] is None  # its landing is random: no metric
+    else:
+      assert 0.0 <= r["lost_fraction"] <= 1.0 and 0.0 <= r["edq"] <= 1.01, name
+  # The seeds differ (init and batches), so fp32's two losses do.
+  assert fp32["seeds"][0]["val_loss"] != fp32["seeds"][1]["val_loss"]
+  assert fp32["step_time_ratio"] == 1.0 and fp32["delta_vs_fp32"] == 0.0 and fp32["approx_fp32"] is None
+  bf16, plus = res["strategies"]["bf16"], res["strategies"]["plus"]
   # LayerNorm gains sit at 1.0, where bf16 rounds lr-sized updates away; fp32 and COLLAGE keep them.
   assert bf16["lost_fraction"] > 0.01 > fp32["lost_fraction"]
   assert plus["lost_fraction"] < bf16["lost_fraction"] and plus["edq"] > bf16["edq"]
+  for png in ("loss.png", "frontier.png"):
+    assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert (out / png).stat().st_size > 10_000, png
 
-  assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-  assert (out / "loss.png").stat().st_size > 10_000
+
+def test_paired_interval_against_a_hand_computed_example():
+  """Three seeds: losses 2.2, 2.06, 2.42 against fp32's 2.0, 2.0, 2.2: d = 10%, 3%, 10%;
+  mean 7.667%, sd = √(((2.333)² + (4.667)² + (2.333)²)/2)% = 4.0415%; t(0.975, 2) = 4.303;
+  half-width 4.303·4.0415/√3 = 10.040%: [−2.374%, +17.707%], which contains 0."""
+  from collage_optax.cli import compare
+  mean, (lo, hi) = compare.paired_interval([2.2, 2.06, 2.42], [2.0, 2.0, 2.2])
+  assert mean == pytest.approx(0.076667, abs=1e-6)
+  assert lo == pytest.approx(-0.023742, abs=1e-5) and hi == pytest.approx(0.177075, abs=1e-5)
+  assert compare.paired_interval([1.1], [1.0]) == (pytest.approx(0.1), None)
+  seeds = lambda xs: [{"seed": i, "val_loss": x, "edq": 1.0, "lost_fraction": 0.0, "step_time_s": 1.0,
+                       "step_cpu_s": 1.0} for i, x in enumerate(xs)]
+  size = {"n_params": 1, "bytes_per_param": 1.0, "bytes_per_param_with_grads": 1.0}
+  out = compare.summarize({"fp32": seeds([2.0, 2.0, 2.2]), "a": seeds([2.2, 2.06, 2.42]),
+                           "b": seeds([2.2, 2.2, 2.42])}, {"fp32": size, "a": size, "b": size})
+  assert out["a"]["approx_fp32"] is True and compare.format_delta(out["a"], "a").startswith("≈ fp32 [−2.37%, +17.71%]")
+  # b: +10% on every seed, sd 0: an interval of width 0 that excludes 0.
+  assert out["b"]["approx_fp32"] is False and compare.format_delta(out["b"], "b").startswith("+10.00% [")
+  assert out["a"]["val_loss_std"] == pytest.approx(np.std([2.2, 2.06, 2.42], ddof=1))
+
+
+def test_ctrl_c_writes_what_finished(tmp_path, capsys, monkeypatch):
+  """An interrupt during the third run: the two finished runs are written, marked partial; exit 130."""
+  from collage_optax.cli import compare
+  text = tmp_path / "corpus.txt"
+  text.write_bytes(_text(40_000))
+  real, calls = compare._train_seed, []
+
+  def interrupted(*args, **kwargs):
+    calls.append(args[0])
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(compare, "_train_seed", interrupted)
+  out = tmp_path / "out"
+  code, stdout, stderr = _run(["compare", "--preset", "tiny", "--steps", "4", "--strategies", "fp32,bf16,plus",
+                               "--corpus", str(text), "--out", str(out), "--no-progress"], capsys)
+  assert code == 130, stderr
+  assert "interrupted: partial results" in stderr and "partial" in stdout
+  res = json.loads((out / "results.json").read_text())
+  assert res["partial"] is True
+  assert set(res["strategies"]) == {"fp32", "bf16"} and res["strategies"]["bf16"]["n_seeds"] == 1
+  assert (out / "loss.png").is_file() and (out / "frontier.png").is_file()
 
 
 def test_every_strategy_stores_what_design_says():
-  """Optimizer + param bytes per param of all five strategies, from their initial pytrees."""
+  """Optimizer + param bytes per param of every strategy, from their initial pytrees."""
   import jax
   from collage_optax.cli import compare, gpt
-  _, params = gpt.init_params(gpt.GPTConfig(layers=1, width=16, heads=2, context=8), seed=0)
+  _, params = gpt.init_params(gpt.GPTConfig(layers=1, width=32, heads=2, context=8), seed=0)
   n = sum(p.size for p in jax.tree.leaves(params))
-  want = {**BYTES_PER_PARAM, "full": 12}
-  assert set(want) == set(compare.STRATEGIES)
+  assert set(BYTES_PER_PARAM) == set(compare.STRATEGIES)
   for name in compare.STRATEGIES:
     p = jax.tree.map(lambda x: x.astype(compare.param_dtype(name)), params)
     state = compare.make_optimizer(name, compare.TrainConfig()).init(p)
     nbytes = sum(x.nbytes for x in jax.tree.leaves((p, state)))
-    assert nbytes / n == pytest.approx(want[name], abs=0.05), name
+    assert nbytes / n == pytest.approx(BYTES_PER_PARAM[name], abs=0.1), name
 
 
 # ---------------------------------------------------------------------------
@@ -204,6 +264,18 @@ def test_unreadable_corpus_is_a_clear_error(tmp_path, monkeypatch):
     corpus.read(str(f))
 
 
+def test_unreadable_corpus_exits_2(tmp_path, capsys, monkeypatch):
+  f = tmp_path / "locked.txt"
+  f.write_bytes(_text(10_000))
+
+  def deny(self):
+    raise PermissionError(13, "Permission denied", str(self))
+
+  monkeypatch.setattr(Path, "read_bytes", deny)
+  code, _, err = _run(["compare", "--corpus", str(f), "--no-progress"], capsys)
+  assert code == 2 and "Permission denied" in err and "Traceback" not in err
+
+
 def test_bad_corpus_exits_2_without_traceback(tmp_path, capsys):
   code, _, err = _run(["compare", "--corpus", str(tmp_path / "nope"), "--no-progress"], capsys)
   assert code == 2
@@ -219,7 +291,8 @@ def test_bad_corpus_exits_2_without_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--strategies", "fp32,fp16"], "unknown strategy 'fp16'; choose from fp32,bf16,light,plus,full"),
+    (["--strategies", "fp32,fp16"], "unknown strategy 'fp16'; choose from fp32,bf16,light,plus,full,exact,compact,sr"),
+    (["--seeds", "0"], "--seeds: 0 must be a positive integer"),
     (["--strategies", "plus,plus"], "names a strategy twice"),
     (["--steps", "-5"], "--steps: -5 must be a positive integer"),
     (["--steps", "ten"], "--steps: 'ten' is not an integer"),

@@ -31,14 +31,13 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+import reference as R
+import strategies as S
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import collage_optax as co
 from collage_optax import formats
-
-import reference as R
-import strategies as S
 
 COMPACT = formats.PARAM_FORMATS["compact"]
 F32, F64 = np.float32, np.float64
@@ -210,7 +209,7 @@ def test_round_trip_tiny_values_keep_their_residual():
   e = rng.integers(-126, -100, 4096).astype(F64)
   x = (rng.uniform(1, 2, 4096) * np.exp2(e) * np.where(rng.random(4096) < 0.5, -1, 1)).astype(F32)
   hi = bf16(x)
-  u, r, q, d = (np.asarray(a) for a in STEP(jnp.asarray(x), jnp.asarray(hi), UDTYPES["f32"]))
+  _, r, _, d = (np.asarray(a) for a in STEP(jnp.asarray(x), jnp.asarray(hi), UDTYPES["f32"]))
   err = np.abs(d.astype(F64) - x.astype(F64))
   bound = unit(hi) / 254 + ulp32(x) / 2
   assert np.all(err <= bound), fails(err <= bound, "tiny x loses its residual", x=x, decoded=d)
@@ -225,7 +224,7 @@ def test_nan_and_inf(udt):
                  S.from_bits(S.F32, TOP + 1, False)], F32)
   ps = np.array([0.0, 1.5, -2.0, BF16_MAX, -BF16_MAX, 2.0**-100], F32).astype(BF16)
   x, p = (a.ravel() for a in np.meshgrid(xs, ps, indexing="ij"))
-  u, r, q, d = (np.asarray(a) for a in STEP(jnp.asarray(x), jnp.asarray(p), UDTYPES[udt]))
+  _, r, q, d = (np.asarray(a) for a in STEP(jnp.asarray(x), jnp.asarray(p), UDTYPES[udt]))
   want = bf16(x).astype(F32)  # NaN, or ±inf
   assert np.all(r == 0)
   assert np.array_equal(np.isnan(q.astype(F32)), np.isnan(want)) and np.array_equal(np.isnan(d), np.isnan(want))
@@ -249,7 +248,7 @@ def check_miss(p: np.ndarray, x: np.ndarray, udt) -> int:
   taken from wherever ``apply_updates`` lands, clipped; the error is at most the part of the miss
   beyond the residual's reach, ``max(0, |x − at| − u(at))``, plus ``u(at)/254``; never NaN, always
   finite. Returns the number of misses."""
-  u, r, q, d = (np.asarray(a) for a in STEP(jnp.asarray(x), jnp.asarray(p), udt))
+  _, r, q, d = (np.asarray(a) for a in STEP(jnp.asarray(x), jnp.asarray(p), udt))
   x64, p64, at, d64 = x.astype(F64), p.astype(F64), q.astype(F64), d.astype(F64)
   hi = bf16(x).astype(F64)
   assert np.all(np.isfinite(d)), fails(np.isfinite(d), "finite x decodes non-finite", x=x, p=p, decoded=d)
@@ -260,7 +259,10 @@ def check_miss(p: np.ndarray, x: np.ndarray, udt) -> int:
   assert np.all(ok), fails(ok, "decode != at + r·u/127", x=x, p=p, landed=q, decoded=d)
   xr = as_read(x64)
   bound = np.maximum(0.0, np.abs(xr - at) - unit(at)) + unit(at) / 254 + ulp32(xr) + ulp32(d64)
-  bound = bound + np.where(DAZ & subnormal(x64), TINY, 0.0)
+  # A subnormal x is read as ±0 (DAZ); a decoded value below 2**-126 is flushed to ±0 (FTZ): e.g.
+  # x = −2**-126 on p = −1.52e-38, whose float32 update hi − p (3.4e-39) flushes to 0, so the pair
+  # stays at p with r = 38, worth −1.1728e-38, a subnormal.
+  bound = bound + np.where((DAZ & subnormal(x64)) | (FLUSH & (np.abs(want) < TINY)), TINY, 0.0)
   ok = np.abs(d64 - x64) <= bound
   assert np.all(ok), fails(ok, "error beyond the clipped miss", x=x, p=p, landed=q, decoded=d)
   # Where hi − p is exactly a udt number (Knuth's TwoSum in float64), optax lands on hi.
@@ -275,7 +277,8 @@ def check_miss(p: np.ndarray, x: np.ndarray, udt) -> int:
 
 
 MISSES = [  # (p, x): zero crossings, across many binades, far below ulp(p), p at bfloat16's max
-    (1e-3, 1e-9), (1e-3, -1e-9), (1e-3, -1e-3 / 3), (1e-3, 1e-3 / 3), (-1e-3, 2e-3), (1.0, -1.0 - 2.0**-12),
+    (-1.52447e-38, -(2.0**-126)), (1e-3, 1e-9), (1e-3, -1e-9), (1e-3, -1e-3 / 3), (1e-3, 1e-3 / 3), (-1e-3, 2e-3),
+    (1.0, -1.0 - 2.0**-12),
     (1.0, 300.7), (300.0, 1e-3), (2.0**100, 2.0**90), (-(2.0**100), 3.0), (2.0**100, -(2.0**-100)),
     (-5.0, 7.3e-5), (2.0**-100, -(2.0**-120)), (1e-30, 1e30), (1.0, 1e-38), (BF16_MAX, -BF16_MAX),
     (BF16_MAX, 1.0), (-BF16_MAX, BF16_MAX / 3), (0.5, -1e-4), (1.0, 1e-5), (2.0**-126, -(2.0**-126)),
@@ -446,4 +449,5 @@ def test_compact_under_xla_allow_excess_precision(excess, tmp_path):
       assert np.array_equal(got[f"{key}_r"], r), key
       assert np.array_equal(got[f"{key}_q"], q.view(np.uint16)), key
       gd = got[f"{key}_d"].view(F32)
-      assert np.array_equal(np.isnan(gd), nan) and np.array_equal(gd[~nan].view(np.uint32), d[~nan].view(np.uint32)), key
+      assert np.array_equal(np.isnan(gd), nan), key
+      assert np.array_equal(gd[~nan].view(np.uint32), d[~nan].view(np.uint32)), key

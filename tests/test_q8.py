@@ -17,11 +17,12 @@ does too. It also flushes a decoded value below 2**-126 to zero (FTZ): a ``v``
 of ~1e-38 (a gradient of ~1e-19) may decode to 0, an error of up to 2**-63
 in ``√v``, allowed where the float64 decode of the codes is below 2**-126.
 
-Measured (300k elements per case): the codes equal the float64 formula's
-everywhere (none off by one); the largest error was 0.97·q8_bound(False)·s for
-``m`` and 0.99·q8_bound(True)·s for ``√v``, in the groups whose scale rounds
-below ``s`` (their largest ``√v`` clips at code 254: the bound is 2**-8, not
-1/508; elsewhere 1/508 held, 1.003·(1/508) at most).
+Measured (330k elements per scale): the codes equal the float64 formula's but
+for 5 of 3.3M (off by one, float32 rounding at a tie); the largest error was
+0.989·q8_bound(False)·s for ``m`` and 0.994·q8_bound(True)·s for ``√v``, in a
+group whose scale rounds below ``s`` (its largest ``√v`` clips at code 254:
+the bound is 2**-8, not 1/508); in the others ``√v`` stays within
+1.0032·s/508, i.e. 1/508·(1 + 2**-8).
 """
 
 from __future__ import annotations
@@ -38,14 +39,13 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+import reference as R
+import strategies as S
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import collage_optax as co
 from collage_optax import formats
-
-import reference as R
-import strategies as S
 
 F32, F64 = np.float32, np.float64
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -180,8 +180,7 @@ def encode(x, second: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @pytest.mark.parametrize("second", [False, True], ids=["m", "v"])
 @pytest.mark.parametrize("shape", [(3, 70), (5,), (), (2, 64), (4, 1, 33), (32,)])
-@pytest.mark.parametrize("like", [BF16, np.dtype(F32)], ids=["bf16", "f32"])
-def test_layout(second, shape, like):
+def test_layout(second, shape):
   """Codes shaped like the param (int8 for m, uint8 for v), one bfloat16 scale per group of 32 along
   the last axis (a scalar: one); sizes that are no multiple of 32 are padded; 1 + 2/32 bytes."""
   f = fmt(second)
@@ -190,23 +189,24 @@ def test_layout(second, shape, like):
   assert (formats.moment_format("q8") is formats.MOMENT_FORMATS["q8"]) and (V is not M)
   code_dtype = np.uint8 if second else np.int8
   scales_shape = (*shape[:-1], math.ceil(shape[-1] / GROUP)) if shape else (1,)
-  z = f.zeros(jnp.zeros(shape, like))
-  assert isinstance(z, formats.Q8)
-  assert z.codes.dtype == code_dtype and z.codes.shape == shape
-  assert z.scales.dtype == BF16 and z.scales.shape == scales_shape
-  assert formats.moment_format_of(z) is f
-  d = np.asarray(f.decode(z))
-  assert d.dtype == F32 and d.shape == shape and np.all(d.view(np.uint32) == 0)  # +0.0
+  for like in (BF16, np.dtype(F32)):
+    z = f.zeros(jnp.zeros(shape, like))
+    assert isinstance(z, formats.Q8)
+    assert z.codes.dtype == code_dtype and z.codes.shape == shape
+    assert z.scales.dtype == BF16 and z.scales.shape == scales_shape
+    assert formats.moment_format_of(z) is f
+    d = np.asarray(_DEC[second](z))
+    assert d.dtype == F32 and d.shape == shape and np.all(d.view(np.uint32) == 0)  # +0.0
   x = moment_batch(np.random.default_rng(len(shape)), shape, 1e-3, 3, second)
-  q = f.encode(jnp.asarray(x))
+  q = _ENC[second](jnp.asarray(x))
+  assert isinstance(q, formats.Q8) and formats.moment_format_of(q) is f
   assert q.codes.dtype == code_dtype and q.codes.shape == shape
   assert q.scales.dtype == BF16 and q.scales.shape == scales_shape
-  assert formats.moment_format_of(q) is f
   codes, scales = ref_q8(x, second)
   # The padded last group's scale is its own elements' largest (the padding adds nothing).
   assert np.array_equal(np.asarray(q.scales).view(np.uint16), scales.view(np.uint16).reshape(scales_shape))
   assert np.max(np.abs(np.asarray(q.codes).astype(np.int64) - codes)) <= 1
-  assert np.asarray(f.decode(q)).shape == shape
+  assert np.asarray(_DEC[second](q)).shape == shape
 
 
 def test_moment_format_of_tells_m_from_v():
@@ -264,7 +264,7 @@ def test_v_bound_is_reached_where_the_scale_rounds_down():
   y = rng.uniform(0, 1, (4096, GROUP))
   y[:, 0] = rng.uniform(1, 2, 4096)  # the group's largest, with every bfloat16 rounding
   v = (y * y).astype(F32)
-  codes, scales, d = encode(v, True)
+  _, scales, d = encode(v, True)
   s = group_max(v, True)
   err = np.abs(np.sqrt(d.astype(F64)) - magnitudes(v, True)) / s
   down = _per_element(scales.astype(F64), v.shape) < s
@@ -279,6 +279,8 @@ def test_scale_invariance(rng, k, second, shape):
   """``x·2**k`` (``v·4**k``) has the codes of ``x``, the scales times ``2**k`` and the decode times
   ``2**k`` (``4**k``), bit for bit: the codes do not depend on the moments' scale."""
   x = moment_batch(rng, shape, 1.0, 6, second)
+  # Nothing may underflow: elements that 2**-40 (v: 4**-40) would make subnormal are 0.
+  x = np.where(np.abs(x) * 2.0 ** (-80 if second else -40) < 2.0**-120, F32(0), x)
   f = 2.0 ** (2 * k if second else k)
   codes, scales, d = encode(x, second)
   codes2, scales2, d2 = encode((x.astype(F64) * f).astype(F32), second)
@@ -315,7 +317,8 @@ def test_non_finite_element(second, bad, seed):
   assert np.array_equal(codes[~mask], codes0[~mask])
   assert np.array_equal(d[~mask].view(np.uint32), d0[~mask].view(np.uint32))
   want_c, want_s = ref_q8(x_bad, second)
-  assert np.array_equal(codes.astype(np.int64), want_c) and np.array_equal(scales.view(np.uint16), want_s.view(np.uint16))
+  assert np.array_equal(codes.astype(np.int64), want_c)
+  assert np.array_equal(scales.view(np.uint16), want_s.view(np.uint16))
 
 
 def test_all_non_finite_group():
