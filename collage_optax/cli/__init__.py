@@ -24,7 +24,7 @@ __all__ = ["PRESETS", "main"]
 # 12 minutes on 2 CPU cores, "quick" (--quick) in about 2; "large" is for an
 # accelerator (or patience); "tiny" is a smoke test.
 PRESETS = {
-  "default": dict(layers=2, width=128, heads=4, context=64, steps=1000, batch=16, lr=2e-3, warmup=50),
+  "default": dict(layers=2, width=64, heads=2, context=64, steps=800, batch=16, lr=2e-3, warmup=40),
   "quick": dict(layers=1, width=64, heads=2, context=32, steps=150, batch=8, lr=3e-3, warmup=10),
   "tiny": dict(layers=1, width=32, heads=2, context=32, steps=20, batch=4, lr=2e-3, warmup=2),
   "large": dict(layers=6, width=384, heads=6, context=256, steps=5000, batch=32, lr=1e-3, warmup=200),
