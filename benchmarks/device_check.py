@@ -226,7 +226,8 @@ def compare_run(preset: str, steps: int, strategies: list[str], timeout_s: float
   warmup = max(1, round(steps * base["warmup"] / base["steps"]))  # The preset's warmup share of the run.
   with tempfile.TemporaryDirectory() as tmp:
     cmd = [sys.executable, "-m", "collage_optax", "compare", "--preset", preset, "--steps", str(steps),
-           "--warmup", str(warmup), "--strategies", ",".join(strategies), "--out", tmp, "--no-progress"]
+           "--warmup", str(warmup), "--strategies", ",".join(strategies), "--seeds", "1", "--out", tmp,
+           "--no-progress"]  # one seed: this checks that it runs on the device, not the statistics
     if corpus is not None:
       cmd += ["--corpus", str(corpus)]
     # The parent keeps its device memory pool; the child takes a share of the rest.
@@ -245,12 +246,13 @@ def compare_run(preset: str, steps: int, strategies: list[str], timeout_s: float
     if proc.returncode != 0:
       return out | {"error": f"exit code {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
     results = json.loads((Path(tmp) / "results.json").read_text())
-  keep = ("val_loss", "val_ppl", "delta_vs_fp32", "edq", "lost_fraction", "bytes_per_param",
-          "bytes_per_param_with_grads", "n_params", "step_time_s", "step_time_ratio", "step_wall_ratio",
-          "train_time_s")
+  keep = ("val_loss", "val_loss_std", "val_ppl", "delta_vs_fp32", "delta_ci95", "approx_fp32", "n_seeds", "edq",
+          "lost_fraction", "bytes_per_param", "bytes_per_param_with_grads", "n_params", "step_time_s",
+          "step_time_ratio", "step_wall_ratio")
   out["config"] = results["config"]
   out["strategies"] = {
-      name: {k: r.get(k) for k in keep} | {"val_curve": [r["curves"]["val_step"], r["curves"]["val_loss"]]}
+      name: {k: r.get(k) for k in keep}
+      | {"val_curves": [[s["curves"]["val_step"], s["curves"]["val_loss"]] for s in r["seeds"]]}
       for name, r in results["strategies"].items()}
   return out
 

@@ -464,7 +464,9 @@ def stochastic_round(x: chex.Array, dtype: Any, bits: chex.Array) -> chex.Array:
   ratio: ``n − r`` is a power of two), from ``bits`` (uint32, one per element:
   their top 24 bits are the uniform variate). Exact values, ±inf and NaN are
   kept; a finite ``x`` never rounds to ±inf (it stays at ``dtype``'s largest
-  value). Connolly, Higham & Mary, "Stochastic rounding and its probabilistic
+  value). Backends that flush float32 subnormals (XLA:CPU, TPU) round
+  to nearest where ``|x − r|`` is one (possible only for ``|x| < 2**-103``).
+  Connolly, Higham & Mary, "Stochastic rounding and its probabilistic
   backward error analysis", SIAM J. Sci. Comput. 2021.
   """
   dtype = jnp.dtype(dtype)
