@@ -133,9 +133,11 @@ def _formats(
     mu_format = mu_native.name
   else:
     mu_native = None
+  mu = formats.moment_format(mu_format or preset[1])
   return (
     formats.param_format(param_format or preset[0]),
-    formats.moment_format(mu_format or preset[1]),
+    # m takes either sign: q8's int8 codes, never its unsigned √v ones.
+    formats.MOMENT_FORMATS["q8"] if mu.name == "q8" else mu,
     formats.moment_format(nu_format or preset[2], second=True),
     mu_native,
   )

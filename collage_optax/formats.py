@@ -21,8 +21,8 @@ Two kinds:
   bf16   bfloat16                   2     8 bits (``v`` with β2 = 0.999 stalls)
   mcf    uint32: bf16 hi | lo       4     ~16 bits: the paper's two-bfloat16 MCF
   f32    float32                    4     24 bits (alias ``exact``: the float32 bits)
-  q8     :class:`Q8`: 8-bit codes   1.06  companded 8 bits relative to a group's
-         + a bf16 scale per 32            largest value (FlashOptim's moments)
+  q8     :class:`Q8`: 8-bit codes   1.06  8 bits relative to a group's largest
+         + a bf16 scale per 32            value (FlashOptim's moments)
   ====== ========================== ===== ==========================================
 
   ``q8`` stores ``m`` as int8 codes of ``φ(m/s) = 2y/(1+|y|)`` and ``v`` as
@@ -38,7 +38,7 @@ Two kinds:
   ======= =========================== == =========================================
   mcf     lo of the param's dtype     2  ~16 bits (bf16), ~22 (fp16): COLLAGE
   exact   int16 (bf16 params only)    2  24 bits: the float32, bit for bit
-  compact int8 (bf16 params only)     1  ~15 bits: ``hi`` ± ulp(hi)/508
+  compact int8 (bf16 params only)     1  ~16 bits: ``hi`` ± ulp(hi)/508
   bf16    none                        0  the param's own 8 (11) bits
   ======= =========================== == =========================================
 
@@ -196,8 +196,12 @@ class Q8(NamedTuple):
   ``scales`` one bfloat16 per group of 32 consecutive elements along the last
   axis (the last group of a row may be shorter: rows are padded, not
   refused), shape ``param.shape[:-1] + (ceil(n / 32),)`` (``(1,)`` for a
-  scalar). Grouping along the last axis keeps both arrays sharded like the
-  param.
+  scalar). Grouping along the last axis lets both arrays be sharded like the
+  param; a step needs no communication for them where each shard's part of
+  the last axis is a multiple of 32 (else a group's maximum spans shards).
+  ``v``'s code 0 (``√v < s/508``) decodes at the middle of its range,
+  ``s/508``·½, not at 0: an element far below its group's largest then
+  takes a step smaller than Adam's, not one up to ``1/√(1 − b2)`` larger.
   """
 
   codes: Any  # arrays (or, as a tree of shardings or shapes, their descriptions)
@@ -260,6 +264,10 @@ def _q8_decode(q: Q8) -> Array:
   if signed:
     z = c * (1.0 / 127.0)
     c = z / (2.0 - jnp.abs(z))  # φ⁻¹
+  if not signed:
+    # Code 0 holds √v in [0, s/508): decoded at its middle, not at 0, so that an element
+    # much smaller than its group's largest does not step by m/√((1 − b2)·g²) next time.
+    c = jnp.where(q.codes == 0, 0.5, c)
   s = widen(q.scales) * (1.0 if signed else 1.0 / 254.0)
   x = _ungrouped(_grouped(c) * s[..., None], shape)
   if not signed:
@@ -420,7 +428,8 @@ def _bf16_only(name: str, dtype: Any) -> Callable[[Array], Array]:
     if jnp.dtype(p.dtype) != _BF16:
       raise TypeError(
         f"param format {name!r} keeps bfloat16 params (the upper half of a float32); got a "
-        f"{jnp.dtype(p.dtype)} param. Use param_format='mcf' (or mode='plus') for float16 params."
+        f"{jnp.dtype(p.dtype)} param. Use the 'mcf' format for float16 params (adamw's mode='plus' or "
+        "param_format='mcf'; compensate(format='mcf'))."
       )
     return jnp.zeros_like(p, dtype=dtype)
 
@@ -514,7 +523,7 @@ def _compact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Arra
   """``hi = round(x)`` (bfloat16, nearest even), ``r = round(127·(x − hi)/(ulp(hi)/2))``.
 
   ``|x − hi| ≤ ulp(hi)/2``, so ``r`` is in [−127, 127] and the value is kept
-  within ``ulp(hi)/508`` (FlashOptim's 24-bit master weights: bf16 + int8).
+  within ``ulp(hi)/508`` (FlashOptim's "24-bit" master weights: bf16 + int8).
   The residual is taken from where ``apply_updates`` lands; a miss beyond
   half an ulp is clipped, an error of at most the miss.
   """

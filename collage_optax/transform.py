@@ -288,7 +288,7 @@ class CompensateState(NamedTuple):
 
 def check_residual(who: str, path: str, p: Any, lo: Any, fmt: formats.ParamFormat) -> None:
   """Raises a clear error when the state's residual of leaf ``path`` is not what ``fmt`` keeps for ``p``."""
-  want = jax.eval_shape(fmt.init, p) if _tree.is_low_precision(p) else None
+  want = jax.eval_shape(lambda q: init_residual(who, path, q, fmt), p) if _tree.is_low_precision(p) else None
   ok = (
     (lo is None or _tree.is_empty(lo))
     if want is None
@@ -378,7 +378,7 @@ def compensate(format: str = "mcf", track_metrics: bool = False) -> optax.Gradie
   Args:
     format: the param format of :mod:`collage_optax.formats`: ``"mcf"`` (the
       paper's, any bfloat16/float16 param), ``"exact"`` (an int16 residual:
-      the float32 bit for bit) or ``"compact"`` (an int8 residual, ~15 bits);
+      the float32 bit for bit) or ``"compact"`` (an int8 residual, ~16 bits);
       the last two keep bfloat16 params only.
     track_metrics: record EDQ and lost fraction in the state (read them with
       :func:`collage_optax.metrics`).
@@ -470,8 +470,10 @@ def stochastic_round(x: chex.Array, dtype: Any, bits: chex.Array) -> chex.Array:
   backward error analysis", SIAM J. Sci. Comput. 2021.
   """
   dtype = jnp.dtype(dtype)
+  big = float(jnp.finfo(dtype).max)
   r = mcf.round_to(x, dtype)
-  d = x - r  # exact: r is x rounded
+  r = jnp.where(jnp.isinf(r) & jnp.isfinite(x), jnp.copysign(big, x), r)  # finite x stays finite
+  d = x - r  # exact where r is x rounded (at ±max, n is ±inf and never taken)
   toward = jnp.where(d > 0, jnp.inf, -jnp.inf).astype(dtype)
   n = formats.widen(lax.nextafter(r.astype(dtype), toward)).astype(jnp.float32)
   u = (bits >> 8).astype(jnp.float32) * 2.0**-24  # uniform in [0, 1)
@@ -521,6 +523,7 @@ def stochastic_rounding(seed: int = 0) -> optax.GradientTransformation:
         "It comes from another optimizer: call tx.init(params) with this transformation."
       )
     _tree.check_structure("stochastic_rounding", params, "params", updates, "updates")
+    _tree.check_shapes("stochastic_rounding", params, "params", updates, "updates")
     key = jax.random.fold_in(jax.random.key(seed), state.count)
     p_flat, treedef = _tree.leaves_with_paths(params)
     out = []

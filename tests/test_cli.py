@@ -354,3 +354,25 @@ def test_the_tool_is_a_subpackage_on_the_public_api():
   code = "import sys, collage_optax; print(sorted(m for m in sys.modules if m.startswith('collage_optax')))"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
   assert "collage_optax.cli" not in out and "collage_optax.alias" in out, out
+
+
+def test_a_diverged_run_keeps_what_finished(tmp_path, capsys, monkeypatch):
+  """A strategy whose loss goes non-finite stops the run like Ctrl-C does, with the reason: exit 1."""
+  from collage_optax.cli import compare
+  text = tmp_path / "corpus.txt"
+  text.write_bytes(_text(40_000))
+  real, calls = compare._train_seed, []
+
+  def diverging(*args, **kwargs):
+    calls.append(args[0])
+    if len(calls) == 2:
+      raise FloatingPointError("bf16: the training loss is nan at step 3 (seed 0); try a smaller --lr.")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(compare, "_train_seed", diverging)
+  out = tmp_path / "out"
+  code, _, stderr = _run(["compare", "--preset", "tiny", "--steps", "4", "--strategies", "fp32,bf16",
+                          "--corpus", str(text), "--out", str(out), "--no-progress"], capsys)
+  assert code == 1 and "training loss is nan" in stderr
+  res = json.loads((out / "results.json").read_text())
+  assert res["partial"] is True and "nan" in res["error"] and set(res["strategies"]) == {"fp32"}

@@ -57,6 +57,10 @@ def test_specials_are_kept_and_finite_values_never_overflow():
   assert got[3] == 0 and got[4] == 0 and np.signbit(got[4]) and got[5] == 1.0
   big = float(jnp.finfo(jnp.bfloat16).max)
   assert np.all(np.abs(got[6:]) == big)
+  # Beyond the dtype's range (float16: 65504) a finite x stays at the largest value.
+  f16 = np.asarray(stochastic_round(jnp.asarray([7e4, -7e4, 65504.0], jnp.float32), jnp.float16,
+                                    jnp.zeros(3, jnp.uint32)), np.float64)
+  assert np.array_equal(np.abs(f16), [65504.0] * 3)
 
 
 def _steps(tx):
@@ -120,3 +124,5 @@ def test_clear_errors():
     tx.update(p, optax.EmptyState(), p)
   with pytest.raises(ValueError, match="different tree structures"):
     tx.update({"v": jnp.ones(3, jnp.bfloat16)}, tx.init(p), p)
+  with pytest.raises(ValueError, match=r"\['w'\]"):  # a (2, 3) update would broadcast into the (3,) param
+    tx.update({"w": jnp.ones((2, 3), jnp.bfloat16)}, tx.init(p), p)

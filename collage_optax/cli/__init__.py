@@ -21,7 +21,7 @@ from collage_optax.cli import compare, corpus, gpt
 __all__ = ["PRESETS", "main"]
 
 # Model and run sizes. "default" (every strategy, 3 seeds) finishes in about
-# 12 minutes on 2 CPU cores, "quick" (--quick) in about 2; "large" is for an
+# 10 minutes on 2 CPU cores, "quick" (--quick) in about 2; "large" is for an
 # accelerator (or patience); "tiny" is a smoke test.
 PRESETS = {
   "default": dict(layers=2, width=64, heads=2, context=64, steps=800, batch=16, lr=2e-3, warmup=40),
@@ -136,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     default=0.1,
     help="decoupled weight decay, matrices only (default: 0.1)",
   )
-  train.add_argument("--seed", type=_nonnegative_int, default=0, help="init and batch seed (default: 0)")
+  train.add_argument(
+    "--seed", type=_nonnegative_int, default=0, help="the first seed: --seeds N uses seed, seed+1, ... (default: 0)"
+  )
   p.add_argument(
     "--strategies",
     type=_strategies,
@@ -191,15 +193,13 @@ def _compare(args: argparse.Namespace) -> int:
 
     progress = tqdm
   log = (lambda line: print(line, file=sys.stderr)) if progress is None else (lambda line: progress.write(line))
-  try:
-    results = compare.run(args.strategies, model, cfg, data, seeds=args.seeds, progress=progress, log=log)
-  except FloatingPointError as e:
-    print(f"collage-optax compare: {e}", file=sys.stderr)
-    return 1
+  results = compare.run(args.strategies, model, cfg, data, seeds=args.seeds, progress=progress, log=log)
+  if "error" in results:
+    print(f"collage-optax compare: {results['error']}", file=sys.stderr)
   done = sum(r["n_seeds"] for r in results["strategies"].values())
   if not done:
-    print("collage-optax compare: interrupted before any strategy finished a seed; nothing to report", file=sys.stderr)
-    return 130
+    print("collage-optax compare: stopped before any strategy finished a seed; nothing to report", file=sys.stderr)
+    return 1 if "error" in results else 130
   print(
     f"trained {done} strategy-seed runs in {results['config']['wall_time_s']:.0f} s"
     + (" (interrupted: partial results)" if results["partial"] else ""),
@@ -214,7 +214,7 @@ def _compare(args: argparse.Namespace) -> int:
     compare.plot(results, args.out / "loss.png")
     compare.plot_frontier(results, args.out / "frontier.png")
     print(f"wrote results.json, table.md, loss.png and frontier.png to {args.out}", file=sys.stderr)
-  return 130 if results["partial"] else 0
+  return 1 if "error" in results else 130 if results["partial"] else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

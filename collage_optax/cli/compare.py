@@ -301,7 +301,13 @@ def paired_interval(values: Sequence[float], reference: Sequence[float]) -> tupl
   n, mean = len(d), float(np.mean(d))
   if n < 2:
     return mean, None
-  t = _T975[n - 2] if n - 1 <= len(_T975) else 1.96
+  df = n - 1
+  # Beyond the table: the Cornish–Fisher expansion of t around z = 1.96 (error < 1e-4 for df > 30).
+  t = (
+    _T975[df - 1]
+    if df <= len(_T975)
+    else 1.96 + (1.96**3 + 1.96) / (4 * df) + (5 * 1.96**5 + 16 * 1.96**3 + 3 * 1.96) / (96 * df**2)
+  )
   half = t * float(np.std(d, ddof=1)) / math.sqrt(n)
   return mean, (mean - half, mean + half)
 
@@ -376,27 +382,31 @@ def run(
 ) -> dict[str, Any]:
   """Trains every strategy on ``seeds`` seeds (seed by seed, every strategy from the same init and batches).
 
-  A ``KeyboardInterrupt`` stops the run after what finished: the results
-  are then marked ``"partial": true`` (with the seeds each strategy finished).
+  A ``KeyboardInterrupt`` (or a diverged run: ``"error"``) stops the run
+  after what finished: the results are then marked ``"partial": true``
+  (with the seeds each strategy finished).
   """
   graphdef, _ = gpt.init_params(model, cfg.seed)
   shared = _shared(graphdef, corpus, model.context, cfg)
   length = model.context + 1
-  txs = {s: make_optimizer(s, cfg) for s in strategies}
-  steps = {s: _make_step(graphdef, txs[s], cfg, length) for s in strategies}
+  # One optimizer and one compiled step per strategy; sr's own per seed (below).
+  txs = {s: make_optimizer(s, cfg) for s in strategies if s != "sr"}
+  steps = {s: _make_step(graphdef, txs[s], cfg, length) for s in txs}
   runs: dict[str, list[dict[str, Any]]] = {s: [] for s in strategies}
   sizes: dict[str, dict[str, Any]] = {}
-  partial = False
+  partial, error = False, None
   t0 = time.perf_counter()
   try:
     for seed in range(cfg.seed, cfg.seed + seeds):
       _, init_params = gpt.init_params(model, seed)
       for s in strategies:
-        tx, step = txs[s], steps[s]
         if s == "sr":  # its rounding's own random stream: one per seed (and so one compilation per seed)
           tx = make_optimizer(s, dataclasses.replace(cfg, seed=seed))
           step = _make_step(graphdef, tx, cfg, length)
-        sizes.setdefault(s, _sizes(s, tx, init_params))
+        else:
+          tx, step = txs[s], steps[s]
+        if s not in sizes:
+          sizes[s] = _sizes(s, tx, init_params)
         bar = progress(total=cfg.steps, desc=f"{s:>7} seed {seed}", unit="step") if progress else None
         try:
           runs[s].append(_train_seed(s, tx, step, init_params, shared, cfg, seed, bar))
@@ -408,6 +418,8 @@ def run(
           log(f"{s} seed {seed}: val loss {r['val_loss']:.4f} ({r['train_time_s']:.0f} s)")
   except KeyboardInterrupt:
     partial = True
+  except FloatingPointError as e:  # a diverged run: report what finished, and why it stopped
+    partial, error = True, str(e)
   config = {
     "model": {k: v for k, v in dataclasses.asdict(model).items() if k != "dtype"} | {"compute_dtype": "bfloat16"},
     "train": dataclasses.asdict(cfg) | {"schedule": "linear warmup, cosine decay to 0"},
@@ -428,7 +440,10 @@ def run(
     "versions": {"jax": jax.__version__, "optax": optax.__version__},
     "wall_time_s": time.perf_counter() - t0,
   }
-  return {"config": config, "partial": partial, "strategies": summarize(runs, sizes)}
+  out = {"config": config, "partial": partial, "strategies": summarize(runs, sizes)}
+  if error is not None:
+    out["error"] = error
+  return out
 
 
 def _pct(d: float) -> str:
