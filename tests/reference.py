@@ -33,6 +33,11 @@ def ulp(x, dtype=BF16) -> np.ndarray:
   return np.exp2(e - info.nmant)
 
 
+def ulp32(x) -> np.ndarray:
+  """Unit in the last place of ``x`` in float32 (float64 result)."""
+  return ulp(x, np.float32)
+
+
 class AdamWState(NamedTuple):
   count: int
   mu: np.ndarray

@@ -217,3 +217,14 @@ def mcf_lows(fmt: Format, hi: np.ndarray) -> st.SearchStrategy[np.ndarray]:
 
 def increments(fmt: Format, hi: np.ndarray, lo: np.ndarray) -> st.SearchStrategy[np.ndarray]:
   return seeds().map(lambda rng: grow_increments(fmt, hi, lo, rng))
+
+
+@functools.cache
+def backend_flushing() -> tuple[bool, bool]:
+  """(DAZ, FTZ) of this backend's float32 arithmetic: whether it reads / writes subnormals as 0."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  t = np.float32(2.0**-127)
+  daz = float(jax.jit(lambda a, b: a + b)(t, t)) == 0.0  # 2**-126 is normal
+  ftz = float(jax.jit(lambda a, b: a * b)(np.float32(2.0**-63), np.float32(2.0**-64))) == 0.0
+  return daz, ftz

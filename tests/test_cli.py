@@ -126,20 +126,25 @@ def test_paired_interval_against_a_hand_computed_example():
   assert out["a"]["val_loss_std"] == pytest.approx(np.std([2.2, 2.06, 2.42], ddof=1))
 
 
-def test_ctrl_c_writes_what_finished(tmp_path, capsys, monkeypatch):
-  """An interrupt during the third run: the two finished runs are written, marked partial; exit 130."""
+def _fail_run(monkeypatch, n: int, error: BaseException) -> None:
+  """Makes compare's ``n``-th (strategy, seed) run raise ``error`` instead of training."""
   from collage_optax.cli import compare
-  text = tmp_path / "corpus.txt"
-  text.write_bytes(_text(40_000))
   real, calls = compare._train_seed, []
 
-  def interrupted(*args, **kwargs):
+  def failing(*args, **kwargs):
     calls.append(args[0])
-    if len(calls) == 3:
-      raise KeyboardInterrupt
+    if len(calls) == n:
+      raise error
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(compare, "_train_seed", interrupted)
+  monkeypatch.setattr(compare, "_train_seed", failing)
+
+
+def test_ctrl_c_writes_what_finished(tmp_path, capsys, monkeypatch):
+  """An interrupt during the third run: the two finished runs are written, marked partial; exit 130."""
+  text = tmp_path / "corpus.txt"
+  text.write_bytes(_text(40_000))
+  _fail_run(monkeypatch, 3, KeyboardInterrupt())
   out = tmp_path / "out"
   code, stdout, stderr = _run(["compare", "--preset", "tiny", "--steps", "4", "--strategies", "fp32,bf16,plus",
                                "--corpus", str(text), "--out", str(out), "--no-progress"], capsys)
@@ -358,18 +363,9 @@ def test_the_tool_is_a_subpackage_on_the_public_api():
 
 def test_a_diverged_run_keeps_what_finished(tmp_path, capsys, monkeypatch):
   """A strategy whose loss goes non-finite stops the run like Ctrl-C does, with the reason: exit 1."""
-  from collage_optax.cli import compare
   text = tmp_path / "corpus.txt"
   text.write_bytes(_text(40_000))
-  real, calls = compare._train_seed, []
-
-  def diverging(*args, **kwargs):
-    calls.append(args[0])
-    if len(calls) == 2:
-      raise FloatingPointError("bf16: the training loss is nan at step 3 (seed 0); try a smaller --lr.")
-    return real(*args, **kwargs)
-
-  monkeypatch.setattr(compare, "_train_seed", diverging)
+  _fail_run(monkeypatch, 2, FloatingPointError("bf16: the training loss is nan at step 3 (seed 0); try a smaller --lr."))
   out = tmp_path / "out"
   code, _, stderr = _run(["compare", "--preset", "tiny", "--steps", "4", "--strategies", "fp32,bf16",
                           "--corpus", str(text), "--out", str(out), "--no-progress"], capsys)

@@ -51,15 +51,7 @@ UDTYPES = {"f32": jnp.dtype(jnp.float32), "bf16": jnp.dtype(jnp.bfloat16)}
 EXAMPLES = settings(max_examples=25, deadline=None)
 
 
-def _probe_flushing() -> tuple[bool, bool]:
-  """(DAZ, FTZ) of this backend's float32 arithmetic."""
-  t = F32(2.0**-127)
-  daz = float(jax.jit(lambda a, b: a + b)(t, t)) == 0.0  # 2**-126 is normal
-  ftz = float(jax.jit(lambda a, b: a * b)(F32(2.0**-63), F32(2.0**-64))) == 0.0
-  return daz, ftz
-
-
-DAZ, FTZ = _probe_flushing()
+DAZ, FTZ = S.backend_flushing()
 FLUSH = DAZ or FTZ
 
 
@@ -102,10 +94,6 @@ def ref_decode(at, r) -> np.ndarray:
   """``at + r·u(at)/127`` in float64."""
   at = np.asarray(at, F64)
   return at + np.asarray(r, F64) * unit(at) / 127.0
-
-
-def ulp32(x) -> np.ndarray:
-  return R.ulp(np.asarray(x, F64), np.float32)
 
 
 def fails(ok, what: str, **inputs) -> str:
@@ -177,7 +165,7 @@ STEP = jax.jit(_step, static_argnums=2)
 def test_round_trip(x, start, udt):
   """From ``p = bf16(x)`` (a step that does not move ``hi``) or ``p = 0``: ``apply_updates`` lands on the
   nearest-even bfloat16 of ``x``; ``r`` is the float64 formula's, in [−127, 127]; the pair decodes
-  to ``hi + r·u/127`` (to float32 rounding), within ``u/254 + ulp32(x)/2`` of ``x``."""
+  to ``hi + r·u/127`` (to float32 rounding), within ``u/254 + R.ulp32(x)/2`` of ``x``."""
   hi = bf16(x)
   p = hi if start == "hi" else np.zeros_like(hi)
   u, r, q, d = (np.asarray(a) for a in STEP(jnp.asarray(x), jnp.asarray(p), UDTYPES[udt]))
@@ -192,11 +180,11 @@ def test_round_trip(x, start, udt):
   want_r = ref_residual(x, q)
   assert np.all(r == want_r), fails(r == want_r, "r != float64 formula", x=x, r=r)
   x64, d64, want = x.astype(F64), d.astype(F64), ref_decode(q, r)
-  slack = ulp32(want) + np.where(FLUSH & (np.abs(want) < TINY), TINY, 0.0)
+  slack = R.ulp32(want) + np.where(FLUSH & (np.abs(want) < TINY), TINY, 0.0)
   ok = np.abs(d64 - want) <= slack
   assert np.all(ok), fails(ok, "decode != hi + r·u/127", x=x, decoded=d)
   # The precision: u/254 (ulp(hi)/508, or 2**-126/254 below 2**-118), plus the final float32 rounding.
-  err, bound = np.abs(d64 - x64), unit(hi) / 254 + ulp32(x64) / 2
+  err, bound = np.abs(d64 - x64), unit(hi) / 254 + R.ulp32(x64) / 2
   flushed = DAZ & subnormal(x64)
   ok = np.where(flushed, err <= TINY, err <= bound)
   assert np.all(ok), fails(ok, "round trip beyond u/254", x=x, decoded=d)
@@ -211,7 +199,7 @@ def test_round_trip_tiny_values_keep_their_residual():
   hi = bf16(x)
   _, r, _, d = (np.asarray(a) for a in STEP(jnp.asarray(x), jnp.asarray(hi), UDTYPES["f32"]))
   err = np.abs(d.astype(F64) - x.astype(F64))
-  bound = unit(hi) / 254 + ulp32(x) / 2
+  bound = unit(hi) / 254 + R.ulp32(x) / 2
   assert np.all(err <= bound), fails(err <= bound, "tiny x loses its residual", x=x, decoded=d)
   assert np.count_nonzero(r) > 3000  # the residual is used, not flushed to 0
 
@@ -255,10 +243,10 @@ def check_miss(p: np.ndarray, x: np.ndarray, udt) -> int:
   want_r = ref_residual(x, q)
   assert np.all(r == want_r), fails(r == want_r, "r != float64 formula", x=x, p=p, landed=q, r=r)
   want = ref_decode(q, r)
-  ok = np.abs(d64 - want) <= ulp32(want) + np.where(FLUSH & (np.abs(want) < TINY), TINY, 0.0)
+  ok = np.abs(d64 - want) <= R.ulp32(want) + np.where(FLUSH & (np.abs(want) < TINY), TINY, 0.0)
   assert np.all(ok), fails(ok, "decode != at + r·u/127", x=x, p=p, landed=q, decoded=d)
   xr = as_read(x64)
-  bound = np.maximum(0.0, np.abs(xr - at) - unit(at)) + unit(at) / 254 + ulp32(xr) + ulp32(d64)
+  bound = np.maximum(0.0, np.abs(xr - at) - unit(at)) + unit(at) / 254 + R.ulp32(xr) + R.ulp32(d64)
   # A subnormal x is read as ±0 (DAZ); a decoded value below 2**-126 is flushed to ±0 (FTZ): e.g.
   # x = −2**-126 on p = −1.52e-38, whose float32 update hi − p (3.4e-39) flushes to 0, so the pair
   # stays at p with r = 38, worth −1.1728e-38, a subnormal.
@@ -353,7 +341,7 @@ def test_adamw_compact_state_and_master_params():
     want = ref_decode(np.asarray(params[k]), np.asarray(lo))
     got = np.asarray(master[k]).astype(F64)
     assert master[k].dtype == jnp.float32
-    assert np.all(np.abs(got - want) <= ulp32(want)), k
+    assert np.all(np.abs(got - want) <= R.ulp32(want)), k
     used += int(np.count_nonzero(np.asarray(lo)))
   assert used > 0.9 * sum(int(np.prod(s)) for s in shapes.values())
 

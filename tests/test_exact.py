@@ -74,6 +74,16 @@ SCHEDULE = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 50, 1000)
 SHAPES = {"w": (64, 32), "b": (32,), "gain": (7,)}
 
 
+def _exact_vs_optax(rng):
+  """bf16 params of ~N(0, 0.05) with their float32 masters (equal at start), and the two runs:
+  ``(masters, params, state, optax_state, our jitted step, optax's jitted step)``."""
+  masters = {k: jnp.asarray(np.asarray(rng.normal(size=s) * 0.05, jnp.bfloat16), jnp.float32) for k, s in SHAPES.items()}
+  tx = co.adamw(SCHEDULE, weight_decay=0.1, mode="exact", mu_format="exact")
+  ref = optax.adamw(SCHEDULE, weight_decay=0.1)
+  params = {k: v.astype(jnp.bfloat16) for k, v in masters.items()}
+  return masters, params, tx.init(params), ref.init(masters), _steps(tx), _steps(ref)
+
+
 def test_adamw_exact_is_optax_adamw_bit_for_bit_over_1000_steps():
   """``mode="exact", mu_format="exact"`` on bfloat16 params fed float32 gradients: the master
   (``master_params``) equals optax.adamw's float32 params bit for bit every 100 steps, and the
@@ -119,12 +129,8 @@ def test_adamw_exact_with_bfloat16_gradients_misses_only_by_a_bfloat16_update_ro
   params (fed the same gradients as float32): 2.0e-5 of the distance travelled, with params
   of 0.05 crossing zero often. Casting the gradients to float32 first makes it bit for bit."""
   rng = np.random.default_rng(0)
-  masters = {k: jnp.asarray(np.asarray(rng.normal(size=s) * 0.05, jnp.bfloat16), jnp.float32) for k, s in SHAPES.items()}
-  tx = co.adamw(SCHEDULE, weight_decay=0.1, mode="exact", mu_format="exact")
-  ref = optax.adamw(SCHEDULE, weight_decay=0.1)
-  params = {k: v.astype(jnp.bfloat16) for k, v in masters.items()}
-  state, ref_params, ref_state = tx.init(params), masters, ref.init(masters)
-  ours, theirs = _steps(tx), _steps(ref)
+  masters, params, state, ref_state, ours, theirs = _exact_vs_optax(rng)
+  ref_params = masters
   misses = 0
   for _ in range(1000):
     g = {k: jnp.asarray(rng.normal(size=s) * 10.0 ** rng.uniform(-4, 0), jnp.bfloat16) for k, s in SHAPES.items()}
@@ -150,12 +156,8 @@ def test_adamw_exact_with_float32_gradients_of_bfloat16_values_is_bit_for_bit():
   """The fix the docstring gives for the test above: gradients cast to float32 make float32
   updates, which land on ``hi`` always: optax.adamw's float32 params bit for bit."""
   rng = np.random.default_rng(1)
-  masters = {k: jnp.asarray(np.asarray(rng.normal(size=s) * 0.05, jnp.bfloat16), jnp.float32) for k, s in SHAPES.items()}
-  tx = co.adamw(SCHEDULE, weight_decay=0.1, mode="exact", mu_format="exact")
-  ref = optax.adamw(SCHEDULE, weight_decay=0.1)
-  params = {k: v.astype(jnp.bfloat16) for k, v in masters.items()}
-  state, ref_params, ref_state = tx.init(params), masters, ref.init(masters)
-  ours, theirs = _steps(tx), _steps(ref)
+  masters, params, state, ref_state, ours, theirs = _exact_vs_optax(rng)
+  ref_params = masters
   for _ in range(300):
     g = {k: jnp.asarray(rng.normal(size=s) * 10.0 ** rng.uniform(-4, 0), jnp.bfloat16) for k, s in SHAPES.items()}
     g32 = {k: v.astype(jnp.float32) for k, v in g.items()}

@@ -93,10 +93,12 @@ def _nnx_step(model, optimizer, x, y):
   return loss, grads
 
 
-def test_nnx_optimizer_trains_bf16_model_and_keeps_low_components():
+def _train_nnx(mode: str):
+  """The MLP trained STEPS steps by ``nnx.Optimizer(model, adamw(mode=mode))``: the state keeps its
+  structure every step and the loss halves. Returns ``(model, optimizer)``."""
   x, y = _task()
   model = _MLP(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, co.adamw(3e-3, mode="plus", track_metrics=True), wrt=nnx.Param)
+  optimizer = nnx.Optimizer(model, co.adamw(3e-3, mode=mode, track_metrics=True), wrt=nnx.Param)
   structure0 = jax.tree.structure(optimizer.opt_state)
   losses = []
   for _ in range(STEPS):
@@ -104,6 +106,11 @@ def test_nnx_optimizer_trains_bf16_model_and_keeps_low_components():
     losses.append(float(loss))
     assert jax.tree.structure(optimizer.opt_state) == structure0, "the state changed its structure"
   assert losses[-1] < 0.5 * losses[0], losses
+  return model, optimizer
+
+
+def test_nnx_optimizer_trains_bf16_model_and_keeps_low_components():
+  model, optimizer = _train_nnx("plus")
   params = nnx.state(model, nnx.Param)
   assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(BF16)}
   adam = _adamw_state(optimizer.opt_state)
@@ -143,16 +150,7 @@ def test_nnx_optimizer_trains_with_the_integer_residual_modes(mode):
   ``mode="compact"`` (int8 residuals, 8-bit moments with bf16 group scales): the state keeps
   its structure, the model trains, the residuals are in use, and ``master_params`` is each
   format's documented value (recomputed here in numpy)."""
-  x, y = _task()
-  model = _MLP(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(model, co.adamw(3e-3, mode=mode, track_metrics=True), wrt=nnx.Param)
-  structure0 = jax.tree.structure(optimizer.opt_state)
-  losses = []
-  for _ in range(STEPS):
-    loss, _ = _nnx_step(model, optimizer, x, y)
-    losses.append(float(loss))
-    assert jax.tree.structure(optimizer.opt_state) == structure0, "the state changed its structure"
-  assert losses[-1] < 0.5 * losses[0], losses
+  model, optimizer = _train_nnx(mode)
   params = nnx.state(model, nnx.Param)
   adam = _adamw_state(optimizer.opt_state)
   want = {"exact": jnp.int16, "compact": jnp.int8}[mode]

@@ -63,15 +63,7 @@ PFMT = {"bfloat16": S.BF16, "float16": S.F16}
 UDTYPES = {"bf16": BF16, "f16": F16, "f32": np.dtype(F32)}
 
 
-def _probe_flushing() -> tuple[bool, bool]:
-  """(DAZ, FTZ) of this backend's float32 arithmetic."""
-  t = F32(2.0**-127)
-  daz = float(jax.jit(lambda a, b: a + b)(t, t)) == 0.0  # 2**-126 is normal
-  ftz = float(jax.jit(lambda a, b: a * b)(F32(2.0**-63), F32(2.0**-64))) == 0.0
-  return daz, ftz
-
-
-DAZ, FTZ = _probe_flushing()
+DAZ, FTZ = S.backend_flushing()
 FLUSH = DAZ or FTZ
 
 

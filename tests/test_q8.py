@@ -62,15 +62,7 @@ V_SCALES = (1e-2, 1e-6, 1e-8, 1e-18, 1e18)  # of g; v = g²
 SHAPES = ((16, 130), (2000,), (8, 8, 32), (3, 7, 50))
 
 
-def _probe_flushing() -> tuple[bool, bool]:
-  """(DAZ, FTZ) of this backend's float32 arithmetic."""
-  t = F32(2.0**-127)
-  daz = float(jax.jit(lambda a, b: a + b)(t, t)) == 0.0  # 2**-126 is normal
-  ftz = float(jax.jit(lambda a, b: a * b)(F32(2.0**-63), F32(2.0**-64))) == 0.0
-  return daz, ftz
-
-
-DAZ, FTZ = _probe_flushing()
+DAZ, FTZ = S.backend_flushing()
 
 
 # ---------------------------------------------------------------------------
@@ -142,10 +134,6 @@ def ref_decode(codes, scales, second: bool) -> np.ndarray:
     z = c / 127.0
     x = s * z / (2 - np.abs(z))
   return np.where(np.asarray(codes) == NAN_CODE[second], np.nan, x)
-
-
-def ulp32(x) -> np.ndarray:
-  return R.ulp(np.asarray(x, F64), np.float32)
 
 
 def fails(ok, what: str, **inputs) -> str:
@@ -236,12 +224,12 @@ def check_q8(x: np.ndarray, second: bool) -> None:
   # a gradient of ~1e-19, whose g² Adam's own float32 arithmetic flushes too).
   flushed = FTZ & (np.abs(want_d) < TINY) & (d64 == 0)
   s_el = _per_element(scales.astype(F64), x.shape)
-  ok = np.abs(d64 - want_d) <= 4 * ulp32(want_d) + (4 * ulp32(s_el) * s_el / 127 if second else 4 * ulp32(s_el))
+  ok = np.abs(d64 - want_d) <= 4 * R.ulp32(want_d) + (4 * R.ulp32(s_el) * s_el / 127 if second else 4 * R.ulp32(s_el))
   assert np.all(ok | flushed), fails(ok | flushed, "decode != the formula of its codes", x=x, decoded=d, want=want_d)
   s = group_max(x, second)
   true = magnitudes(x, second)
   err = np.abs(np.sqrt(d64) - true) if second else np.abs(d64 - true)
-  ok = err <= formats.q8_bound(second) * s + 4 * ulp32(s) + np.where(flushed, np.sqrt(TINY) if second else TINY, 0)
+  ok = err <= formats.q8_bound(second) * s + 4 * R.ulp32(s) + np.where(flushed, np.sqrt(TINY) if second else TINY, 0)
   assert np.all(ok), fails(ok, "beyond q8_bound·s", x=x, decoded=d, group_max=s)
 
 
