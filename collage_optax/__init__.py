@@ -4,21 +4,26 @@ Optax ``GradientTransformation``s over storage formats: parameters and Adam's
 moments are float32 quantities stored in fewer bytes (a bfloat16 plus a
 second component: the paper's multi-component floats), and each step is one
 fused pass: decode, AdamW in float32, encode with explicit roundings.
+
+Modules, bottom up: :mod:`~collage_optax.mcf` (the number type and its
+error-free arithmetic), :mod:`~collage_optax.formats` (storage formats),
+:mod:`~collage_optax.checks` (input checks), :mod:`~collage_optax.metrics`
+(what precision costs), the Adam kernel (private), the transformations
+(``compensate``, ``stochastic_rounding``, ``scale_by_adam``), ``adamw``,
+``master_params`` and :mod:`~collage_optax.sharding`.
 """
 
 from collage_optax import formats, mcf
 from collage_optax.alias import MODES, PRESETS, AdamWState, adamw
+from collage_optax.master import master_params
 from collage_optax.mcf import MCF
-from collage_optax.metrics import master_params, metrics
+from collage_optax.precision import PrecisionMetrics, PrecisionState, measure_precision, metrics
 from collage_optax.sharding import abstract_state, sharded_init, state_shardings
 from collage_optax.transform import (
   CompensateState,
-  PrecisionMetrics,
-  PrecisionState,
   ScaleByAdamState,
   StochasticRoundingState,
   compensate,
-  measure_precision,
   scale_by_adam,
   stochastic_rounding,
 )

@@ -1,24 +1,23 @@
 """``collage_optax.adamw``: a drop-in for ``optax.adamw`` on bfloat16 params, as one fused step.
 
-Each leaf's update is one elementwise pass (DESIGN §7): decode the param and
-the moments from their storage formats, AdamW in float32 with optax's own
-formulas, encode. A float32-exact format reproduces ``optax.adamw`` on
-float32 params bit for bit.
+Each leaf's update is one elementwise pass: decode the param and the moments
+from their storage formats, AdamW in float32 with optax's own formulas,
+encode. A float32-exact format reproduces ``optax.adamw`` on float32 params
+bit for bit.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
-from collage_optax import _tree, formats, transform
+from collage_optax import _kernel, _tree, checks, formats, precision
+from collage_optax._bits import wide_dtype
 
 __all__ = ["MODES", "PRESETS", "AdamWState", "adamw"]
 
@@ -33,33 +32,12 @@ PRESETS: dict[str, tuple[str, str, str]] = {
   "light": ("mcf", "bf16", "bf16"),
   "plus": ("mcf", "bf16", "mcf"),
   "full": ("mcf", "mcf", "mcf"),
-  "exact": ("exact", "bf16", "exact"),
+  "exact": ("exact", "bf16", "f32"),
   "compact": ("compact", "q8", "q8"),
 }
 
 #: The values of ``mode`` in :func:`adamw`.
 MODES = tuple(PRESETS)
-
-
-def _check_hyperparam(name: str, value: Any, *, upper: float | None = None) -> None:
-  """Rejects negative or non-finite Python numbers and sub-float32 arrays.
-
-  ``optax.inject_hyperparams`` casts hyperparameters to the params' widest
-  dtype; with all-bfloat16 params ``b2=0.999`` arrives as ``1.0`` and Adam's
-  bias correction ``1 − b2ᵗ`` is 0, so such arrays are refused.
-  """
-  dtype = getattr(value, "dtype", None)
-  if dtype is not None and jnp.issubdtype(dtype, jnp.floating) and jnp.dtype(dtype).itemsize < 4:
-    raise TypeError(
-      f"collage_optax.adamw: {name} is a {jnp.dtype(dtype)} array; hyperparameters "
-      "must be float32 (0.999 is 1.0 in bfloat16). Under optax.inject_hyperparams "
-      "with bfloat16 params pass hyperparam_dtype=jnp.float32."
-    )
-  if isinstance(value, bool) or not isinstance(value, (int, float)):
-    return  # arrays and schedules are checked by the user's own code.
-  if not math.isfinite(value) or value < 0 or (upper is not None and value >= upper):
-    bound = f"in [0, {upper})" if upper is not None else "finite and >= 0"
-    raise ValueError(f"collage_optax.adamw: {name}={value!r} must be {bound}.")
 
 
 class AdamWState(NamedTuple):
@@ -77,70 +55,34 @@ class AdamWState(NamedTuple):
   mu: Any
   nu: Any
   lo: Any
-  metrics: transform.PrecisionMetrics | None = None
+  metrics: precision.PrecisionMetrics | None = None
 
 
-def _check_update_args(updates: Any, state: Any, params: Any) -> None:
-  """Clear errors, naming the leaf path and the fix, for the inputs of ``adamw``'s update."""
-  who = "collage_optax.adamw"
-  if params is None:
-    raise ValueError(
-      f"{who} needs `params`: call tx.update(grads, opt_state, params) with the "
-      "current params (as for optax.adamw), so that their low components can be updated."
-    )
-  if not isinstance(state, AdamWState):
-    raise TypeError(
-      f"{who}: opt_state {type(state).__module__}.{type(state).__name__} is not the state of "
-      "collage_optax.adamw; it comes from another optimizer (e.g. optax.adamw, whose state "
-      "lacks the low components). Call opt_state = tx.init(params) with this optimizer."
-    )
-  _tree.check_structure(who, params, "params", updates, "updates")
-  _tree.check_shapes(who, params, "params", updates, "updates")
-  _tree.check_structure(
-    who,
-    params,
-    "params",
-    _tree.per_param(state.mu),
-    "opt_state",
-    fix="The state was made for other params: call tx.init(params) with the params you train.",
-  )
-  for path, u in _tree.leaves_with_paths(updates)[0]:
-    if getattr(u, "dtype", None) == jax.dtypes.float0:
-      raise TypeError(
-        f"{who}: the update for leaf {path} is float0 (jax.grad(..., allow_int=True) "
-        "of an integer leaf); optax cannot apply it either. Differentiate only "
-        "the float params, or give that leaf a zero float gradient."
-      )
-
-
-def _formats(
+def _leaf_formats(
   mode: str,
   param_format: Any,
   mu_format: Any,
   nu_format: Any,
   mu_dtype: Any,
-) -> tuple[formats.ParamFormat, formats.Format, formats.Format, formats.Format | None]:
+) -> tuple[_kernel.LeafFormats, formats.MomentFormat | None]:
   """The formats of bfloat16/float16 leaves, and the ``mu`` format of the others (``None``: their dtype)."""
   if mode not in PRESETS:
     raise ValueError(f"collage_optax.adamw: unknown mode={mode!r}; use one of {', '.join(map(repr, MODES))}.")
   preset = PRESETS[mode]
+  mu_native = None
   if mu_dtype is not None:
     if mu_format is not None:
       raise ValueError("collage_optax.adamw: pass mu_dtype or mu_format, not both.")
     mu_native = formats.native_format(jnp.dtype(mu_dtype))
-    if mu_native.name not in formats.MOMENT_FORMATS:
+    if mu_native not in (formats.BF16, formats.F32):
       raise ValueError(f"collage_optax.adamw: mu_dtype={jnp.dtype(mu_dtype)} is not bfloat16 or float32.")
     mu_format = mu_native.name
-  else:
-    mu_native = None
-  mu = formats.moment_format(mu_format or preset[1])
-  return (
+  low = _kernel.LeafFormats(
     formats.param_format(param_format or preset[0]),
-    # m takes either sign: q8's int8 codes, never its unsigned √v ones.
-    formats.MOMENT_FORMATS["q8"] if mu.name == "q8" else mu,
+    formats.moment_format(mu_format or preset[1]),
     formats.moment_format(nu_format or preset[2], second=True),
-    mu_native,
   )
+  return low, mu_native
 
 
 def _decay_mask(mask: Any, params: Any) -> list[bool]:
@@ -181,6 +123,11 @@ def adamw(
 ) -> optax.GradientTransformationExtraArgs:
   r"""AdamW (Loshchilov & Hutter 2019) with COLLAGE for bfloat16 params, in one fused step.
 
+  One step rather than ``optax.chain(scale_by_adam(...), add_decayed_weights(...),
+  scale_by_learning_rate(...), compensate())``: a chain narrows the updates to
+  the gradients' dtype between links, and weight decay must see the decoded
+  float32 param, not its bfloat16 first component.
+
   For every leaf, one elementwise pass: decode the param and the moments
   from their storage formats (:mod:`collage_optax.formats`), then in float32
   optax's own AdamW (``optax.tree.update_moment``, bias correction,
@@ -196,7 +143,7 @@ def adamw(
   formats: ``"light"`` = (mcf, bf16, bf16): MCF params (Yu et al. 2024,
   strategy B); ``"plus"`` = (mcf, bf16, mcf): also an MCF second moment, so
   ``b2=0.999`` means 0.999 (strategy C, the default); ``"full"`` = (mcf,
-  mcf, mcf) (C+); ``"exact"`` = (exact, bf16, exact): the float32 master bit
+  mcf, mcf) (C+); ``"exact"`` = (exact, bf16, f32): the float32 master bit
   for bit in bf16 + int16, at plus's memory (with ``mu_format="exact"`` it is
   ``optax.adamw`` on float32 params, bit for bit, given float32 gradients;
   bfloat16 gradients make bfloat16 updates, which miss a param's new value by
@@ -261,110 +208,85 @@ def adamw(
   Returns:
     An ``optax.GradientTransformationExtraArgs``; ``update`` needs ``params``.
   """
-  if not callable(learning_rate):
-    _check_hyperparam("learning_rate", learning_rate)
-  _check_hyperparam("b1", b1, upper=1.0)
-  _check_hyperparam("b2", b2, upper=1.0)
-  _check_hyperparam("eps", eps)
-  _check_hyperparam("eps_root", eps_root)
-  _check_hyperparam("weight_decay", weight_decay)
-  p_fmt, mu_fmt, nu_fmt, mu_other = _formats(mode, param_format, mu_format, nu_format, mu_dtype)
   who = "collage_optax.adamw"
+  if not callable(learning_rate):
+    checks.check_hyperparam(who, "learning_rate", learning_rate)
+  for name, value, upper in (("b1", b1, 1.0), ("b2", b2, 1.0), ("eps", eps, None), ("eps_root", eps_root, None)):
+    checks.check_hyperparam(who, name, value, upper=upper)
+  checks.check_hyperparam(who, "weight_decay", weight_decay)
+  low, mu_native = _leaf_formats(mode, param_format, mu_format, nu_format, mu_dtype)
+  no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
+
+  def fmts_of(path, p):
+    return _kernel.leaf_formats(checks.leaf_kind(who, path, p), getattr(p, "dtype", None), low, mu_native)
 
   def init_fn(params):
-    def leaf(path, p):  # (mu, nu, lo) of one leaf, by its kind.
-      kind = transform.leaf_kind(who, path, p)
-      if kind == "low":
-        return (
-          transform.init_moment(p, mu_fmt),
-          transform.init_moment(p, nu_fmt),
-          transform.init_residual(who, path, p, p_fmt),
-        )
-      if kind == "native":
-        return transform.init_moment(p, mu_other), transform.init_moment(p, None), None
-      return None, None, None
+    p_flat, treedef = _tree.leaves_with_paths(params)
+    out = [_kernel.init_leaf(who, path, p, fmts_of(path, p)) for path, p in p_flat]
+    mu, nu, lo = (formats.lift_storage(treedef.unflatten([o[i] for o in out])) for i in range(3))
+    return AdamWState(jnp.zeros([], jnp.int32), mu, nu, lo, precision.init_metrics(params) if track_metrics else None)
 
-    flat, treedef = _tree.leaves_with_paths(params)
-    out = [leaf(path, p) for path, p in flat]
-    mu, nu, lo = (_tree.lift_storage(treedef.unflatten([o[i] for o in out])) for i in range(3))
-    return AdamWState(jnp.zeros([], jnp.int32), mu, nu, lo, transform._init_metrics(params) if track_metrics else None)
+  def check(updates, state, params):
+    checks.require_params(who, params)
+    checks.check_state_type(who, state, AdamWState, "optax.adamw, whose state lacks the low components")
+    checks.check_structure(who, params, "params", updates, "updates")
+    checks.check_shapes(who, params, "params", updates, "updates")
+    checks.check_float_updates(who, params, updates, what="gradient")
+    want = jax.eval_shape(init_fn, params)
+    checks.check_state(who, params, {"moment": (state.mu, want.mu)})
+    checks.check_state(who, params, {"moment": (state.nu, want.nu), "residual": (state.lo, want.lo)})
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    _check_update_args(updates, state, params)
-    expected = jax.eval_shape(init_fn, params)
+    check(updates, state, params)
     p_flat, treedef = _tree.leaves_with_paths(params)
-    flat = treedef.flatten_up_to
-    decay_mask = _decay_mask(mask, params)
-    count_inc = numerics.safe_increment(state.count)
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    # Phase 1, the moments: per leaf (p, g, kind, mu, nu, lo, decay), its wide gradient and (m, v).
-    leaves, gs, values = [], [], []
-    for (path, p), g, m, v, lo, want_m, want_v, decay in zip(
-      p_flat,
-      flat(updates),
-      flat(state.mu),
-      flat(state.nu),
-      flat(state.lo),
-      flat(expected.mu),
-      flat(expected.nu),
-      decay_mask,
-    ):
-      transform.check_moment(who, path, m, want_m)
-      transform.check_moment(who, path, v, want_v)
-      transform.check_residual(who, path, p, lo, p_fmt)
-      kind = transform.leaf_kind(who, path, p)
-      g32 = m32 = v32 = None
-      if kind in ("low", "native") and g is not None and not _tree.is_empty(g):
-        if not _tree.is_float(g):
-          raise TypeError(
-            f"{who}: the gradient for leaf {path} has dtype {g.dtype}; it must be a real float "
-            "like the param. Pass real float gradients (e.g. jax.grad of a real loss); optimise "
-            "complex leaves with a plain optax optimizer."
-          )
-        g32 = formats.widen(g).astype(transform.wide_dtype(p))
-        m, v, m32, v32 = transform.adam_moments(g32, m, v, b1, b2, jnp.isfinite(g32))
-      leaves.append((p, g, kind, m, v, lo, decay))
-      gs.append(g32)
-      values.append((m32, v32))
-    # Phase 2: Adam's directions, bias-corrected over all leaves at once (as optax).
-    dirs = transform.adam_directions(
+    g_flat = treedef.flatten_up_to(updates)
+    fmts = [fmts_of(path, p) for path, p in p_flat]
+    gs = [
+      None if f is None or _tree.is_empty(g) else formats.widen(g).astype(wide_dtype(p.dtype))
+      for (_, p), g, f in zip(p_flat, g_flat, fmts)
+    ]
+    count_inc = optax.safe_increment(state.count)
+    dirs, mus, nus = _kernel.adam(
       gs,
-      [leaf[3] for leaf in leaves],
-      [mv[0] for mv in values],
-      [mv[1] for mv in values],
-      b1,
-      b2,
-      eps,
-      eps_root,
-      count_inc,
-      nesterov,
+      treedef.flatten_up_to(state.mu),
+      treedef.flatten_up_to(state.nu),
+      fmts,
+      b1=b1,
+      b2=b2,
+      eps=eps,
+      eps_root=eps_root,
+      count_inc=count_inc,
+      nesterov=nesterov,
     )
-    # Phase 3: weight decay, learning rate, and the params' encode.
-    out = [_param_step(*leaf, d, lr) for leaf, d in zip(leaves, dirs)]
-    cols: list[Sequence[Any]] = list(zip(*out)) if out else [[]] * 5
-    new_u, new_m, new_v, new_lo = (treedef.unflatten(list(c)) for c in cols[:4])
-    metrics = transform._compute_metrics(params, list(cols[4])) if track_metrics else None
-    return new_u, AdamWState(count_inc, new_m, new_v, new_lo, metrics)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    steps = [
+      param_step(p, g, lo, d, lr, decay, f)
+      for (_, p), g, lo, d, decay, f in zip(
+        p_flat, g_flat, treedef.flatten_up_to(state.lo), dirs, _decay_mask(mask, params), fmts
+      )
+    ]
+    new_u, new_lo = (treedef.unflatten([s[i] for s in steps]) for i in (0, 1))
+    tracked = precision.compute_metrics(params, [s[2] for s in steps]) if track_metrics else None
+    return new_u, AdamWState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus), new_lo, tracked)
 
-  def _param_step(p, g, kind, m, v, lo, decay, u, lr):
-    """``(update, mu, nu, lo, metric sums)`` of one leaf, given Adam's direction ``u``."""
-    if kind == "frozen" and g is not None and not _tree.is_empty(g):
-      return jnp.zeros_like(g), m, v, lo, None
-    if u is None:
-      return g, m, v, lo, None
+  def param_step(p, g, lo, u, lr, decay, fmts):
+    """``(update, residual, metric sums)`` of one leaf, given Adam's direction ``u``."""
+    if _tree.is_empty(g):
+      return g, lo, None
+    if u is None:  # no step: an integer or boolean leaf gets a zero update of the gradient's dtype
+      return (jnp.zeros_like(g) if hasattr(p, "dtype") and not _tree.is_float(p) else g), lo, None
     wide = u.dtype
-    x = formats.widen(p).astype(wide) if kind == "native" else p_fmt.decode(p, lo)
-    if decay and not (isinstance(weight_decay, (int, float)) and weight_decay == 0):
+    x = formats.widen(p).astype(wide) if fmts.param is None else fmts.param.decode(p, lo)
+    if decay and not no_decay:
       u = u + jnp.asarray(weight_decay, wide) * x  # optax.add_decayed_weights
     # A learning rate below 0 acts as 0: optax.linear_schedule(lr, 0.0, n) ends
     # at -1.5e-10 under jit, and the residuals would keep drifting after it.
     u = -jnp.maximum(jnp.asarray(lr, wide), 0) * u  # optax.scale_by_learning_rate
-    if kind == "native":
+    if fmts.param is None:
       emitted = formats.narrow(u, g.dtype)
-      sums = transform._leaf_sums(formats.landed(p, emitted) - x, u) if track_metrics else None
-      return emitted, m, v, lo, sums
-    emitted, lo_new, delta = transform.compensated_leaf(p, lo, x + u, g.dtype, p_fmt)
-    return emitted, m, v, lo_new, (transform._leaf_sums(delta, u) if track_metrics else None)
+      return emitted, lo, (precision.leaf_sums(formats.landed(p, emitted) - x, u) if track_metrics else None)
+    emitted, lo_new, delta = _kernel.store_param(p, lo, x + u, g.dtype, fmts.param)
+    return emitted, lo_new, (precision.leaf_sums(delta, u) if track_metrics else None)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

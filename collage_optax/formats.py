@@ -1,4 +1,4 @@
-"""Storage formats: one float32 value kept in fewer bytes (DESIGN §6).
+"""Storage formats: one float32 value kept in fewer bytes.
 
 Everything an optimizer keeps per parameter -- the parameter itself, Adam's
 ``m`` and ``v`` -- is a float32 quantity *stored* in a format. A format is a
@@ -10,7 +10,7 @@ XLA's excess precision (``--xla_allow_excess_precision``) cannot remove them.
 
 Two kinds:
 
-* :class:`Format` -- a value kept entirely in the optimizer state (a moment):
+* :class:`MomentFormat` -- a value kept entirely in the optimizer state (a moment):
   its storage is a single array of the parameter's shape, so that a jitted
   step writes it with a single loop (XLA:CPU has no multi-output fusion, and
   a value stored as two arrays would be computed twice and copied).
@@ -25,9 +25,11 @@ Two kinds:
          + a bf16 scale per 32            value (FlashOptim's moments)
   ====== ========================== ===== ==========================================
 
-  ``q8`` stores ``m`` as int8 codes of ``φ(m/s) = 2y/(1+|y|)`` and ``v`` as
-  uint8 codes of ``√v/s``, ``s`` the largest magnitude in each group of 32
-  along the last axis (see :func:`moment_format`'s ``second``).
+  ``q8`` has two variants: ``Q8_M`` stores ``m`` as int8 codes of
+  ``φ(m/s) = 2y/(1+|y|)``, ``Q8_V`` stores ``v`` as uint8 codes of
+  ``√v/s``, ``s`` the largest magnitude in each group of 32 along the last
+  axis; :func:`moment_format` picks the one of the moment's role. The
+  ``mcf`` moment (``MCF_PACKED``) is the paper's MCF packed in one uint32.
 
 * :class:`ParamFormat` -- a parameter: its first component is the parameter
   array the model computes with (bfloat16 or float16); the rest (the
@@ -42,10 +44,15 @@ Two kinds:
   bf16    none                        0  the param's own 8 (11) bits
   ======= =========================== == =========================================
 
-An ``mcf`` value ``hi + lo`` is the :class:`collage_optax.MCF` number of
-``collage_optax.mcf`` (``hi = round(x)``, ``lo = round(x − hi)``): encoding a
-float32 by two roundings gives the same bits as ``mcf.from_float``, and the
-float32 sum ``hi + lo`` is ``mcf.to_float``.
+An ``mcf`` value ``hi + lo`` (the packed moment ``MCF_PACKED``, or a
+param with its residual ``MCF_RESIDUAL``) is the :class:`collage_optax.MCF`
+number of ``collage_optax.mcf``: the encode is ``mcf.from_float``, the decode
+``mcf.to_float``.
+
+The optimizers resolve each leaf's formats once, from the names they were
+given and the param (never from the state's dtypes); :func:`param_format_of`
+reads a residual's format from its dtype for tools that see a state without
+its optimizer (``master_params``).
 
 References:
   T. Yu et al., "Collage: Light-Weight Low-Precision Strategy for LLM
@@ -56,6 +63,7 @@ References:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
@@ -64,15 +72,27 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from collage_optax import mcf
+from collage_optax import _tree, mcf
+from collage_optax._bits import HIGH_HALF, pow2
 
 __all__ = [
+  "BF16",
+  "COMPACT",
+  "EXACT",
+  "F32",
+  "MCF_PACKED",
+  "MCF_RESIDUAL",
   "MOMENT_FORMATS",
+  "NO_RESIDUAL",
   "PARAM_FORMATS",
   "Q8",
-  "Format",
+  "Q8_M",
+  "Q8_V",
+  "MomentFormat",
   "ParamFormat",
+  "emit",
   "landed",
+  "lift_storage",
   "mcf_components",
   "moment_format",
   "moment_format_of",
@@ -80,13 +100,13 @@ __all__ = [
   "native_format",
   "param_format",
   "param_format_of",
+  "per_param",
   "q8_bound",
   "widen",
 ]
 
 Array = jax.Array
 
-_HIGH = np.uint32(0xFFFF0000)
 _BF16 = jnp.dtype(jnp.bfloat16)
 
 
@@ -128,13 +148,15 @@ def _finite_max(dtype: Any) -> float:
 # ---------------------------------------------------------------------------
 
 
-class Format(NamedTuple):
-  """A storage format for a value kept in the optimizer state.
+class MomentFormat(NamedTuple):
+  """A storage format for a value kept in the optimizer state (a moment).
 
   ``zeros(like)`` is the storage of 0 for an array shaped like ``like``;
   ``encode`` rounds a float32 array into the storage, ``decode`` returns its
   float32 value; ``max`` is the largest finite value it holds (the step
-  saturates finite results there); ``bytes`` per value.
+  saturates finite results there); ``bytes`` per value. ``coarse``: a format
+  of 8 significant bits or fewer, whose step uses the new value before its
+  rounding rather than the stored one (2**-9 relative for ``bf16``).
   """
 
   name: str
@@ -143,6 +165,7 @@ class Format(NamedTuple):
   encode: Callable[[Array], Any]
   decode: Callable[[Any], Array]
   max: float
+  coarse: bool = False
 
 
 def _bf16_encode(x: Array) -> Array:
@@ -152,24 +175,22 @@ def _bf16_encode(x: Array) -> Array:
   return mcf.round_to(x.astype(jnp.float32), _BF16).astype(_BF16)
 
 
-def _mcf_split(x: Array) -> tuple[Array, Array]:
-  """``hi = round(x)``, ``lo = round(x − hi)`` in bfloat16 (``lo = 0`` where ``hi`` is not finite)."""
-  hi, lo = mcf._split(x, lambda v: mcf.round_to(v, _BF16))  # mcf.from_float's bits
-  return hi, jnp.where(jnp.isfinite(hi), lo, 0.0)
-
-
 def _mcf_encode(x: Array) -> Array:
-  """Two bfloat16 components packed in a uint32: ``hi`` in the upper half, ``lo`` in the lower."""
-  hi, lo = _mcf_split(x.astype(jnp.float32))
-  # The narrowing converts are exact (the values are bfloat16 numbers): they
-  # mark the result as worth materialising, so that XLA:CPU's consumers read
-  # the stored moment instead of recomputing it from the donated old one.
-  bits = lambda c: lax.bitcast_convert_type(c.astype(_BF16), jnp.uint16).astype(jnp.uint32)
-  return (bits(hi) << 16) | bits(lo)
+  """``mcf.from_float(x)`` packed in a uint32: ``hi`` in the upper half, ``lo`` in the lower.
+
+  ``lo = 0`` where ``hi`` is not finite. The bfloat16 components (exact
+  narrowing converts) mark the result as worth materialising, so that
+  XLA:CPU's consumers read the stored moment instead of recomputing it from
+  the donated old one.
+  """
+  m = mcf.from_float(x.astype(jnp.float32), _BF16)
+  lo = jnp.where(jnp.isfinite(m.hi), m.lo, jnp.zeros_like(m.lo))
+  bits = lambda c: lax.bitcast_convert_type(c, jnp.uint16).astype(jnp.uint32)
+  return (bits(m.hi) << 16) | bits(lo)
 
 
 def _mcf_decode(s: Array) -> Array:
-  hi = lax.bitcast_convert_type(s & _HIGH, jnp.float32)
+  hi = lax.bitcast_convert_type(s & HIGH_HALF, jnp.float32)
   lo = lax.bitcast_convert_type(s << 16, jnp.float32)
   return hi + lo
 
@@ -298,26 +319,33 @@ def q8_bound(second: bool) -> float:
   return 2.0**-8 if second else (1.0 / 127.0) * (1.0 + 2.0**-8)
 
 
-MOMENT_FORMATS: dict[str, Format] = {
-  "bf16": Format("bf16", 2, _zeros(_BF16), _bf16_encode, widen, _finite_max(_BF16)),
-  "mcf": Format("mcf", 4, _zeros(jnp.uint32), _mcf_encode, _mcf_decode, _finite_max(_BF16)),
-  "f32": Format("f32", 4, _zeros(jnp.float32), lambda x: x.astype(jnp.float32), lambda s: s, _finite_max(jnp.float32)),
-  "q8": Format("q8", 1 + 2 / _GROUP, _q8_zeros(jnp.int8), _q8_encoder(True), _q8_decode, _Q8_MAX),
-}
-MOMENT_FORMATS["exact"] = MOMENT_FORMATS["f32"]  # the float32 bits, as the 'exact' param format keeps them
+_Q8_BYTES = 1 + 2 / _GROUP
 
-# The q8 format of a second moment (non-negative): uint8 codes of √v.
-_Q8_SECOND = Format("q8", 1 + 2 / _GROUP, _q8_zeros(jnp.uint8), _q8_encoder(False), _q8_decode, _Q8_MAX)
+#: ``bf16``: one bfloat16 (8 significant bits).
+BF16 = MomentFormat("bf16", 2, _zeros(_BF16), _bf16_encode, widen, _finite_max(_BF16), coarse=True)
+#: ``mcf``: the paper's two-bfloat16 MCF (~16 bits), packed in a uint32.
+MCF_PACKED = MomentFormat("mcf", 4, _zeros(jnp.uint32), _mcf_encode, _mcf_decode, _finite_max(_BF16))
+#: ``f32``: float32 (the ``exact`` preset's ``v``).
+F32 = MomentFormat(
+  "f32", 4, _zeros(jnp.float32), lambda x: x.astype(jnp.float32), lambda s: s, _finite_max(jnp.float32)
+)
+#: ``q8`` for a first moment: int8 codes of ``φ(m/s)``, a bfloat16 scale per 32.
+Q8_M = MomentFormat("q8", _Q8_BYTES, _q8_zeros(jnp.int8), _q8_encoder(True), _q8_decode, _Q8_MAX, coarse=True)
+#: ``q8`` for a second moment (``v ≥ 0``): uint8 codes of ``√v/s``, a bfloat16 scale per 32.
+Q8_V = MomentFormat("q8", _Q8_BYTES, _q8_zeros(jnp.uint8), _q8_encoder(False), _q8_decode, _Q8_MAX, coarse=True)
+
+#: The moment formats by name (``exact`` is ``f32``: the float32 bits, as the ``exact`` param format keeps them).
+MOMENT_FORMATS: dict[str, MomentFormat] = {"bf16": BF16, "mcf": MCF_PACKED, "f32": F32, "exact": F32, "q8": Q8_M}
 
 
-def native_format(dtype: Any) -> Format:
+def native_format(dtype: Any) -> MomentFormat:
   """The format that stores a value in ``dtype`` itself (float32/float64 params' moments)."""
   dtype = jnp.dtype(dtype)
   if dtype == _BF16:
-    return MOMENT_FORMATS["bf16"]
+    return BF16
   if dtype == jnp.float32:
-    return MOMENT_FORMATS["f32"]
-  return Format(
+    return F32
+  return MomentFormat(
     dtype.name,
     dtype.itemsize,
     _zeros(dtype),
@@ -327,13 +355,17 @@ def native_format(dtype: Any) -> Format:
   )
 
 
-def moment_format_of(storage: Any) -> Format:
-  """The format of a moment's storage, from its dtype (a packed uint32 is ``mcf``)."""
+def moment_format_of(storage: Any) -> MomentFormat:
+  """The format of a moment's storage found in a state, from its dtype (a packed uint32 is ``mcf``).
+
+  For reading a state without its optimizer (``moment_format_of(s).decode(s)``)
+  and for error messages; the optimizers never guess a format from a dtype.
+  """
   if isinstance(storage, Q8):
-    return MOMENT_FORMATS["q8"] if jnp.dtype(storage.codes.dtype) == jnp.int8 else _Q8_SECOND
+    return Q8_M if jnp.dtype(storage.codes.dtype) == jnp.int8 else Q8_V
   dtype = jnp.dtype(storage.dtype)
   if dtype == jnp.uint32:
-    return MOMENT_FORMATS["mcf"]
+    return MCF_PACKED
   if jnp.issubdtype(dtype, jnp.floating):
     return native_format(dtype)
   raise TypeError(f"no moment format is stored as {dtype}.")
@@ -348,14 +380,48 @@ def _named(table: dict[str, Any], name: Any, kind: type, what: str) -> Any:
   return table[name]
 
 
-def moment_format(name: Any, *, second: bool = False) -> Format:
-  """The :class:`Format` called ``name`` (a key of :data:`MOMENT_FORMATS`), or ``name`` itself.
+def moment_format(name: Any, *, second: bool = False) -> MomentFormat:
+  """The :class:`MomentFormat` called ``name`` (a key of :data:`MOMENT_FORMATS`), or ``name`` itself.
 
-  ``second=True`` asks for the format of a second moment (``v ≥ 0``): for
-  ``"q8"``, unsigned codes of ``√v``; every other format holds either sign.
+  ``second=True`` asks for the format of a second moment (``v ≥ 0``):
+  ``"q8"`` is then ``Q8_V``, unsigned codes of ``√v``; a first moment's
+  ``"q8"`` is always ``Q8_M``. Every other format holds either sign.
   """
-  fmt = _named(MOMENT_FORMATS, name, Format, "moment")
-  return _Q8_SECOND if second and fmt is MOMENT_FORMATS["q8"] else fmt
+  fmt = _named(MOMENT_FORMATS, name, MomentFormat, "moment")
+  if fmt in (Q8_M, Q8_V):
+    return Q8_V if second else Q8_M
+  return fmt
+
+
+def per_param(tree: Any) -> Any:
+  """A state tree with each storage of several arrays (a ``q8`` moment's codes and scales) as one leaf.
+
+  So that a moment tree has the params' tree structure.
+  """
+  is_leaf = lambda x: isinstance(x, Q8) or _tree.is_empty(x)
+  return jax.tree.map(lambda x: x.codes if isinstance(x, Q8) else x, tree, is_leaf=is_leaf)
+
+
+def lift_storage(tree: Any) -> Any:
+  """A state tree with each flax ``nnx.Variable`` holding a ``q8`` moment split into two, under the ``Q8``.
+
+  ``tx.init(nnx.state(model, nnx.Param))`` mirrors the params' Variables;
+  a Variable's value must be an array (``nnx.Optimizer`` writes each step's
+  state back into it with ``nnx.update``, which would turn a pytree value
+  into an ``nnx.State``), so a ``Q8(codes, scales)`` value becomes
+  ``Q8(Variable(codes), Variable(scales))``.
+  """
+  if "flax" not in sys.modules:
+    return tree
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+
+  def lift(x):
+    if isinstance(x, nnx.Variable) and isinstance(x.get_value(), Q8):
+      q = x.get_value()
+      return Q8(x.replace(q.codes), x.replace(q.scales))
+    return x
+
+  return jax.tree.map(lift, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # ---------------------------------------------------------------------------
@@ -391,7 +457,7 @@ def landed(p: Array, u: Array) -> Array:
   return mcf.round_to(widen(p).astype(wide) + widen(u).astype(wide), p.dtype).astype(jnp.float32)
 
 
-def _emit(x: Array, hi: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
+def emit(x: Array, hi: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
   """The update that carries ``p`` to the format's new first component ``hi``, and where it lands.
 
   An ``x`` within the param's range never makes it overflow: the update is
@@ -408,14 +474,14 @@ def _emit(x: Array, hi: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
 
 
 def _mcf_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
-  u, at = _emit(x, mcf.round_to(x, p.dtype), p, u_dtype)
+  u, at = emit(x, mcf.round_to(x, p.dtype), p, u_dtype)
   # Past the dtype's range the param overflows (as apply_updates would) and
   # the residual is 0, so the pair decodes to that ±inf, not to NaN.
   return u, narrow(jnp.where(jnp.isfinite(at), x - at, 0.0), p.dtype)
 
 
 def _plain_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, None]:
-  return _emit(x, mcf.round_to(x, p.dtype), p, u_dtype)[0], None
+  return emit(x, mcf.round_to(x, p.dtype), p, u_dtype)[0], None
 
 
 _RESIDUAL_RANGE = (-(1 << 15), (1 << 15) - 1)
@@ -459,7 +525,7 @@ def _exact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]
   # rounding of 0x7FFF8000 would carry into the sign bit).
   bits = jnp.where(jnp.isnan(x), (bits & np.uint32(0x80000000)) | np.uint32(0x7FC00000), bits)
   hi = lax.bitcast_convert_type(((bits + np.uint32(0x8000)) >> 16) << 16, jnp.float32)
-  u, at = _emit(x, hi, p, u_dtype)
+  u, at = emit(x, hi, p, u_dtype)
   return u, _bits_residual(bits, lax.bitcast_convert_type(at, jnp.uint32), at)
 
 
@@ -496,11 +562,6 @@ def _half_ulp_exponent(hi: Array) -> Array:
   return jnp.maximum(e.astype(jnp.int32) - 127 - 8, -126)
 
 
-def _pow2(k: Array) -> Array:
-  """``2.0**k`` in float32 for integer ``k`` in [−126, 127], from its bits."""
-  return lax.bitcast_convert_type(((k + 127) << 23).astype(jnp.uint32), jnp.float32)
-
-
 def _compact_lift(k: Array) -> Array:
   """``s`` (64 or 0) such that the residual's arithmetic, done ``2**s`` higher, meets no float32 subnormal.
 
@@ -516,7 +577,7 @@ def _compact_decode(p: Array, r: Any) -> Array:
   hi = widen(p)
   k = _half_ulp_exponent(hi)
   s = _compact_lift(k)
-  return (hi * _pow2(s) + r.astype(jnp.float32) * (_pow2(k + s) * (1.0 / _COMPACT_LEVELS))) * _pow2(-s)
+  return (hi * pow2(s) + r.astype(jnp.float32) * (pow2(k + s) * (1.0 / _COMPACT_LEVELS))) * pow2(-s)
 
 
 def _compact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Array]:
@@ -527,23 +588,27 @@ def _compact_param_encode(x: Array, p: Array, u_dtype: Any) -> tuple[Array, Arra
   The residual is taken from where ``apply_updates`` lands; a miss beyond
   half an ulp is clipped, an error of at most the miss.
   """
-  u, at = _emit(x, mcf.round_to(x, _BF16), p, u_dtype)
+  u, at = emit(x, mcf.round_to(x, _BF16), p, u_dtype)
   k = _half_ulp_exponent(at)
   s = _compact_lift(k)
   # (x − at)·127 is exact (16 + 7 significant bits), the power-of-two scalings too. A miss so
   # large that the product overflows is clipped like any other (r is NaN only for a non-finite x).
-  r = jnp.round((x * _pow2(s) - at * _pow2(s)) * _COMPACT_LEVELS * _pow2(-k - s))
+  r = jnp.round((x * pow2(s) - at * pow2(s)) * _COMPACT_LEVELS * pow2(-k - s))
   r = jnp.where(jnp.isfinite(at) & ~jnp.isnan(r), jnp.clip(r, -_COMPACT_LEVELS, _COMPACT_LEVELS), 0.0)
   return u, r.astype(jnp.int8)
 
 
-PARAM_FORMATS: dict[str, ParamFormat] = {
-  # The mcf format always keeps a residual (init is zeros_like), so its decode never sees r=None.
-  "mcf": ParamFormat("mcf", 2, jnp.zeros_like, lambda p, r: widen(p) + widen(cast(Array, r)), _mcf_param_encode),
-  "bf16": ParamFormat("bf16", 0, lambda p: None, lambda p, r: widen(p), _plain_param_encode),
-  "exact": ParamFormat("exact", 2, _bf16_only("exact", jnp.int16), _exact_decode, _exact_param_encode),
-  "compact": ParamFormat("compact", 1, _bf16_only("compact", jnp.int8), _compact_decode, _compact_param_encode),
-}
+#: ``mcf``: the paper's ``lo``, a residual of the param's own dtype (any bfloat16/float16 param).
+MCF_RESIDUAL = ParamFormat("mcf", 2, jnp.zeros_like, lambda p, r: widen(p) + widen(cast(Array, r)), _mcf_param_encode)
+#: ``bf16``: no residual, the param alone (round to nearest).
+NO_RESIDUAL = ParamFormat("bf16", 0, lambda p: None, lambda p, r: widen(p), _plain_param_encode)
+#: ``exact``: an int16 residual, the float32 bit for bit (bfloat16 params).
+EXACT = ParamFormat("exact", 2, _bf16_only("exact", jnp.int16), _exact_decode, _exact_param_encode)
+#: ``compact``: an int8 residual, ``hi ± ulp(hi)/508`` (bfloat16 params).
+COMPACT = ParamFormat("compact", 1, _bf16_only("compact", jnp.int8), _compact_decode, _compact_param_encode)
+
+#: The param formats by name.
+PARAM_FORMATS: dict[str, ParamFormat] = {f.name: f for f in (MCF_RESIDUAL, NO_RESIDUAL, EXACT, COMPACT)}
 
 
 def param_format(name: Any) -> ParamFormat:
@@ -552,14 +617,18 @@ def param_format(name: Any) -> ParamFormat:
 
 
 def param_format_of(residual: Any) -> ParamFormat:
-  """The param format whose residual ``residual`` is (from its dtype: a bf16/fp16 ``lo`` is ``mcf``)."""
+  """The param format of a residual found in a state, from its dtype (a bf16/fp16 ``lo`` is ``mcf``).
+
+  For reading a state without its optimizer (``master_params``); the
+  optimizers themselves never guess a format from a dtype.
+  """
   if residual is None:
-    return PARAM_FORMATS["bf16"]
+    return NO_RESIDUAL
   dtype = jnp.dtype(residual.dtype)
   if dtype in (_BF16, jnp.dtype(jnp.float16)):
-    return PARAM_FORMATS["mcf"]
+    return MCF_RESIDUAL
   if dtype == jnp.int16:
-    return PARAM_FORMATS["exact"]
+    return EXACT
   if dtype == jnp.int8:
-    return PARAM_FORMATS["compact"]
+    return COMPACT
   raise TypeError(f"no param format keeps a residual of dtype {dtype}.")

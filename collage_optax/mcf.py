@@ -1,4 +1,10 @@
-"""Multi-component floats (MCF) and error-free transformations.
+"""Multi-component floats (MCF) and error-free transformations: the number type and its reference arithmetic.
+
+The optimizers store values in formats (:mod:`collage_optax.formats`) and
+compute one float32 expression per step; the ``mcf`` format's encode gives
+the bits of :func:`from_float`. :func:`grow`, :func:`add` and :func:`mul` are
+the paper's MCF arithmetic as a small reference library (each error-free
+step rounded explicitly), tested against float64.
 
 An MCF is the unevaluated sum ``hi + lo`` of two floats of one storage dtype,
 normalised so that ``|lo| <= ulp(hi) / 2``. Two bfloat16 components carry about
@@ -60,6 +66,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.typing import ArrayLike
+
+from collage_optax._bits import pow2, wide_dtype
 
 __all__ = [
   "MCF",
@@ -124,11 +132,6 @@ def _check_dtype(dtype) -> jnp.dtype:
   return dtype
 
 
-def _wide(dtype) -> jnp.dtype:
-  """The type the arithmetic of ``dtype`` components is done in."""
-  return jnp.dtype(jnp.float32) if jnp.dtype(dtype).itemsize < 4 else jnp.dtype(dtype)
-
-
 def round_to(x: Array, dtype) -> Array:
   """Rounds ``x`` (a wider float) to ``dtype``'s precision, keeping its type.
 
@@ -161,56 +164,8 @@ def _rounder(dtype) -> Callable[[Array], Array]:
   return lambda x: round_to(x, dtype)
 
 
-_BF16_ROUND_BIAS = np.uint32(0x7FFF)
-_BF16_HIGH_HALF = np.uint32(0xFFFF0000)
-
-
-def _round_bf16_bits(x: Array) -> Array:
-  """``round_to(x, bfloat16)`` for a float32 ``x`` computed from bfloat16 numbers.
-
-  Round to nearest even on the bit pattern: add ``0x7FFF`` plus the lowest
-  kept bit, clear the low half (overflow carries into the exponent: ``inf``).
-  This is ``reduce_precision``'s own integer rounding, without its NaN select:
-  a NaN passes unchanged as long as its low 16 bits are 0, which holds for
-  every result of ``+ - ×`` on bfloat16 numbers (a propagated operand's
-  payload, or the default NaN). Five integer operations instead of eight.
-  """
-  bits = lax.bitcast_convert_type(x, jnp.uint32)
-  bits = (bits + (_BF16_ROUND_BIAS + ((bits >> 16) & 1))) & _BF16_HIGH_HALF
-  return lax.bitcast_convert_type(bits, jnp.float32)
-
-
-def _clear_nan_low_bits(x: Array) -> Array:
-  """A float32 ``x`` with the low 16 bits of its NaNs cleared (a NaN stays a NaN).
-
-  Storing to bfloat16 keeps only the high half, so stored results do not
-  change; afterwards :func:`_round_bf16_bits` may be used on the arithmetic.
-  """
-  bits = lax.bitcast_convert_type(x, jnp.uint32)
-  return lax.bitcast_convert_type(jnp.where(jnp.isnan(x), bits & _BF16_HIGH_HALF, bits), jnp.float32)
-
-
-def _arith_rounder(dtype) -> Callable[[Array], Array]:
-  """:func:`_rounder` for wide values computed from ``dtype`` numbers (see :func:`_round_bf16_bits`)."""
-  return _round_bf16_bits if jnp.dtype(dtype) == jnp.bfloat16 else _rounder(dtype)
-
-
-def _store(x: Array, dtype) -> Array:
-  """``x.astype(dtype)`` for a wide ``x`` holding a ``dtype`` number computed by arithmetic.
-
-  For bfloat16 the upper half of the float32 bits, which is what the
-  conversion returns for such values (its rounding is exact, and their NaNs
-  are quiet already); XLA:CPU treats a float32 -> bfloat16 conversion as
-  expensive and materialises its result rather than fuse it into several
-  consumers, a bit shift it fuses.
-  """
-  if jnp.dtype(dtype) == jnp.bfloat16 and x.dtype == jnp.float32:
-    return lax.bitcast_convert_type((lax.bitcast_convert_type(x, jnp.uint32) >> 16).astype(jnp.uint16), dtype)
-  return x.astype(dtype)
-
-
 def _up(x, dtype) -> Array:
-  return jnp.asarray(x).astype(_wide(dtype))
+  return jnp.asarray(x).astype(wide_dtype(dtype))
 
 
 # ---------------------------------------------------------------------------
@@ -254,11 +209,6 @@ def _exponent_f32(a):
   return jnp.clip(biased.astype(jnp.int32), 1, 254) - 127
 
 
-def _pow2_f32(k):
-  """``2**k`` as a float32, for integer ``k`` in ``[-126, 127]``."""
-  return lax.bitcast_convert_type((k + 127).astype(jnp.uint32) << 23, jnp.float32)
-
-
 def _two_prod(a, b, dtype, r):
   if jnp.dtype(dtype).itemsize < 4:
     # The product of two 8- or 11-bit significands is exact in float32.
@@ -271,7 +221,7 @@ def _two_prod(a, b, dtype, r):
   # low halves of small normal numbers are subnormal and flushed (DAZ/FTZ),
   # and e would miss their products with the other factor.
   ka, kb = _exponent_f32(a), _exponent_f32(b)
-  a_s, b_s = a * _pow2_f32(1 - ka), b * _pow2_f32(1 - kb)
+  a_s, b_s = a * pow2(1 - ka), b * pow2(1 - kb)
   p_s = a_s * b_s
   ah, al = _split_f32(a_s)
   bh, bl = _split_f32(b_s)
@@ -280,7 +230,7 @@ def _two_prod(a, b, dtype, r):
   # the result underflows to zero either way.
   k = jnp.maximum(ka + kb - 2, -252)
   k1 = lax.shift_right_arithmetic(k, 1)
-  return a * b, e_s * _pow2_f32(k1) * _pow2_f32(k - k1)
+  return a * b, e_s * pow2(k1) * pow2(k - k1)
 
 
 def _check_same(a, b, name):
@@ -344,8 +294,8 @@ def from_float(x: ArrayLike, dtype=jnp.bfloat16) -> MCF:
     return MCF(jnp.asarray(hi_np), jnp.asarray(lo_np))
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    x = x.astype(_wide(dtype))
-  wide = x.dtype if jnp.finfo(x.dtype).bits > jnp.finfo(_wide(dtype)).bits else _wide(dtype)
+    x = x.astype(wide_dtype(dtype))
+  wide = x.dtype if jnp.finfo(x.dtype).bits > jnp.finfo(wide_dtype(dtype)).bits else wide_dtype(dtype)
   hi, lo = _split(x.astype(wide), lambda v: round_to(v, dtype))
   return MCF(hi.astype(dtype), lo.astype(dtype))
 
@@ -395,12 +345,9 @@ def grow(m: MCF, b: Array) -> MCF:
   r = _rounder(dtype)
   x, lo = _up(m.hi, dtype), _up(m.lo, dtype)
   b = jnp.asarray(b)
-  bw = r(b.astype(jnp.promote_types(_wide(dtype), b.dtype))).astype(_wide(dtype))  # rounded once
-  if dtype == jnp.bfloat16 and b.dtype != dtype:
-    bw = _clear_nan_low_bits(bw)  # A wider b's NaN may carry low payload bits.
-  r = _arith_rounder(dtype)  # From here on every value is computed from bfloat16 numbers.
+  bw = r(b.astype(jnp.promote_types(wide_dtype(dtype), b.dtype))).astype(wide_dtype(dtype))  # rounded once
   s, e = _two_sum(x, bw, r)
-  if _wide(dtype) == dtype:  # float32 storage: no wider type.
+  if wide_dtype(dtype) == dtype:  # float32 storage: no wider type.
     hi, lo = _two_sum(s, r(lo + e), r)
   else:
     # t = r + e stays wide (it is exact in float32 unless the two are 2**16
@@ -412,7 +359,7 @@ def grow(m: MCF, b: Array) -> MCF:
     t = lo + e
     hi = r(s + t)
     lo = r((s - hi) + t)
-  return MCF(_store(hi, dtype), _store(lo, dtype))
+  return MCF(hi.astype(dtype), lo.astype(dtype))
 
 
 def add(m1: MCF, m2: MCF) -> MCF:

@@ -34,7 +34,7 @@ def _mirrors(node: Any, params_def: Any, shapes: list[Any]) -> bool:
   ``None``/``MaskedNode`` leaves (no state for that param) match any param; a
   ``q8`` moment matches by its codes.
   """
-  node = _tree.per_param(node)
+  node = formats.per_param(node)
   if jax.tree.structure(node, is_leaf=_tree.is_empty) != params_def:
     return False
   return all(

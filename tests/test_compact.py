@@ -348,14 +348,14 @@ def test_adamw_compact_state_and_master_params():
 
 @pytest.mark.parametrize("make", ["adamw", "compensate"])
 def test_float16_params_are_refused_naming_the_leaf(make):
-  tx = co.adamw(1e-3, mode="compact") if make == "adamw" else co.compensate(format="compact")
+  tx = co.adamw(1e-3, mode="compact") if make == "adamw" else co.compensate(param_format="compact")
   params = {"enc": {"w": jnp.ones((3,), jnp.float16)}, "b": jnp.ones((2,), jnp.bfloat16)}
   with pytest.raises(TypeError, match=r"leaf \['enc'\]\['w'\].*'compact' keeps bfloat16 params.*param_format='mcf'"):
     tx.init(params)
 
 
 def test_compensate_compact_tracks_float64_sgd():
-  """``optax.chain(optax.sgd(lr), compensate(format="compact"))`` on bfloat16 params against float64
+  """``optax.chain(optax.sgd(lr), compensate(param_format="compact"))`` on bfloat16 params against float64
   SGD (the same float32 gradients, which do not depend on the params): 300 steps of ~1e-4 on params
   ~N(0, 1), well below their half ulp. Measured error ||θ − θ64|| / ||θ64 − θ0||: compact 3.8e-3,
   plain bfloat16 (``optax.sgd`` + ``apply_updates``) 0.97 (it stalls), float32 SGD 1.5e-5."""
@@ -365,7 +365,7 @@ def test_compensate_compact_tracks_float64_sgd():
   grads = [rng.normal(1.0, 1.0, n).astype(F32) for _ in range(steps)]
   ref = theta0.astype(F64) - lr * np.sum(np.asarray(grads, F64), axis=0)
   rel = lambda t: float(np.linalg.norm(np.asarray(t, F64) - ref) / np.linalg.norm(ref - theta0.astype(F64)))
-  tx = optax.chain(optax.sgd(lr), co.compensate(format="compact"))
+  tx = optax.chain(optax.sgd(lr), co.compensate(param_format="compact"))
   p, state = _train(tx, jnp.asarray(theta0), [jnp.asarray(g) for g in grads])
   compact = rel(co.master_params(p, state))
   plain = rel(_train(optax.sgd(lr), jnp.asarray(theta0), [jnp.asarray(g) for g in grads])[0].astype(jnp.float32))

@@ -146,7 +146,7 @@ def test_chain_with_clip_by_global_norm_tracks_fp32_optax(mode, tol):
 )
 @pytest.mark.parametrize("fmt", ["mcf", "exact", "compact"])
 def test_compensate_after_optimizer_tracks_fp32_optax(name, make_inner, tol, fmt):
-  ours = _run(optax.chain(make_inner(), co.compensate(format=fmt)), DTYPES)
+  ours = _run(optax.chain(make_inner(), co.compensate(param_format=fmt)), DTYPES)
   # compact's residual unit is ulp(θ)/254 (3e-5 at |θ| ~ 1), a third of lion's ±1e-4 steps:
   # its rounding is a random walk of ~15% of a step (measured 3.9e-2; mcf 1.4e-2).
   tol = 3 * tol if fmt == "compact" else tol

@@ -70,7 +70,7 @@ DAZ, FTZ = S.backend_flushing()
 # ---------------------------------------------------------------------------
 
 
-def fmt(second: bool) -> formats.Format:
+def fmt(second: bool) -> formats.MomentFormat:
   return V if second else M
 
 

@@ -115,7 +115,7 @@ def test_mcf_second_moment_decays_like_float64():
   and also the product form ``mul(v, c + d)`` with β2 split into two bf16
   numbers (``c + d = 0.99900055``, measured 3.3e-3 here).
   """
-  v = _second_moments(collage_optax.scale_by_adam(b2=B2, mcf_nu=True), _mcf_nu)
+  v = _second_moments(collage_optax.scale_by_adam(b2=B2, nu_format="mcf"), _mcf_nu)
   v64 = _float64_second_moment()
   assert v64[-1, 0] / v64[WARM - 1, 0] == pytest.approx(B2**DECAY)  # the reference decays 20x
   rel = np.abs(v - v64) / v64
@@ -128,7 +128,7 @@ def test_mcf_second_moment_decays_like_float64():
     "name, tx, read_nu",
     [
         pytest.param(name, tx, read, id=name) for name, tx, read in [
-            ("collage_mcf_nu=False", collage_optax.scale_by_adam(b2=B2, mcf_nu=False), lambda s: s.nu),
+            ("collage_mcf_nu=False", collage_optax.scale_by_adam(b2=B2, nu_format="bf16"), lambda s: s.nu),
             ("optax.scale_by_adam", optax.scale_by_adam(b2=B2), lambda s: s.nu),
             ("optax.adamw", optax.adamw(1e-3, b2=B2), lambda s: s[0].nu),
         ]

@@ -1,4 +1,4 @@
-"""Reading COLLAGE state: ``metrics`` and ``master_params``."""
+"""The params at full precision, out of a COLLAGE state: ``master_params``."""
 
 from __future__ import annotations
 
@@ -7,41 +7,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from collage_optax import _tree, formats
+from collage_optax import _tree, checks, formats
 from collage_optax.alias import AdamWState
-from collage_optax.transform import CompensateState, PrecisionMetrics
+from collage_optax.transform import CompensateState
+
+__all__ = ["master_params"]
 
 #: The states that keep the params' residuals in a field ``lo``.
 _RESIDUAL_STATES = (CompensateState, AdamWState)
-
-__all__ = ["master_params", "metrics"]
-
-
-def _find(tree: Any, kind: Any) -> list[tuple[str, Any]]:
-  """Every ``kind`` node anywhere in a (chained, injected, masked) state."""
-  flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, kind))
-  return [(_tree.path_str(p), x) for p, x in flat if isinstance(x, kind)]
-
-
-def metrics(opt_state: Any) -> dict[str, float]:
-  """EDQ and lost fraction from anywhere in an optimizer state, as Python floats.
-
-  Keys: ``edq``, ``lost_fraction``, and ``edq/<subtree>``,
-  ``lost_fraction/<subtree>`` per top-level subtree of the params. With several
-  tracked transformations in one state, each key is prefixed by its index
-  (``0/edq``). Empty when nothing is tracked. Call it outside ``jit``.
-  """
-  found = _find(opt_state, PrecisionMetrics)
-  out: dict[str, float] = {}
-  for i, (_, m) in enumerate(found):
-    prefix = f"{i}/" if len(found) > 1 else ""
-    out[prefix + "edq"] = float(m.edq)
-    out[prefix + "lost_fraction"] = float(m.lost_fraction)
-    for k, v in m.edq_by_subtree.items():
-      out[f"{prefix}edq/{k}"] = float(v)
-    for k, v in m.lost_fraction_by_subtree.items():
-      out[f"{prefix}lost_fraction/{k}"] = float(v)
-  return out
 
 
 def _unbox(tree: Any) -> Any:
@@ -63,7 +36,7 @@ def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
   Flax NNX works too: ``master_params(nnx.state(model, nnx.Param),
   optimizer.opt_state)`` returns an ``nnx.State`` of arrays.
   """
-  states = _find(opt_state, _RESIDUAL_STATES)
+  states = _tree.find(opt_state, _RESIDUAL_STATES)
   if not states:
     raise ValueError(
       "master_params: no collage_optax.compensate state in opt_state. Build the "
@@ -74,7 +47,7 @@ def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
   lo_flat = [None] * len(p_flat)
   for where, st in states:
     lo_tree = _unbox(st.lo)
-    _tree.check_structure("master_params", params, "params", lo_tree, f"the low components at {where}")
+    checks.check_structure("master_params", params, "params", lo_tree, f"the low components at {where}")
     for i, lo in enumerate(treedef.flatten_up_to(lo_tree)):
       if not _tree.is_empty(lo):
         lo_flat[i] = lo
@@ -85,7 +58,7 @@ def master_params(params: Any, opt_state: Any, dtype=jnp.float32) -> Any:
         raise ValueError(f"master_params: leaf {path} has shape {jnp.shape(p)} but its low component {jnp.shape(lo)}.")
       fmt = formats.param_format_of(lo)
       # An MCF is hi + lo: summed in a wider dtype when one is asked for (float32 may round it).
-      wide = jnp.finfo(dtype).bits > 32 and fmt.name == "mcf"
+      wide = jnp.finfo(dtype).bits > 32 and fmt is formats.MCF_RESIDUAL
       out.append(p.astype(dtype) + lo.astype(dtype) if wide else fmt.decode(p, lo).astype(dtype))
     elif _tree.is_float(p):
       out.append(p.astype(dtype))
