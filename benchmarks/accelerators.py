@@ -51,25 +51,27 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compile-only: no TPU is opened, so concurrent processes (pytest-xdist, two runs) may each load libtpu.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Where JAX_PLATFORMS is not "cpu", the CUDA plugin checks the (absent) driver and does not register without this.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-import optax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import collage_optax  # noqa: E402
+import collage_optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-import step as step_bench  # noqa: E402
+import _common
+import step as step_bench
 
 OUT = _common.RESULTS / "accelerators.json"
 CONFIGS = Path(__file__).resolve().parent / "target_configs"
@@ -216,11 +218,12 @@ def _split_instruction(line: str) -> tuple[str, str, str, list[str]] | None:
   rest = line[m.end():]
   if rest.startswith("("):  # A tuple shape: up to its matching parenthesis.
     depth = 0
-    for i, c in enumerate(rest):
+    end = 0
+    for end, c in enumerate(rest):  # noqa: B007 (end is read after the loop)
       depth += {"(": 1, ")": -1}.get(c, 0)
       if depth == 0:
         break
-    shape, rest = rest[:i + 1], rest[i + 2:]
+    shape, rest = rest[:end + 1], rest[end + 2:]
   else:
     shape, _, rest = rest.partition(" ")
   op = re.match(r"([\w\-]+)\(", rest)
@@ -328,10 +331,12 @@ def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
     row["time_vs_fp32"] = round(row["time_us"] / base, 3) if base else None
 
 
-def run_steps(targets: list[str], names: list[str], quick: bool) -> dict[str, Any]:
+def run_steps(targets: list[str], names: list[str], quick: bool, cases: list[str]) -> dict[str, Any]:
   """Parts 1 and 2: ``{case: {target: {strategy: stats}}}``."""
   out: dict[str, Any] = {}
   for case, shapes in step_cases(quick).items():
+    if case not in cases:
+      continue
     out[case] = {"n_params": sum(math.prod(s) for s in shapes.values()), "leaves": len(shapes), "targets": {}}
     for target in targets:
       rows = {name: measure_step(name, shapes, target) for name in names}
@@ -504,7 +509,8 @@ def step_tables(results: dict[str, Any]) -> str:
         r = data["targets"][t][name]
         row.append(f"{r['hbm_B']} ({r['cost_model_B']}) / {r['sweeps']} / {r['temp_B']} / {r['time_vs_fp32']}")
       rows.append(row)
-    out.append(f"### {case}: {data['n_params']:,} params in {data['leaves']} leaves\n\n" + _common.format_table(header, rows))
+    title = f"### {case}: {data['n_params']:,} params in {data['leaves']} leaves"
+    out.append(title + "\n\n" + _common.format_table(header, rows))
   return "\n\n".join(out)
 
 
@@ -541,6 +547,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
   parser.add_argument("--strategies", default=",".join(strategies()))
   parser.add_argument("--parts", default="1,3", help="1: optimizer step (leaf and tree); 3: training-step memory")
+  parser.add_argument("--cases", default="leaf,tree", help="part 1's param sets: leaf (one matrix), tree (GPT-like)")
   parser.add_argument("--no-fits", action="store_true", help="skip the largest-model search")
   parser.add_argument("--quick", action="store_true", help="small shapes, 125M model only, no fits search")
   parser.add_argument("--out", default=str(OUT))
@@ -555,7 +562,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result: dict[str, Any] = {"machine": _common.machine(), "quick": args.quick,
                             "targets": {t: dataclasses.asdict(TARGETS[t]) for t in targets}}
   if "1" in args.parts:
-    result["step"] = run_steps(targets, names, args.quick)
+    result["step"] = run_steps(targets, names, args.quick, args.cases.split(","))
     print(step_tables(result["step"]))
   if "3" in args.parts:
     result["memory"] = run_memory([t for t in MEMORY_TARGETS if t in targets], names, args.quick)

@@ -9,8 +9,13 @@ kernel, issue 17): those cases are strict xfails, so that the fix flips them.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
+
+# Before jax initialises its backends: the CUDA plugin then registers (compile-only) without a driver.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax
 import jax.numpy as jnp
@@ -57,7 +62,7 @@ def test_one_sweep_at_the_ideal_bytes(accel, target, mode):
   tx = collage_optax.adamw(1e-3, weight_decay=0.1, mode=mode)
   params = {"w": jax.ShapeDtypeStruct(SHAPE, jnp.bfloat16)}
   n = SHAPE[0] * SHAPE[1]
-  assert accel.ideal_bytes(tx, params) / n == IDEAL[mode]
+  assert round(accel.ideal_bytes(tx, params) / n, 2) == IDEAL[mode]  # + the 4-byte step count
   compiled = accel.compile_step(tx, params, target)
   stats = accel.kernel_stats(compiled, n)
   cost = accel.cost_model_bytes(compiled) / n
