@@ -14,8 +14,8 @@ error-free arithmetic), :mod:`~collage_optax.formats` (storage formats),
 """
 
 from collage_optax import formats, mcf
-from collage_optax.alias import MODES, PRESETS, AdamWState, adamw
-from collage_optax.master import master_params
+from collage_optax.alias import MODES, PRESETS, AdamWState, adamw, precise_small_leaves
+from collage_optax.master import init_from_master, master_params
 from collage_optax.mcf import MCF
 from collage_optax.precision import PrecisionMetrics, PrecisionState, measure_precision, metrics
 from collage_optax.sharding import abstract_state, sharded_init, state_shardings
@@ -44,10 +44,12 @@ __all__ = [
   "adamw",
   "compensate",
   "formats",
+  "init_from_master",
   "master_params",
   "mcf",
   "measure_precision",
   "metrics",
+  "precise_small_leaves",
   "scale_by_adam",
   "sharded_init",
   "state_shardings",

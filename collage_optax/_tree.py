@@ -69,3 +69,25 @@ def find(tree: Any, kind: Any) -> list[tuple[str, Any]]:
   """Every ``kind`` node anywhere in a (chained, injected, masked) state, with its path."""
   flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, kind))
   return [(path_str(p), x) for p, x in flat if isinstance(x, kind)]
+
+
+def per_leaf(spec: Any, params: Any, *, is_value: Callable[[Any], bool]) -> list[Any]:
+  """``spec`` given for the whole tree, as a prefix of it, or as ``fn(path, leaf)``: one value per leaf of ``params``.
+
+  A value (``is_value``) applies to every leaf; a tree whose structure is a
+  prefix of the params' (as ``optax.masked``'s mask) gives each of its
+  values to the leaves below it; a callable is called with each leaf's path
+  string (as in the error messages, e.g. ``"['enc']['w']"``) and the leaf.
+  """
+  flat, treedef = leaves_with_paths(params)
+  if is_value(spec):
+    return [spec] * len(flat)
+  if callable(spec):
+    return [spec(path, p) for path, p in flat]
+  full = jax.tree.map(
+    lambda v, sub: jax.tree.map(lambda _: v, sub, is_leaf=is_empty),
+    spec,
+    params,
+    is_leaf=lambda x: is_value(x) or is_empty(x),
+  )
+  return treedef.flatten_up_to(full)

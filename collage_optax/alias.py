@@ -8,6 +8,7 @@ bit for bit.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -19,7 +20,7 @@ import optax
 from collage_optax import _kernel, _tree, checks, formats, precision
 from collage_optax._bits import wide_dtype
 
-__all__ = ["MODES", "PRESETS", "AdamWState", "adamw"]
+__all__ = ["MODES", "PRESETS", "AdamWState", "adamw", "precise_small_leaves"]
 
 #: The presets of :func:`adamw`'s ``mode``: ``(param_format, mu_format,
 #: nu_format)`` for bfloat16/float16 params. light: MCF params (Yu et al.
@@ -58,50 +59,97 @@ class AdamWState(NamedTuple):
   metrics: precision.PrecisionMetrics | None = None
 
 
-def _leaf_formats(
-  mode: str,
-  param_format: Any,
-  mu_format: Any,
-  nu_format: Any,
-  mu_dtype: Any,
-) -> tuple[_kernel.LeafFormats, formats.MomentFormat | None]:
-  """The formats of bfloat16/float16 leaves, and the ``mu`` format of the others (``None``: their dtype)."""
-  if mode not in PRESETS:
-    raise ValueError(f"collage_optax.adamw: unknown mode={mode!r}; use one of {', '.join(map(repr, MODES))}.")
-  preset = PRESETS[mode]
-  mu_native = None
-  if mu_dtype is not None:
-    if mu_format is not None:
-      raise ValueError("collage_optax.adamw: pass mu_dtype or mu_format, not both.")
-    mu_native = formats.native_format(jnp.dtype(mu_dtype))
-    if mu_native not in (formats.BF16, formats.F32):
-      raise ValueError(f"collage_optax.adamw: mu_dtype={jnp.dtype(mu_dtype)} is not bfloat16 or float32.")
-    mu_format = mu_native.name
-  low = _kernel.LeafFormats(
-    formats.param_format(param_format or preset[0]),
-    formats.moment_format(mu_format or preset[1]),
-    formats.moment_format(nu_format or preset[2], second=True),
-  )
-  return low, mu_native
+def precise_small_leaves(mode: str, precise: str = "exact", *, min_size: int = 4096) -> Callable[[str, Any], str]:
+  """A per-leaf ``mode`` for :func:`adamw`: ``precise`` for small leaves, ``mode`` for the rest.
+
+  A leaf is small when it has fewer than ``min_size`` elements or fewer than
+  two dimensions (biases, norm gains, scalars): the leaves where low-bit
+  state hurts first (bitsandbytes keeps tensors under 4096 elements in
+  32-bit; FlashOptim has ``full_precision_layers``) and where it saves
+  almost nothing. Example::
+
+    tx = collage_optax.adamw(3e-4, mode=collage_optax.precise_small_leaves("compact"))
+  """
+  for name in (mode, precise):
+    if name not in PRESETS:
+      raise ValueError(f"precise_small_leaves: unknown mode {name!r}; use one of {', '.join(map(repr, MODES))}.")
+
+  def policy(path: str, p: Any) -> str:
+    del path
+    small = int(math.prod(jnp.shape(p))) < min_size or jnp.ndim(p) < 2
+    return precise if small else mode
+
+  return policy
 
 
 def _decay_mask(mask: Any, params: Any) -> list[bool]:
   """Per leaf of ``params``: whether weight decay applies (``mask`` as in ``optax.adamw``)."""
-  n = len(_tree.leaves_with_paths(params)[0])
   if mask is None:
-    return [True] * n
+    return [True] * len(_tree.leaves_with_paths(params)[0])
   tree = mask(params) if callable(mask) else mask
-  params_def = jax.tree.structure(params, is_leaf=_tree.is_empty)
-  # A mask may be a prefix of the params (optax.masked): broadcast each entry.
-  full = jax.tree.map(
-    lambda m, sub: jax.tree.map(lambda _: m, sub, is_leaf=_tree.is_empty),
-    tree,
-    params,
-    is_leaf=lambda x: isinstance(x, bool) or _tree.is_empty(x),
-  )
-  # PyTreeDef.flatten_up_to exists at runtime, but jaxlib ships no stubs for PyTreeDef.
-  flat = params_def.flatten_up_to(full)  # type: ignore[attr-defined]
+  flat = _tree.per_leaf(tree, params, is_value=lambda x: isinstance(x, bool))
   return [bool(m) if not _tree.is_empty(m) else False for m in flat]
+
+
+Spec = Any  # a name, a pytree prefix of names, or a callable ``(path, param) -> name``
+
+
+def _is_name(x: Any) -> bool:
+  return x is None or isinstance(x, str)
+
+
+def _check_names(spec: Spec, table: Any, what: str) -> None:
+  """Rejects an unknown name in a name or a prefix tree of names at construction (a callable: per leaf)."""
+  if callable(spec) and not _is_name(spec):
+    return
+  for name in jax.tree.leaves(spec):
+    if name not in table:
+      raise ValueError(f"collage_optax.adamw: unknown {what}={name!r}; use one of {', '.join(map(repr, table))}.")
+
+
+def _mu_native(mu_dtype: Any, mu_format: Spec) -> formats.MomentFormat | None:
+  """``mu_dtype`` as the first moment's format of every float leaf (``None``: each leaf's own dtype)."""
+  if mu_dtype is None:
+    return None
+  if mu_format is not None:
+    raise ValueError("collage_optax.adamw: pass mu_dtype or mu_format, not both.")
+  native = formats.native_format(jnp.dtype(mu_dtype))
+  if native not in (formats.BF16, formats.F32):
+    raise ValueError(f"collage_optax.adamw: mu_dtype={jnp.dtype(mu_dtype)} is not bfloat16 or float32.")
+  return native
+
+
+def _resolver(
+  mode: Spec, param_format: Spec, mu_format: Spec, nu_format: Spec, mu_native: formats.MomentFormat | None
+) -> Callable[[Any], list[_kernel.LeafFormats | None]]:
+  """``params -> [LeafFormats | None per leaf]``: the preset of each leaf's mode, overridden per leaf."""
+  _check_names(mode, PRESETS, "mode")
+  _check_names(param_format, formats.PARAM_FORMATS, "param_format")
+  _check_names(mu_format, formats.MOMENT_FORMATS, "mu_format")
+  _check_names(nu_format, formats.MOMENT_FORMATS, "nu_format")
+  if mu_native is not None:
+    mu_format = mu_native.name
+
+  def resolve(params: Any) -> list[_kernel.LeafFormats | None]:
+    flat = _tree.leaves_with_paths(params)[0]
+    specs = [_tree.per_leaf(s, params, is_value=_is_name) for s in (mode, param_format, mu_format, nu_format)]
+    out = []
+    for (path, p), m, pf, mf, nf in zip(flat, *specs):
+      if m not in PRESETS:
+        raise ValueError(
+          f"collage_optax.adamw: leaf {path}: unknown mode={m!r}; use one of {', '.join(map(repr, MODES))}."
+        )
+      preset = PRESETS[m]
+      low = _kernel.LeafFormats(
+        formats.param_format(pf or preset[0]),
+        formats.moment_format(mf or preset[1]),
+        formats.moment_format(nf or preset[2], second=True),
+      )
+      kind = checks.leaf_kind("collage_optax.adamw", path, p)
+      out.append(_kernel.leaf_formats(kind, getattr(p, "dtype", None), low, mu_native))
+    return out
+
+  return resolve
 
 
 def adamw(
@@ -113,11 +161,11 @@ def adamw(
   weight_decay: float = 1e-4,
   mask: Any | Callable[[optax.Params], Any] | None = None,
   *,
-  mode: str = "plus",
+  mode: Spec = "plus",
   mu_dtype: Any | None = None,
-  param_format: str | None = None,
-  mu_format: str | None = None,
-  nu_format: str | None = None,
+  param_format: Spec = None,
+  mu_format: Spec = None,
+  nu_format: Spec = None,
   nesterov: bool = False,
   track_metrics: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -197,11 +245,15 @@ def adamw(
     weight_decay: decoupled weight decay.
     mask: where to apply weight decay (as in ``optax.adamw``).
     mode: ``"light"``, ``"plus"``, ``"full"``, ``"exact"`` or ``"compact"``
-      (see :data:`PRESETS`).
+      (see :data:`PRESETS`); or one per leaf: a pytree prefix of the params
+      with a name at each node (as ``optax.masked``'s mask), or a callable
+      ``(path, param) -> name`` (``path`` as in the error messages, e.g.
+      ``"['enc']['w']"``), such as :func:`precise_small_leaves`.
     mu_dtype: the first moment's dtype for every float leaf, as in
       ``optax.adamw`` (``jnp.bfloat16`` or ``jnp.float32``).
     param_format, mu_format, nu_format: formats overriding the preset for
-      bfloat16/float16 leaves.
+      bfloat16/float16 leaves; each a name, a prefix tree of names or a
+      callable ``(path, param) -> name`` (``None``: the preset's).
     nesterov: Nesterov momentum (as in ``optax.adamw``).
     track_metrics: record EDQ and lost fraction (see :func:`collage_optax.metrics`).
 
@@ -214,15 +266,12 @@ def adamw(
   for name, value, upper in (("b1", b1, 1.0), ("b2", b2, 1.0), ("eps", eps, None), ("eps_root", eps_root, None)):
     checks.check_hyperparam(who, name, value, upper=upper)
   checks.check_hyperparam(who, "weight_decay", weight_decay)
-  low, mu_native = _leaf_formats(mode, param_format, mu_format, nu_format, mu_dtype)
+  resolve = _resolver(mode, param_format, mu_format, nu_format, _mu_native(mu_dtype, mu_format))
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
-
-  def fmts_of(path, p):
-    return _kernel.leaf_formats(checks.leaf_kind(who, path, p), getattr(p, "dtype", None), low, mu_native)
 
   def init_fn(params):
     p_flat, treedef = _tree.leaves_with_paths(params)
-    out = [_kernel.init_leaf(who, path, p, fmts_of(path, p)) for path, p in p_flat]
+    out = [_kernel.init_leaf(who, path, p, f) for (path, p), f in zip(p_flat, resolve(params))]
     mu, nu, lo = (formats.lift_storage(treedef.unflatten([o[i] for o in out])) for i in range(3))
     return AdamWState(jnp.zeros([], jnp.int32), mu, nu, lo, precision.init_metrics(params) if track_metrics else None)
 
@@ -241,7 +290,7 @@ def adamw(
     check(updates, state, params)
     p_flat, treedef = _tree.leaves_with_paths(params)
     g_flat = treedef.flatten_up_to(updates)
-    fmts = [fmts_of(path, p) for path, p in p_flat]
+    fmts = resolve(params)
     gs = [
       None if f is None or _tree.is_empty(g) else formats.widen(g).astype(wide_dtype(p.dtype))
       for (_, p), g, f in zip(p_flat, g_flat, fmts)

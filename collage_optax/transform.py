@@ -56,7 +56,7 @@ class CompensateState(NamedTuple):
 
 
 def compensate(
-  param_format: str = "mcf", track_metrics: bool = False, *, format: str | None = None
+  param_format: Any = "mcf", track_metrics: bool = False, *, format: Any = None
 ) -> optax.GradientTransformation:
   """COLLAGE's compensated parameter update; the last link of any chain.
 
@@ -82,7 +82,9 @@ def compensate(
     param_format: the param format of :mod:`collage_optax.formats`: ``"mcf"``
       (the paper's, any bfloat16/float16 param), ``"exact"`` (an int16
       residual: the float32 bit for bit) or ``"compact"`` (an int8 residual,
-      ~16 bits); the last two keep bfloat16 params only.
+      ~16 bits); the last two keep bfloat16 params only. Or one per leaf: a
+      pytree prefix of the params with a name at each node, or a callable
+      ``(path, param) -> name``.
     track_metrics: record EDQ and lost fraction in the state (read them with
       :func:`collage_optax.metrics`).
     format: deprecated spelling of ``param_format``.
@@ -93,16 +95,22 @@ def compensate(
   if format is not None:
     _deprecated("compensate(format=...)", "compensate(param_format=...)")
     param_format = format
-  fmt = formats.param_format(param_format)
   who = "collage_optax.compensate"
+  if isinstance(param_format, str):
+    formats.param_format(param_format)  # an unknown name fails here
 
-  def residual(path, p):
-    return _kernel.init_residual(who, path, p, fmt if checks.leaf_kind(who, path, p) == "low" else None)
+  def resolve(params):
+    """Each leaf's param format (``None`` for leaves that keep no residual)."""
+    names = _tree.per_leaf(param_format, params, is_value=lambda x: isinstance(x, str))
+    return [
+      formats.param_format(name) if checks.leaf_kind(who, path, p) == "low" else None
+      for (path, p), name in zip(_tree.leaves_with_paths(params)[0], names)
+    ]
 
   def init_fn(params):
-    return CompensateState(
-      _tree.map_with_path(residual, params), precision.init_metrics(params) if track_metrics else None
-    )
+    p_flat, treedef = _tree.leaves_with_paths(params)
+    lo = treedef.unflatten([_kernel.init_residual(who, path, p, f) for (path, p), f in zip(p_flat, resolve(params))])
+    return CompensateState(lo, precision.init_metrics(params) if track_metrics else None)
 
   def update_fn(updates, state, params=None):
     checks.require_params(who, params)
@@ -112,8 +120,10 @@ def compensate(
     checks.check_state(who, params, {"residual": (state.lo, jax.eval_shape(lambda p: init_fn(p).lo, params))})
     p_flat, treedef = _tree.leaves_with_paths(params)
     out_u, out_lo, sums = [], [], []
-    for (_, p), u, lo in zip(p_flat, treedef.flatten_up_to(updates), treedef.flatten_up_to(state.lo)):
-      if _tree.is_empty(lo) or _tree.is_empty(u):
+    for (_, p), u, lo, fmt in zip(
+      p_flat, treedef.flatten_up_to(updates), treedef.flatten_up_to(state.lo), resolve(params)
+    ):
+      if fmt is None or _tree.is_empty(lo) or _tree.is_empty(u):
         out_u.append(u)
         out_lo.append(lo)
         sums.append(precision.landing_sums(p, u) if track_metrics else None)
