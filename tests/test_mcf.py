@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import textwrap
-from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
