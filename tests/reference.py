@@ -2,7 +2,7 @@
 
 Nothing here imports ``jax``, ``optax`` or ``collage_optax``: these are the
 textbook formulas evaluated in float64, the yardstick the library is measured
-against.
+against. (Fixtures are in ``conftest.py``, inputs in ``strategies.py``.)
 """
 
 from __future__ import annotations

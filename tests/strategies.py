@@ -1,4 +1,7 @@
-"""Hypothesis strategies for the MCF numerics tests (numpy + ml_dtypes only).
+"""Inputs for the tests (numpy + ml_dtypes only): hypothesis strategies for the
+MCF numerics, and the seeded gradient streams of the optimizer tests.
+
+(Fixtures are in ``conftest.py``, float64 references in ``reference.py``.)
 
 Floats are drawn as raw bit patterns of their format (sign + magnitude bits),
 so every finite value is reachable: signed zeros, subnormals, the largest
@@ -228,3 +231,33 @@ def backend_flushing() -> tuple[bool, bool]:
   daz = float(jax.jit(lambda a, b: a + b)(t, t)) == 0.0  # 2**-126 is normal
   ftz = float(jax.jit(lambda a, b: a * b)(np.float32(2.0**-63), np.float32(2.0**-64))) == 0.0
   return daz, ftz
+
+
+# Seeded gradient streams: a small model's params and gradients, fixed once per seed.
+
+#: How :func:`gradient_stream` initialises each leaf it knows (in this order of draws).
+_LEAVES = {
+    "gain": lambda rng: np.ones(16),                   # a LayerNorm gain at 1.0
+    "w": lambda rng: rng.normal(0.0, 0.5, (8, 8)),     # a weight matrix
+    "h": lambda rng: rng.normal(0.0, 0.5, (8,)),       # a vector (kept in float16 by some tests)
+    "b": lambda rng: rng.normal(0.0, 0.1, (8,)),       # a bias
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _gradient_stream(dtypes: tuple[tuple[str, np.dtype], ...], steps: int, seed: int):
+  rng = np.random.default_rng(seed)
+  p0 = {k: _LEAVES[k](rng) for k, _ in dtypes}
+  grads = [{k: 0.5 + rng.normal(0.0, 1.0, v.shape) for k, v in p0.items()} for _ in range(steps)]
+  held = lambda t: {k: np.asarray(v, np.float64).astype(dt).astype(np.float64)
+                    for (k, v), (_, dt) in zip(t.items(), dtypes)}
+  return held(p0), [held(g) for g in grads]
+
+
+def gradient_stream(dtypes: dict, steps: int, seed: int = 0):
+  """``(params0, grads)``: initial params and ``steps`` gradients (mean 0.5, so
+  the params drift), as dicts of float64 arrays holding values of each leaf's
+  dtype in ``dtypes`` (keys among ``gain``, ``w``, ``h``, ``b``; their order is
+  the order of the draws). Cached: treat the arrays as read-only."""
+  key = tuple((k, np.dtype(d)) for k, d in dtypes.items())
+  return _gradient_stream(key, steps, seed)

@@ -1,4 +1,4 @@
-"""orbax checkpoints of COLLAGE training (issue 5): exact, resumable, any mesh.
+"""orbax checkpoints of COLLAGE training: exact, resumable, any mesh.
 
 Runs ``examples/checkpoint_resume.py``: ``train`` in one subprocess (8
 simulated CPU devices, FSDP) saves params and the whole optimizer state after

@@ -1,4 +1,4 @@
-"""The ``compact`` param format: bfloat16 ``hi`` + int8 residual, ~15 bits (DESIGN §6).
+"""The ``compact`` param format: bfloat16 ``hi`` + int8 residual, ~15 bits.
 
 ``hi`` is the bfloat16 nearest the float32 ``x`` (ties to even), the residual
 ``r = round(127·(x − hi)/u)`` with ``u = ulp(hi)/2`` held at ``2**-126`` below
@@ -20,9 +20,6 @@ subnormals for ``|hi| < 2**-110`` and were flushed: the error reached
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -411,7 +408,7 @@ _CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("excess", ["true", "false"])
-def test_compact_under_xla_allow_excess_precision(excess, tmp_path):
+def test_compact_under_xla_allow_excess_precision(excess, run_with_excess_precision):
   """The fused jitted step in a fresh process, with excess precision allowed or not, gives the
   bits of the eager (op by op) step in this one."""
   rng = np.random.default_rng(3)
@@ -420,13 +417,7 @@ def test_compact_under_xla_allow_excess_precision(excess, tmp_path):
   saved = {}
   for case, (xc, pc) in cases.items():
     saved[f"{case}_x"], saved[f"{case}_p"] = xc, pc.view(np.uint16)
-  np.savez(tmp_path / "in.npz", **saved)
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_allow_excess_precision={excess}").strip()
-  proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-                        env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  got = np.load(tmp_path / "out.npz")
+  got, _ = run_with_excess_precision(_CHILD, saved, excess)
   for case, (xc, pc) in cases.items():
     for udt in ("float32", "bfloat16"):
       u, r, q, d = (np.asarray(a) for a in _step(jnp.asarray(xc), jnp.asarray(pc), jnp.dtype(udt)))

@@ -1,4 +1,4 @@
-"""``compensate()``: the invariant of DESIGN §3, against float64, on adversarial values.
+"""``compensate()``: ``θ + lo`` grows by the update, against float64, on adversarial values.
 
 For every bfloat16/float16 param ``θ`` with low component ``lo`` (the state) and
 intended update ``u``: after ``θ' = optax.apply_updates(θ, emitted)`` and
@@ -8,7 +8,7 @@ intended update ``u``: after ``θ' = optax.apply_updates(θ, emitted)`` and
 
 (the sums taken exactly, with ``math.fsum``: they span more binades than
 float64 holds) to within MCF precision. The bound follows ``compensate``'s
-steps (DESIGN §6/§7: decode, float32 arithmetic, encode; ``ε = 2**-24`` is
+steps (decode, float32 arithmetic, encode; ``ε = 2**-24`` is
 float32's unit roundoff, ``2**-p`` the storage's, ``p`` = 8 or 11 significant
 bits; ``E = θ + lo + u`` exactly):
 
@@ -22,7 +22,7 @@ bits; ``E = θ + lo + u`` exactly):
   ``(2**-p + ε)·|x − at| <= 2·2**-p·|lo'|``. ``θ' + lo' − E`` is the sum of
   these errors: the first two are float32's floor (an update below ~``2**-24``
   of the param is lost in one step), the last the MCF's own (~``2**-17`` of
-  the param for bfloat16, DESIGN §2);
+  the param for bfloat16: two bfloat16s carry ~16 significant bits);
 * flushes: XLA reads and writes float32 subnormals as zero on CPU, so each of
   the operands ``θ, lo, u``, the float32 sums, the landing and the residual
   may lose up to ``2**-126`` (bfloat16); float16 subnormals are normal float32
@@ -206,7 +206,7 @@ CASES = {
     # carries fl32(fl32(θ + lo) + u), here stored exactly by the MCF. Where
     # that float32 sum is exact, θ' + lo' is the exact sum; two cases are
     # below float32's floor (the update is 2**-30 and 2**-200 of the sum) and
-    # lose it, as documented (DESIGN §2: an MCF keeps ~2**-16 anyway).
+    # lose it, as documented (an MCF keeps ~2**-16 of the param anyway).
     "zero crossing to the low part": (1.0, 2.0**-10, -1.0, 2.0**-10, 2.0**-10),
     "zero crossing to a negative": (3.0, 2.0**-8, -5.0, -2.0 + 2.0**-8, -2.0 + 2.0**-8),
     "update larger than the param": (2.0**-20, 0.0, 3.0, 3.0 + 2.0**-20, 3.0 + 2.0**-20),

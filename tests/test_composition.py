@@ -11,21 +11,22 @@ gradients. ``master_params`` of the bfloat16 run must track it to within what
 bfloat16 MCF arithmetic allows, and the naive run (the same optax chain on the
 bfloat16 params) must be far off, so that the check has teeth: the setup (gains
 at 1.0, ``lr = 1e-3``) is one where plain bfloat16 rounds most updates away.
+``clip_by_global_norm → sgd → compensate`` is checked against the same chain in
+float64 (numpy).
 """
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import optax
 import pytest
 
 import collage_optax as co
 from collage_optax import alias as co_alias
+import reference as R
+import strategies as S
 
 BF16 = jnp.bfloat16
 STEPS = 120
@@ -34,14 +35,9 @@ WD = 1e-4
 DTYPES = {"gain": BF16, "w": BF16, "b": jnp.float32}  # a mixed tree: fp32 leaves pass through.
 
 
-@functools.lru_cache(maxsize=None)
-def _stream(steps: int = STEPS, seed: int = 0):
-  """Initial params and a fixed gradient stream, both bfloat16-valued, in float64."""
-  rng = np.random.default_rng(seed)
-  p0 = {"gain": np.ones(16), "w": rng.normal(0.0, 0.5, (8, 8)), "b": rng.normal(0.0, 0.1, (8,))}
-  grads = [{k: 0.5 + rng.normal(0.0, 1.0, v.shape) for k, v in p0.items()} for _ in range(steps)]
-  as_bf16 = lambda t: {k: v.astype(ml_dtypes.bfloat16).astype(np.float64) for k, v in t.items()}
-  return as_bf16(p0), [as_bf16(g) for g in grads]
+def _stream():
+  """Initial params and a fixed gradient stream, every leaf bfloat16-valued, in float64."""
+  return S.gradient_stream({"gain": BF16, "w": BF16, "b": BF16}, STEPS)
 
 
 def _cast(tree, dtypes):
@@ -50,8 +46,8 @@ def _cast(tree, dtypes):
   return {k: jnp.asarray(v, pick(k)) for k, v in tree.items()}
 
 
-def _run(tx, dtypes, grads=None, *, on_step=None, check_dtypes=True):
-  """Trains with ``tx`` from the stream's params; returns (params, state).
+def _run(tx, dtypes, grads=None, *, params0=None, on_step=None, check_dtypes=True):
+  """Trains with ``tx`` from ``params0`` (the stream's params by default); returns (params, state).
 
   ``on_step(i, params, state, updates, grads) -> state or None`` may inspect
   every step and replace the state (e.g. to change a hyperparameter).
@@ -59,7 +55,7 @@ def _run(tx, dtypes, grads=None, *, on_step=None, check_dtypes=True):
   optax under ``inject_hyperparams`` does not: float32 hyperparameters promote).
   """
   p0, stream = _stream()
-  params = _cast(p0, dtypes)
+  params = _cast(p0 if params0 is None else params0, dtypes)
   state = tx.init(params)
 
   @jax.jit
@@ -135,6 +131,37 @@ def test_chain_with_clip_by_global_norm_tracks_fp32_optax(mode, tol):
   ours = _run(optax.chain(optax.clip_by_global_norm(1.0), co.adamw(LR, weight_decay=WD, mode=mode)), DTYPES)
   err, _ = _assert_tracks(*ours, _reference("clip+adamw", make_ref), _reference("clip+adamw", make_ref, DTYPES), tol)
   print(f"{mode}: {err:.2e}")
+
+
+def test_clip_by_global_norm_before_sgd_and_compensate_is_applied_once():
+  """``clip_by_global_norm → sgd → compensate`` on bf16 params tracks the same
+  chain in float64 (global norms of 20–80 clipped to 1): the scale is applied
+  once, nothing is lost. SGD is not scale-invariant, so a doubled or skipped
+  clip would show (an error of 50% or more). Measured 8.3e-3, from optax's own
+  bfloat16 arithmetic upstream of ``compensate`` (the norm and ``−lr·g/‖g‖``
+  rounded to bfloat16, the same way for every element of a step); plain bf16
+  params: 0.95."""
+  rng = np.random.default_rng(3)
+  as_bf16 = lambda x: R.bf16(x).astype(np.float64)
+  p0 = {"gain": np.ones(32), "w": as_bf16(rng.normal(0, 0.5, (8, 8)))}
+  grads = [{k: as_bf16(rng.normal(0, 5.0, np.shape(v))) for k, v in p0.items()} for _ in range(100)]
+  lr, clip = 2e-3, 1.0
+  want = {k: v.copy() for k, v in p0.items()}
+  for g in grads:
+    norm = np.sqrt(sum(np.sum(x * x) for x in g.values()))
+    assert norm > 2 * clip
+    for k in want:
+      want[k] = want[k] - lr * g[k] * (clip / norm)
+  params, state = _run(optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr), co.compensate()),
+                       BF16, grads, params0=p0)
+  naive, _ = _run(optax.chain(optax.clip_by_global_norm(clip), optax.sgd(lr)), BF16, grads, params0=p0,
+                  check_dtypes=False)
+  moved = np.linalg.norm(_flat64(want) - _flat64(p0))
+  assert moved > 1e-3, "the reference barely moved: the comparison would be vacuous"
+  err, naive_err = (float(np.linalg.norm(_flat64(x) - _flat64(want)) / moved)
+                    for x in (co.master_params(params, state), naive))
+  assert err < 2e-2, err
+  assert naive_err > 10 * err, (naive_err, err)
 
 
 @pytest.mark.parametrize(
@@ -309,11 +336,7 @@ def test_multisteps_low_component_only_changes_on_boundaries():
 # ---------------------------------------------------------------------------
 
 
-def _bits(tree):
-  return [np.asarray(x).tobytes() for x in jax.tree.leaves(tree)]
-
-
-def test_apply_if_finite_nan_step_changes_nothing_then_training_continues():
+def test_apply_if_finite_nan_step_changes_nothing_then_training_continues(tree_bits):
   bad = 7
   _, stream = _stream()
   grads = [dict(g) for g in stream]
@@ -329,8 +352,8 @@ def test_apply_if_finite_nan_step_changes_nothing_then_training_continues():
   params, state = _run(tx, DTYPES, grads, on_step=on_step)
   before_params, after_params, after_state = seen[bad]
   _, _, before_state = seen[bad - 1]
-  assert _bits(after_params) == _bits(before_params)
-  assert _bits(after_state.inner_state) == _bits(before_state.inner_state)
+  assert tree_bits(after_params) == tree_bits(before_params)
+  assert tree_bits(after_state.inner_state) == tree_bits(before_state.inner_state)
   assert not bool(after_state.last_finite) and int(after_state.total_notfinite) == 1
   assert int(state.notfinite_count) == 0 and bool(state.last_finite)
   # Training continued as if the bad step had never been: bit for bit.
@@ -341,7 +364,7 @@ def test_apply_if_finite_nan_step_changes_nothing_then_training_continues():
   # XLA compiles differently inside apply_if_finite's lax.cond (a last-bit matter).
   master, master_skip = co.master_params(params, state), co.master_params(params_skip, state_skip)
   for k in ("gain", "w"):
-    assert _bits((params[k], master[k])) == _bits((params_skip[k], master_skip[k])), k
+    assert tree_bits((params[k], master[k])) == tree_bits((params_skip[k], master_skip[k])), k
   np.testing.assert_allclose(np.asarray(params["b"]), np.asarray(params_skip["b"]), rtol=1e-6, atol=1e-8)
   ref = _run(_optax_adamw(), jnp.float32, skipped, check_dtypes=False)[0]
   naive = _run(_optax_adamw(), DTYPES, skipped, check_dtypes=False)[0]

@@ -1,4 +1,4 @@
-"""The ``exact`` param format: bfloat16 hi + int16 residual holds a float32 bit for bit (DESIGN §6).
+"""The ``exact`` param format: bfloat16 hi + int16 residual holds a float32 bit for bit.
 
 ``hi`` is the bfloat16 nearest the float32 with ties away from zero
 (``(bits + 0x8000) >> 16``) and the residual the rest of the bits, so

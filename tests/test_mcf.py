@@ -8,8 +8,8 @@ Two yardsticks, neither of them the library:
   transformation must satisfy ``s + e == a + b`` (``a·b``) exactly and return
   the correctly rounded ``s``; ``grow``, ``add`` and ``mul`` must land within the
   error bounds derived (below) from their algorithms.
-* **A numpy / ml_dtypes re-implementation** of the same algorithms (DESIGN §2 and
-  the docstrings of ``mcf.py``): float32 numpy arithmetic followed by an
+* **A numpy / ml_dtypes re-implementation** of the same algorithms (the
+  docstrings of ``mcf.py``; Knuth's TwoSum, Dekker's FastTwoSum and TwoProduct): float32 numpy arithmetic followed by an
   ml_dtypes/numpy cast to the storage dtype, which is how ml_dtypes itself does
   bfloat16 arithmetic. The library's bits must equal it eagerly, under ``jit``,
   under ``vmap``, and in a subprocess run with ``--xla_allow_excess_precision``.
@@ -33,11 +33,7 @@ plus a few bit patterns hypothesis draws itself), run under ``jit`` and
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
-from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -920,7 +916,7 @@ def _trap_data(fmt: S.Format, n: int, rng) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.parametrize("excess", ["true", "false"])
-def test_exact_under_xla_allow_excess_precision(excess, tmp_path):
+def test_exact_under_xla_allow_excess_precision(excess, run_with_excess_precision):
   """A fresh process with ``--xla_allow_excess_precision=<excess>`` runs a
   jitted batch of ``two_sum``, ``fast_two_sum``, ``two_prod``, ``grow`` and
   ``mul``; its bits must equal the numpy reference. The naive formulations
@@ -933,16 +929,8 @@ def test_exact_under_xla_allow_excess_precision(excess, tmp_path):
     data[fmt.name] = _trap_data(fmt, 4096, rng)
     for k, v in data[fmt.name].items():
       saved[f"{fmt.name}_{k}"] = v.view(np.uint16) if v.dtype == fmt.dtype else v
-  np.savez(tmp_path / "in.npz", **saved)
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_allow_excess_precision={excess}").strip()
-  proc = subprocess.run(
-      [sys.executable, "-c", _CHILD, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-      env=env, capture_output=True, text=True, timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  print(proc.stdout)
-  got = np.load(tmp_path / "out.npz")
+  got, stdout = run_with_excess_precision(_CHILD, saved, excess)
+  print(stdout)
   for fmt in HALF:
     d = data[fmt.name]
     want = {}

@@ -1,4 +1,4 @@
-"""EDQ and lost fraction (DESIGN §4), checked against numpy/ml_dtypes.
+"""EDQ (effective descent quality, Yu et al. 2024) and lost fraction, checked against numpy/ml_dtypes.
 
 ``edq = <Δθ_eff, u> / ||u||²`` and ``lost_fraction = #(u ≠ 0 and Δθ_eff = 0) /
 #(u ≠ 0)``, globally and per top-level subtree. The references here compute
@@ -28,7 +28,7 @@ N = 32  # elements per subtree
 
 
 def _np_metrics(delta: dict, u: dict) -> dict[str, float]:
-  """The metrics of DESIGN §4 from float64 ``Δθ_eff`` and ``u``, keyed like ``co.metrics``."""
+  """The metrics (edq, lost_fraction) from float64 ``Δθ_eff`` and ``u``, keyed like ``co.metrics``."""
 
   def ratios(d, v):
     d, v = np.concatenate([np.ravel(x) for x in d]), np.concatenate([np.ravel(x) for x in v])
@@ -89,7 +89,7 @@ def test_compensate_keeps_tiny_updates_and_measure_precision_loses_them():
     u64 = {k: _f64(v) for k, v in u.items()}
     got, want = co.metrics(new_state), _np_metrics(delta, u64)
     _assert_metrics_close(got, want)
-    assert abs(got["edq"] - 1.0) < 4e-2 and got["lost_fraction"] == 0.0, got  # MCF floor, DESIGN §2
+    assert abs(got["edq"] - 1.0) < 4e-2 and got["lost_fraction"] == 0.0, got  # MCF floor: ~16 significant bits
     params, state = new_params, new_state
   # Without: the same updates, applied plainly to bf16 params of 1.0, all vanish.
   params, state = params0, co.measure_precision().init(params0)
@@ -121,7 +121,7 @@ def test_adamw_metrics_with_and_without_compensation_on_the_same_steps():
       params = optax.apply_updates(params, u)
       history.append(co.metrics(state))
     runs[name] = history
-  # MCF floor (DESIGN §2): the low component of θ ∈ [1, 2) is rounded to
+  # MCF floor (~16 significant bits): the low component of θ ∈ [1, 2) is rounded to
   # ≤ 2⁻¹⁷ ≈ 7.6e-6 per step, up to ~8% of a 1e-4 step; over 32+ elements EDQ
   # stays within a few percent of 1. Plain bf16 keeps nothing.
   for ours, plain in zip(runs["collage"], runs["plain"]):

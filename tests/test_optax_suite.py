@@ -27,11 +27,11 @@ float16 params:
 
 Not applicable, and why (each such case is a pytest skip with this reason):
 
-* complex params: collage_optax refuses them by design (DESIGN §3,
+* complex params: collage_optax refuses them by design (real float params only,
   ``_tree.check_supported_leaf``; the refusal itself is checked before skipping);
 * ``test_explicit_dtype`` with a ``state_dtype`` for ``adamw``: ``mu_dtype``
   does not exist, per-parameter state is stored at the params' precision by
-  design (DESIGN §3); the ``sgd_mom`` variant runs against our chain with every
+  design; the ``sgd_mom`` variant runs against our chain with every
   ``accumulator_dtype``;
 * ``test_optimizers_can_be_wrapped_in_inject_hyperparams`` runs on float32 only:
   it builds its params inline with ``jnp.ones`` (float32), and with bfloat16
@@ -179,7 +179,7 @@ _REAL = ("float32", "bfloat16", "float16")
 
 _COMPLEX_REASON = (
     "complex params: collage_optax supports real float params only and refuses "
-    "complex ones with a TypeError by design (DESIGN §3; _tree.check_supported_leaf); "
+    "complex ones with a TypeError by design (_tree.check_supported_leaf); "
     "optimise complex leaves with a plain optax optimizer")
 
 

@@ -1,4 +1,4 @@
-"""The ``q8`` moment format: 8-bit codes and a bfloat16 scale per group of 32 (DESIGN §6).
+"""The ``q8`` moment format: 8-bit codes and a bfloat16 scale per group of 32.
 
 ``m``: int8 codes ``c = round(127·φ(m/s))``, ``φ(y) = 2y/(1 + |y|)``; ``v``:
 uint8 codes ``c = round(254·√v/s)``; ``s`` the group's largest finite
@@ -28,9 +28,6 @@ the bound is 2**-8, not 1/508); in the others ``√v`` stays within
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -391,7 +388,7 @@ _CHILD = textwrap.dedent(
 
 
 @pytest.mark.parametrize("excess", ["true", "false"])
-def test_q8_under_xla_allow_excess_precision(excess, tmp_path):
+def test_q8_under_xla_allow_excess_precision(excess, run_with_excess_precision):
   """Codes, scales and decoded values of the jitted (and fused) encode in a fresh process, with
   excess precision allowed or not, equal the eager ones of this process bit for bit."""
   rng = np.random.default_rng(5)
@@ -399,13 +396,7 @@ def test_q8_under_xla_allow_excess_precision(excess, tmp_path):
         "v": np.concatenate([moment_batch(rng, (8, 200), s, 3, True) for s in V_SCALES])}
   xs["m"][0, :5] = [np.nan, np.inf, -np.inf, 0.0, -0.0]
   xs["v"][0, :3] = [np.nan, np.inf, 0.0]
-  np.savez(tmp_path / "in.npz", **xs)
-  env = dict(os.environ)
-  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_allow_excess_precision={excess}").strip()
-  proc = subprocess.run([sys.executable, "-c", _CHILD, str(tmp_path / "in.npz"), str(tmp_path / "out.npz")],
-                        env=env, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  got = np.load(tmp_path / "out.npz")
+  got, _ = run_with_excess_precision(_CHILD, xs, excess)
   for name, second in (("m", False), ("v", True)):
     f = fmt(second)
     q = f.encode(jnp.asarray(xs[name]))  # eager: op by op

@@ -5,7 +5,7 @@
   in plain ``optax.scale_by_adam`` / ``optax.adamw`` on bfloat16 params, it does
   not (``0.999·v`` rounds back to ``v`` in bfloat16), and both directions are
   asserted.
-* Trajectory quality (issue 2): ``benchmarks/trajectory.py`` replays one fixed,
+* Trajectory quality: ``benchmarks/trajectory.py`` replays one fixed,
   seeded stream of bfloat16 gradients (4000 steps, warmup + cosine learning
   rate with peak 1e-3, LayerNorm-like gains at 1.0, weights ~N(0, 0.02) and
   ~N(0, 0.5); see its docstring) through float64 AdamW (numpy, the reference),
@@ -26,7 +26,7 @@
 
   The floor of plus and full is the MCF precision itself (about ``2**-16`` of
   each parameter per step, a random walk over the run), plus, for plus, the
-  bfloat16 first moment; DESIGN §2 says tests must respect it.
+  bfloat16 first moment: the bounds respect it.
 """
 
 from __future__ import annotations
@@ -58,6 +58,8 @@ def _load_benchmark():
 
 
 trajectory = _load_benchmark()
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import scaling_table  # noqa: E402
 
 
 # ---------------------------------------------------------------------------
@@ -222,21 +224,56 @@ def test_compact_param_format_alone_is_within_1e3():
   assert errors["compact_f32"] <= 1e-3
 
 
-def test_bytes_per_param_are_the_arrays(cosine_run_result):
-  """Params + state bytes from the arrays: each format's bytes (the q8 scales: one bfloat16
-  per 32 along the last axis, ``mlp/kernel``'s rows of 16 get one each), and the gradients."""
+# ---------------------------------------------------------------------------
+# Memory: bytes per param of params + optimizer state, from the layout.
+# ---------------------------------------------------------------------------
+
+Q8 = 1 + 2 / 32  # an 8-bit code, plus a bfloat16 scale per group of 32 along the last axis
+#: strategy -> bytes per param of (the param, its residual, m, v).
+LAYOUT_BYTES = {
+    "fp32": (4, 0, 4, 4),       # optax.adamw on float32 params
+    "bf16": (2, 0, 2, 2),       # optax.adamw on bfloat16 params
+    "light": (2, 2, 2, 2),      # bfloat16 θ and its bfloat16 low component; bfloat16 m, v
+    "plus": (2, 2, 2, 4),       # v an MCF of two bfloat16s (packed in a uint32)
+    "full": (2, 2, 4, 4),       # m an MCF too
+    "exact": (2, 2, 2, 4),      # bfloat16 θ + int16 residual (a float32 master); float32 v
+    "exact_m": (2, 2, 4, 4),    # exact with a float32 m
+    "compact": (2, 1, Q8, Q8),  # bfloat16 θ + int8 residual; 8-bit m and v
+}
+
+
+def _optimizer(name: str) -> optax.GradientTransformation:
+  if name in ("fp32", "bf16"):
+    return optax.adamw(1e-3)
+  return collage_optax.adamw(1e-3, **({"mode": "exact", "mu_format": "exact"} if name == "exact_m" else {"mode": name}))
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_BYTES))
+def test_bytes_per_param(name, cosine_run_result):
+  """Bytes per param of params + optimizer state (the step count aside) are the sum of the
+  layout's, and so are what the benchmarks report: ``benchmarks/trajectory.py``'s table (and the
+  gradients, in the params' dtype) and ``benchmarks/scaling_table.py``'s (params, state and
+  gradients: strategies A–D of Yu et al. 2024 and C+)."""
+  param, want = LAYOUT_BYTES[name][0], sum(LAYOUT_BYTES[name])
+  # The state's arrays, on rows of 64 (two q8 groups each).
+  dtype = jnp.float32 if name == "fp32" else jnp.bfloat16
+  params = {"w": jnp.zeros((8, 64), dtype), "b": jnp.zeros((64,), dtype)}
+  arrays = [x for x in jax.tree.leaves((params, _optimizer(name).init(params))) if x.ndim > 0]
+  assert sum(x.nbytes for x in arrays) / (8 * 64 + 64) == want
+  # trajectory.py's params: ``mlp/kernel``'s rows of 16 get a q8 scale each.
   n = sum(int(np.prod(v[0])) for v in trajectory.LAYOUT.values())
   groups = sum(int(np.prod(v[0][:-1])) * -(-v[0][-1] // 32) for v in trajectory.LAYOUT.values())
-  q8 = 1 + 2 * groups / n
-  expected = {"fp32": 12, "bf16": 6, "light": 8, "plus": 10, "full": 12, "exact": 10, "exact_m": 12,
-              "compact": 3 + 2 * q8}
+  total = sum(1 + 2 * groups / n if b == Q8 else b for b in LAYOUT_BYTES[name])
   table = cosine_run_result["bytes_per_param"]
-  assert set(table) == set(trajectory.STRATEGIES)
-  for name, total in expected.items():
-    assert table[name]["params_plus_state"] == pytest.approx(total, abs=0.01), name  # + the step counts
-    grads = 4 if name == "fp32" else 2
-    assert table[name]["gradients"] == grads, name
-    assert table[name]["total_with_gradients"] == pytest.approx(total + grads, abs=0.01), name
+  assert set(table) == set(trajectory.STRATEGIES) == set(LAYOUT_BYTES)
+  assert table[name]["params_plus_state"] == pytest.approx(total, abs=0.01)  # + the step counts
+  assert table[name]["gradients"] == param
+  assert table[name]["total_with_gradients"] == pytest.approx(total + param, abs=0.01)
+  letters = {s: letter for letter, s in scaling_table.STRATEGIES.items()}
+  if name in letters:
+    per_param = scaling_table.compute()["bytes_per_param"]
+    assert set(per_param) == {"A", "B", "C", "C+", "D"}
+    assert per_param[letters[name]] == want + param
 
 
 def test_constant_python_float_learning_rate_is_not_rounded():
