@@ -17,7 +17,15 @@ from collage_optax import formats, mcf
 from collage_optax.alias import MODES, PRESETS, AdamWState, adamw, precise_small_leaves
 from collage_optax.master import init_from_master, master_params
 from collage_optax.mcf import MCF
-from collage_optax.precision import PrecisionMetrics, PrecisionState, measure_precision, metrics
+from collage_optax.precision import (
+  LeafPrecision,
+  PrecisionMetrics,
+  PrecisionReport,
+  PrecisionState,
+  measure_precision,
+  metrics,
+  precision_report,
+)
 from collage_optax.sharding import abstract_state, sharded_init, state_shardings
 from collage_optax.transform import (
   CompensateState,
@@ -36,7 +44,9 @@ __all__ = [
   "PRESETS",
   "AdamWState",
   "CompensateState",
+  "LeafPrecision",
   "PrecisionMetrics",
+  "PrecisionReport",
   "PrecisionState",
   "ScaleByAdamState",
   "StochasticRoundingState",
@@ -50,6 +60,7 @@ __all__ = [
   "measure_precision",
   "metrics",
   "precise_small_leaves",
+  "precision_report",
   "scale_by_adam",
   "sharded_init",
   "state_shardings",

@@ -316,7 +316,7 @@ def adamw(
       )
     ]
     new_u, new_lo = (treedef.unflatten([s[i] for s in steps]) for i in (0, 1))
-    tracked = precision.compute_metrics(params, [s[2] for s in steps]) if track_metrics else None
+    tracked = precision.compute_metrics(params, [s[2] for s in steps], state.metrics) if track_metrics else None
     return new_u, AdamWState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus), new_lo, tracked)
 
   def param_step(p, g, lo, u, lr, decay, fmts):

@@ -116,7 +116,9 @@ def init_from_master(
   component and the residual holds the rest of the value, so that
   :func:`master_params` returns ``master_params`` again: bit for bit in the
   ``exact`` format, within the format's precision otherwise (``mcf``:
-  ``2**-16`` relative for bfloat16; ``compact``: ``ulp/508``). Given the
+  ``2**-16`` relative for bfloat16; ``compact``: ``ulp/508``); but for a
+  ``−0.0``, which lands on ``+0.0`` as under ``optax.apply_updates``, and
+  float32 subnormals, which XLA flushes to zero on CPU and TPU. Given the
   ``opt_state`` of ``optax.adam``/``optax.adamw`` on the master params, the
   moments (and the step count) of every Adam state of ``tx`` are its ``mu``
   and ``nu`` stored in ``tx``'s formats; without it they start at zero.

@@ -133,7 +133,7 @@ def compensate(
       out_u.append(emitted)
       out_lo.append(lo_new)
       sums.append(precision.leaf_sums(delta, u32) if track_metrics else None)
-    tracked = precision.compute_metrics(params, sums) if track_metrics else None
+    tracked = precision.compute_metrics(params, sums, state.metrics) if track_metrics else None
     return treedef.unflatten(out_u), CompensateState(treedef.unflatten(out_lo), tracked)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -213,7 +213,7 @@ def test_float16_params_train_close_to_float64():
   # The naive baseline: the same float32-arithmetic Adam, float16 params without
   # low components. (optax.adamw itself turns float16 params into NaN here: its
   # eps=1e-8 is 0 in float16 and (1-b2)·g² underflows for small g.)
-  naive_tx = optax.chain(co.scale_by_adam(mcf_nu=False), optax.add_decayed_weights(WD),
+  naive_tx = optax.chain(co.scale_by_adam(nu_format="bf16"), optax.add_decayed_weights(WD),
                          optax.scale_by_learning_rate(sched))
   naive, _ = _run_plain(naive_tx, {"x": jnp.asarray(p0, F16)}, gs)
   naive_err = np.linalg.norm(np.asarray(naive["x"], np.float64) - want) / moved
