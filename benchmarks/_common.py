@@ -15,35 +15,26 @@ import jax.numpy as jnp
 import optax
 
 import collage_optax
+from collage_optax.cli import strategies
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 LR, WD = 1e-3, 0.1
 
-#: Labels of the COLLAGE modes (DESIGN §1 letters); a mode not listed here is labelled by its name.
-_MODE_LABELS = {"light": "B: collage adamw light", "plus": "C: collage adamw plus", "full": "C+: collage adamw full"}
-_OPTAX_NAMES = ("fp32", "bf16", "lion_compensate")
+#: The optimizers the benchmarks compare, from ``collage_optax.cli.strategies.REGISTRY``: optax's
+#: fp32 and bf16, every mode of ``collage_optax.MODES`` in its order, Lion + compensate.
+NAMES = ("fp32", "bf16", *collage_optax.MODES, "lion_compensate")
 
 
-def _collage(mode: str) -> Callable[[], optax.GradientTransformation]:
-  return lambda: collage_optax.adamw(LR, weight_decay=WD, mode=mode)
+def _factory(name: str) -> Callable[[], optax.GradientTransformation]:
+  """The optimizer of strategy ``name`` with the benchmarks' AdamW (``LR``, ``WD``, no mask)."""
+  return lambda: strategies.get(name).optimizer(strategies.AdamW(LR, weight_decay=WD))
 
 
-def _mode_name(mode: str) -> str:
-  """The strategy name of a COLLAGE mode: the mode itself, unless an optax strategy has that name."""
-  return f"collage_{mode}" if mode in _OPTAX_NAMES else mode
-
-
-#: name -> (label, param dtype, optimizer factory). The letters follow DESIGN §1.
-#: The COLLAGE strategies are every mode of ``collage_optax.MODES``, in its order.
+#: name -> (label, param dtype, optimizer factory) of every strategy of :data:`NAMES`.
 STRATEGIES: dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]]] = {
-    "fp32": ("D: optax.adamw, fp32 params", jnp.float32, lambda: optax.adamw(LR, weight_decay=WD)),
-    "bf16": ("A: optax.adamw, bf16 params", jnp.bfloat16, lambda: optax.adamw(LR, weight_decay=WD)),
-    **{_mode_name(mode): (_MODE_LABELS.get(mode, f"collage adamw {mode}"), jnp.bfloat16, _collage(mode))
-       for mode in collage_optax.MODES},
-    "lion_compensate": ("optax.lion + compensate, bf16", jnp.bfloat16,
-                        lambda: optax.chain(optax.lion(1e-4), collage_optax.compensate())),
+  name: (strategies.get(name).label, strategies.get(name).param_dtype, _factory(name)) for name in NAMES
 }
 
 
@@ -106,11 +97,6 @@ def parse_count(text: str) -> int:
   text = text.strip()
   scale = {"k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9}.get(text[-1:], 1)
   return int(float(text[:-1] if scale > 1 else text) * scale)
-
-
-def nbytes(tree: Any) -> int:
-  """Bytes of all array leaves of a pytree (concrete or ``ShapeDtypeStruct``)."""
-  return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
 
 
 def machine() -> dict[str, Any]:

@@ -16,8 +16,8 @@ JSON, and the other parts still run), under one global time budget:
    and bf16 params and every mode of ``collage_optax.MODES``, donated and not
    (``ratio_to_fp32``, ``ratio_to_fp32_nondonated``), FlashOptim too when it
    is importable, and the per-leaf HLO (kernels, copies) of each step.
-3. ``compare`` — ``collage-optax compare --preset large --steps 200`` in a
-   subprocess (every strategy; warmup scaled with the steps as in the preset),
+3. ``compare`` — ``collage-optax compare --size large --steps 200`` in a
+   subprocess (every strategy; warmup scaled with the steps as in that size),
    its per-strategy results.
 
 Needs only the repository and ``pip install -e .[test]`` (no network: the
@@ -58,7 +58,7 @@ import step  # noqa: E402
 
 import collage_optax  # noqa: E402
 from collage_optax import cli  # noqa: E402
-from collage_optax.cli import compare  # noqa: E402
+from collage_optax.cli import strategies  # noqa: E402
 
 OUT = _common.RESULTS / "device_check.json"
 BF16 = ml_dtypes.bfloat16
@@ -172,7 +172,7 @@ def step_names(quick: bool = False) -> list[str]:
 
   ``quick``: fp32 and one COLLAGE mode only (the COLLAGE steps compile slowly on a CPU).
   """
-  modes = [_common._mode_name(m) for m in collage_optax.MODES]  # pylint: disable=protected-access
+  modes = list(collage_optax.MODES)
   if quick:
     return ["fp32", "plus" if "plus" in modes else modes[0]]
   return ["fp32", "bf16", *modes, *_common.FLASH_STRATEGIES]
@@ -219,14 +219,14 @@ def step_times(names: list[str], sizes: list[str], rounds: int, calls: int, laye
 # ---------------------------------------------------------------------------
 
 
-def compare_run(preset: str, steps: int, strategies: list[str], timeout_s: float,
+def compare_run(size: str, steps: int, names: list[str], timeout_s: float,
                 corpus: Path | None = None) -> dict[str, Any]:
-  """``collage-optax compare --preset P --steps N`` in a subprocess; its per-strategy results."""
-  base = cli.PRESETS[preset]
-  warmup = max(1, round(steps * base["warmup"] / base["steps"]))  # The preset's warmup share of the run.
+  """``collage-optax compare --size S --steps N`` in a subprocess; its per-strategy results."""
+  base = cli.MODEL_SIZES[size]
+  warmup = max(1, round(steps * base["warmup"] / base["steps"]))  # The size's warmup share of the run.
   with tempfile.TemporaryDirectory() as tmp:
-    cmd = [sys.executable, "-m", "collage_optax", "compare", "--preset", preset, "--steps", str(steps),
-           "--warmup", str(warmup), "--strategies", ",".join(strategies), "--seeds", "1", "--out", tmp,
+    cmd = [sys.executable, "-m", "collage_optax", "compare", "--size", size, "--steps", str(steps),
+           "--warmup", str(warmup), "--strategies", ",".join(names), "--seeds", "1", "--out", tmp,
            "--no-progress"]  # one seed: this checks that it runs on the device, not the statistics
     if corpus is not None:
       cmd += ["--corpus", str(corpus)]
@@ -278,23 +278,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--calls", type=int, default=3)
   parser.add_argument("--compare-steps", type=int, default=200)
-  parser.add_argument("--compare-strategies", default=",".join(compare.STRATEGIES),
-                      help=f"compare's --strategies (default: {','.join(compare.STRATEGIES)})")
+  parser.add_argument("--compare-strategies", default=",".join(strategies.COMPARE),
+                      help=f"compare's --strategies (default: {','.join(strategies.COMPARE)})")
   parser.add_argument("--compare-reserve-s", type=float, default=100.0,
                       help="seconds kept for compare: a step size starts only with more left (default: 100)")
   parser.add_argument("--quick", action="store_true",
                       help="tiny sizes and few steps, on any backend: a smoke test in well under a minute")
   args = parser.parse_args(argv)
-  layers, leaf_shape, preset, corpus_dir = 4, (1024, 1024), "large", None
+  layers, leaf_shape, model_size, corpus_dir = 4, (1024, 1024), "large", None
   compare_strategies = [x.strip() for x in args.compare_strategies.split(",") if x.strip()]
   if args.quick:
     args.pairs, args.sizes, args.rounds, args.calls, args.compare_steps = 1 << 14, "8k", 2, 1, 3
     args.compare_reserve_s = min(args.compare_reserve_s, 20.0)
-    layers, leaf_shape, preset, compare_strategies = 1, (128, 128), "tiny", ["plus"]
+    layers, leaf_shape, model_size, compare_strategies = 1, (128, 128), "tiny", ["plus"]
     corpus_dir = tempfile.TemporaryDirectory()
   budget = Budget(args.budget_s)
   result: dict[str, Any] = {
-      "benchmark": "device check: XLA excess-precision trap, step-time ratios, compare --preset large",
+      "benchmark": "device check: XLA excess-precision trap, step-time ratios, compare --size large",
       "quick": args.quick,
       "machine": _common.machine(),
       "budget_s": args.budget_s,
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   save()
   corpus = _quick_corpus(Path(corpus_dir.name)) if corpus_dir is not None else None
   result["compare"] = guarded(lambda: compare_run(
-      preset, args.compare_steps, compare_strategies, budget.left() - 3, corpus))
+      model_size, args.compare_steps, compare_strategies, budget.left() - 3, corpus))
   print(f"[device_check] compare: {result['compare']['wall_s']} s", file=sys.stderr, flush=True)
   if corpus_dir is not None:
     corpus_dir.cleanup()

@@ -34,7 +34,7 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
-from collage_optax.cli import gpt  # noqa: E402
+from collage_optax.cli import gpt, strategies  # noqa: E402
 
 OUT = _common.RESULTS / "memory.json"
 
@@ -58,18 +58,8 @@ def persistent(cfg: gpt.GPTConfig, names: list[str]) -> dict[str, Any]:
   for name in names:
     label, dtype, make = _common.STRATEGIES[name]
     _, params = _abstract_params(cfg, dtype)
-    state = jax.eval_shape(make().init, params)
-    n = sum(p.size for p in jax.tree.leaves(params))
-    p_b, s_b, g_b = _common.nbytes(params) / n, _common.nbytes(state) / n, _common.nbytes(params) / n
-    out[name] = {
-        "label": label,
-        "n_params": n,
-        "params": round(p_b, 4),
-        "optimizer_state": round(s_b, 4),
-        "params_plus_state": round(p_b + s_b, 4),
-        "gradients": round(g_b, 4),
-        "total_with_gradients": round(p_b + s_b + g_b, 4),
-    }
+    b = strategies.bytes_per_param(params, jax.eval_shape(make().init, params))
+    out[name] = {"label": label, "n_params": b.pop("n_params")} | {k: round(v, 4) for k, v in b.items()}
   return out
 
 

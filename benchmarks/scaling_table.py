@@ -29,6 +29,8 @@ import jax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from collage_optax.cli import strategies  # noqa: E402
+
 OUT = _common.RESULTS / "scaling.json"
 MODEL_SIZES = {"1B": 10**9, "7B": 7 * 10**9, "70B": 70 * 10**9}
 SHARDINGS = {"dp": 1, "fsdp-8": 8, "fsdp-64": 64, "fsdp-256": 256}
@@ -38,14 +40,10 @@ GIB = 2**30
 
 
 def bytes_per_param(name: str) -> float:
-  """Params + optimizer state + gradients of one strategy, per parameter."""
+  """Params + optimizer state (but its step counts) + gradients of one strategy, per parameter."""
   _, dtype, make = _common.STRATEGIES[name]
   params = {"w": jax.ShapeDtypeStruct((256, 512), dtype), "b": jax.ShapeDtypeStruct((512,), dtype)}
-  n = sum(p.size for p in jax.tree.leaves(params))
-  state = jax.eval_shape(make().init, params)
-  scalars = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if x.ndim == 0)
-  per_param = _common.nbytes(params) + (_common.nbytes(state) - scalars) + _common.nbytes(params)
-  return per_param / n
+  return strategies.bytes_per_param(params, jax.eval_shape(make().init, params), scalars=False)["total_with_gradients"]
 
 
 def compute() -> dict[str, Any]:

@@ -63,6 +63,8 @@ import optax
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
 
+from collage_optax.cli import strategies  # noqa: E402
+
 OUT = _common.RESULTS / "step.json"
 COPY = "copy"
 
@@ -161,11 +163,12 @@ class _Runner:
     self.params = _tree(shapes, dtype, 0, 0.02)
     self.grads = _tree(shapes, dtype, 1, 1e-3)  # Gradients have the params' dtypes.
     self.state = init(self.params)
-    n = sum(int(np.prod(s)) for s in shapes.values())
-    self.bytes_read = (_common.nbytes(self.params) + _common.nbytes(self.grads) + _common.nbytes(self.state)) / n
-    self.bytes_written = (_common.nbytes(self.params) + _common.nbytes(self.state)) / n
-    self.bytes_persistent = (_common.nbytes(self.params) + _common.nbytes(self.state)) / n  # Between steps.
-    self.bytes_grads = _common.nbytes(self.grads) / n
+    b = strategies.bytes_per_param(self.params, self.state, self.grads)
+    n = b["n_params"]
+    self.bytes_read = b["total_with_gradients"]  # params, grads and state
+    self.bytes_written = b["params_plus_state"]
+    self.bytes_persistent = b["params_plus_state"]  # Between steps.
+    self.bytes_grads = b["gradients"]
 
     self.donated = can_donate(name)
     self.compiled = compile_step(tx, self.params, self.grads) if self.donated else None

@@ -69,6 +69,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import jax
@@ -77,11 +78,12 @@ import numpy as np
 import optax
 
 import collage_optax
+from collage_optax.cli import strategies
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import _common  # noqa: E402  (FlashOptim's variants, nbytes)
+import _common  # noqa: E402  (FlashOptim's variants)
 import reference  # noqa: E402  (tests/reference.py: numpy float64 AdamW)
 import step as step_benchmark  # noqa: E402  (step_function: optax and FlashOptim alike)
 
@@ -103,25 +105,16 @@ LAYOUT = {
     "attn/kernel": ((32, 64), ("normal", 0.02), 1e-3, True),
     "mlp/kernel": ((64, 16), ("normal", 0.5), 1e-2, True),
 }
-#: The COLLAGE strategies: name -> ``collage_optax.adamw`` keyword arguments.
-COLLAGE: dict[str, dict[str, str]] = {
-    **{mode: {"mode": mode} for mode in ("light", "plus", "full", "exact", "compact")},
-    "exact_m": {"mode": "exact", "mu_format": "exact"},
-}
-#: What :func:`run` replays by default: optax's fp32 and bf16, then the COLLAGE strategies.
-STRATEGIES = ("fp32", "bf16", *COLLAGE)  # before the probes join COLLAGE
+#: What :func:`run` replays by default: optax's fp32 and bf16, then the COLLAGE strategies
+#: (``collage_optax.cli.strategies.REGISTRY`` has them all).
+STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "exact_m")
 #: Probes, by name only (not in the defaults): which part of a preset the error comes from.
-PROBES: dict[str, dict[str, str]] = {
-    "compact_f32": {"mode": "compact", "mu_format": "f32", "nu_format": "f32"},  # compact's param format alone
-    "exact_q8": {"mode": "exact", "mu_format": "q8", "nu_format": "q8"},  # compact's moments alone
-    "exact_q8_nu": {"mode": "exact", "mu_format": "f32", "nu_format": "q8"},  # its second moment alone
-}
-COLLAGE.update(PROBES)
+PROBES = ("compact_f32", "exact_q8", "exact_q8_nu")
 #: FlashOptim's variants (``_common.FLASH_VARIANTS``), replayed when ``flashoptim_jax`` is importable.
 FLASH = tuple(_common.FLASH_VARIANTS)
 #: Every strategy, the default of the command line (the probes are not in it).
 ALL = STRATEGIES + FLASH
-KNOWN = ALL + tuple(PROBES)
+KNOWN = ALL + PROBES
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -212,11 +205,9 @@ def make_optimizer(strategy: str, problem: dict[str, Any]) -> Any:
   else:
     learning_rate = float(problem["constant_lr"])
   mask = _unflatten({k: v[3] for k, v in LAYOUT.items()})
-  if strategy in ("fp32", "bf16"):
-    return optax.adamw(learning_rate, B1, B2, EPS, weight_decay=WEIGHT_DECAY, mask=mask)
-  if strategy in COLLAGE:
-    return collage_optax.adamw(
-        learning_rate, B1, B2, EPS, weight_decay=WEIGHT_DECAY, mask=mask, **COLLAGE[strategy])
+  if strategy in strategies.REGISTRY:
+    hp = strategies.AdamW(learning_rate, B1, B2, EPS, WEIGHT_DECAY, mask=mask)
+    return strategies.REGISTRY[strategy].optimizer(hp)
   if strategy in FLASH:
     undecayed = [k for k, v in LAYOUT.items() if not v[3]]
     return _common.flash_adamw(strategy, learning_rate, WEIGHT_DECAY, b1=B1, b2=B2, eps=EPS,
@@ -227,7 +218,7 @@ def make_optimizer(strategy: str, problem: dict[str, Any]) -> Any:
 def _master(strategy: str, params: Any, state: Any) -> Any:
   """The float32 values a strategy holds: ``master_params`` for COLLAGE, FlashOptim's
   ``reconstruct_weights`` (bf16 + its ECC correction), the params themselves for optax."""
-  if strategy in COLLAGE:
+  if _collage(strategy):
     return collage_optax.master_params(params, state)
   if strategy in FLASH:
     import flashoptim_jax  # pylint: disable=import-outside-toplevel
@@ -243,12 +234,13 @@ def run_strategy(strategy: str, problem: dict[str, Any],
   With ``info`` (a dict), ``info["bytes_per_param"]`` is filled in from the
   initial params and state arrays (the state keeps its shapes and dtypes).
   """
-  dtype = jnp.float32 if strategy == "fp32" else jnp.bfloat16
+  dtype = strategies.REGISTRY[strategy].param_dtype if strategy in strategies.REGISTRY else jnp.bfloat16
   init, step = step_benchmark.step_function(make_optimizer(strategy, problem))
   params0 = _unflatten({k: jnp.asarray(v, dtype) for k, v in problem["params0"].items()})
   grads = _unflatten({k: jnp.asarray(v, dtype) for k, v in problem["grads"].items()})
   if info is not None:
-    info["bytes_per_param"] = bytes_per_param(params0, init(params0), jax.tree.map(lambda g: g[0], grads))
+    b = strategies.bytes_per_param(params0, init(params0), jax.tree.map(lambda g: g[0], grads))
+    info["bytes_per_param"] = {k: round(v, 4) for k, v in b.items() if k != "n_params"}
 
   @jax.jit
   def replay(params, grads):
@@ -260,14 +252,6 @@ def run_strategy(strategy: str, problem: dict[str, Any],
 
   final = jax.device_get(replay(params0, grads))
   return {k: np.asarray(v, np.float64) for k, v in _flatten(final).items()}
-
-
-def bytes_per_param(params: Any, state: Any, grads: Any) -> dict[str, float]:
-  """Bytes per parameter of the arrays: params, optimizer state, their sum, the gradients, all together."""
-  n = sum(int(x.size) for x in jax.tree.leaves(params))
-  p, s, g = (_common.nbytes(t) / n for t in (params, state, grads))
-  return {"params": round(p, 4), "optimizer_state": round(s, 4), "params_plus_state": round(p + s, 4),
-          "gradients": round(g, 4), "total_with_gradients": round(p + s + g, 4)}
 
 
 def available(strategies) -> tuple[list[str], dict[str, str]]:
@@ -331,14 +315,14 @@ def run(steps: int = STEPS, seed: int = SEED, strategies=STRATEGIES,
 
 def describe(strategy: str) -> dict[str, Any]:
   """What a strategy is, and for FlashOptim how its replay differs from the others'."""
-  if strategy == "fp32":
-    return {"label": "optax.adamw, float32 params", "kind": "optax"}
-  if strategy == "bf16":
-    return {"label": "optax.adamw, bfloat16 params", "kind": "optax"}
-  if strategy in COLLAGE:
-    args = ", ".join(f"{k}={v!r}" for k, v in COLLAGE[strategy].items())
+  if _collage(strategy):
+    kwargs = strategies.REGISTRY[strategy].collage
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return {"label": f"collage_optax.adamw({args})", "kind": "collage_optax",
-            "formats": dict(zip(("param", "mu", "nu"), _formats(COLLAGE[strategy])))}
+            "formats": dict(zip(("param", "mu", "nu"), _formats(kwargs)))}
+  if strategy in ("fp32", "bf16"):
+    dtype = jnp.dtype(strategies.REGISTRY[strategy].param_dtype).name
+    return {"label": f"optax.adamw, {dtype} params", "kind": "optax"}
   label, kwargs = _common.FLASH_VARIANTS[strategy]
   return {
       "label": label, "kind": "flashoptim_jax",
@@ -350,7 +334,12 @@ def describe(strategy: str) -> dict[str, Any]:
   }
 
 
-def _formats(kwargs: dict[str, str]) -> tuple[str, str, str]:
+def _collage(strategy: str) -> bool:
+  """Whether ``strategy`` is a ``collage_optax.adamw`` of the registry."""
+  return strategy in strategies.REGISTRY and bool(strategies.REGISTRY[strategy].collage)
+
+
+def _formats(kwargs: Mapping[str, str]) -> tuple[str, str, str]:
   preset = collage_optax.PRESETS[kwargs["mode"]]
   return (kwargs.get("param_format", preset[0]), kwargs.get("mu_format", preset[1]),
           kwargs.get("nu_format", preset[2]))
