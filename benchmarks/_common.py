@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,11 +46,13 @@ STRATEGIES: dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]
 #: 8-bit moments are int8 (m, softsign) and uint8 (√v) codes with a float16 scale per 32 elements of
 #: the flattened leaf.
 FLASH_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "flash_adamw": ("FlashOptim flash_adamw: 24-bit master, 8-bit moments", {}),
-    "flash_adamw_24_f32": ("FlashOptim flash_adamw: 24-bit master, fp32 moments", {"quantize": False}),
-    "flash_adamw_32_q8": ("FlashOptim flash_adamw: 32-bit master, 8-bit moments", {"master_weight_bits": 32}),
-    "flash_adamw_32": ("FlashOptim flash_adamw: 32-bit master, fp32 moments",
-                       {"master_weight_bits": 32, "quantize": False}),
+  "flash_adamw": ("FlashOptim flash_adamw: 24-bit master, 8-bit moments", {}),
+  "flash_adamw_24_f32": ("FlashOptim flash_adamw: 24-bit master, fp32 moments", {"quantize": False}),
+  "flash_adamw_32_q8": ("FlashOptim flash_adamw: 32-bit master, 8-bit moments", {"master_weight_bits": 32}),
+  "flash_adamw_32": (
+    "FlashOptim flash_adamw: 32-bit master, fp32 moments",
+    {"master_weight_bits": 32, "quantize": False},
+  ),
 }
 
 
@@ -60,8 +64,9 @@ def flash_adamw(name: str, learning_rate: Any = LR, weight_decay: float = WD, **
   """
   import flashoptim_jax  # pylint: disable=import-outside-toplevel
 
-  return flashoptim_jax.flash_adamw(learning_rate, weight_decay=weight_decay, fused=False,
-                                    **FLASH_VARIANTS[name][1], **kwargs)
+  return flashoptim_jax.flash_adamw(
+    learning_rate, weight_decay=weight_decay, fused=False, **FLASH_VARIANTS[name][1], **kwargs
+  )
 
 
 def _flash(name: str) -> tuple[str, Any, Callable[[], Any]]:
@@ -82,10 +87,12 @@ FLASH_STRATEGIES = {name: ALL_FLASH_STRATEGIES[name] for name in ("flash_adamw",
 def flash_unavailable() -> str | None:
   """Why ``flashoptim_jax`` cannot be used here, or ``None`` when it can."""
   try:
-    import flashoptim_jax  # pylint: disable=import-outside-toplevel,unused-import
+    pass  # pylint: disable=import-outside-toplevel,unused-import
   except Exception as e:  # pylint: disable=broad-except
-    return (f"flashoptim_jax not importable ({type(e).__name__}: {e}); "
-            "pip install 'collage-optax[benchmarks]' to compare with FlashOptim")
+    return (
+      f"flashoptim_jax not importable ({type(e).__name__}: {e}); "
+      "pip install 'collage-optax[benchmarks]' to compare with FlashOptim"
+    )
   return None
 
 
@@ -102,31 +109,36 @@ def parse_count(text: str) -> int:
 def machine() -> dict[str, Any]:
   """What the numbers were measured on."""
   info: dict[str, Any] = {
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "backend": jax.default_backend(),
-      "devices": [str(d.device_kind) for d in jax.devices()],
-      "cpu_count": os.cpu_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "collage_optax": str(Path(collage_optax.__file__).parent),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d.device_kind) for d in jax.devices()],
+    "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "collage_optax": str(Path(collage_optax.__file__).parent),
   }
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    for key in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache",
-                "Hypervisor vendor"):
+    for key in (
+      "Model name",
+      "CPU(s)",
+      "Thread(s) per core",
+      "Core(s) per socket",
+      "L2 cache",
+      "L3 cache",
+      "Hypervisor vendor",
+    ):
       if key in fields:
         info["lscpu_" + key.lower().replace(" ", "_").replace("(s)", "s")] = fields[key].strip()
     flags = fields.get("Flags", "").split()
     info["simd"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "fma") if f in flags]
   except (OSError, subprocess.SubprocessError, ValueError):
     pass
-  try:
+  with contextlib.suppress(ValueError, OSError):
     info["mem_total_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-  except (ValueError, OSError):
-    pass
   return info
 
 
@@ -150,18 +162,18 @@ def hlo_stats(compiled: Any, n_params: int) -> dict[str, Any]:
   place, temporaries are not).
   """
   text = compiled.as_text()
-  entry = text[text.find("\nENTRY"):]
+  entry = text[text.find("\nENTRY") :]
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   found = re.findall(r"= \w+\[(\d+(?:,\d+)*)\]\{[^}]*\} (fusion|copy)\(", entry)
   loops = [kind for dims, kind in found if _prod(dims) * 4 >= n_params]
   mem = compiled.memory_analysis()
   return {
-      "loop_kernels": len(loops),
-      "copies": loops.count("copy"),
-      "xla_bytes_accessed_per_param": round(float(cost.get("bytes accessed", 0.0)) / n_params, 2),
-      "xla_flops_per_param": round(float(cost.get("flops", 0.0)) / n_params, 1),
-      "temp_bytes_per_param": round(mem.temp_size_in_bytes / n_params, 2),
+    "loop_kernels": len(loops),
+    "copies": loops.count("copy"),
+    "xla_bytes_accessed_per_param": round(float(cost.get("bytes accessed", 0.0)) / n_params, 2),
+    "xla_flops_per_param": round(float(cost.get("flops", 0.0)) / n_params, 1),
+    "temp_bytes_per_param": round(mem.temp_size_in_bytes / n_params, 2),
   }
 
 
@@ -179,7 +191,7 @@ def write_json(data: Any, path: Path) -> None:
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:
   """A GitHub-markdown table."""
-  cells = [[str(c) for c in r] for r in [header] + rows]
+  cells = [[str(c) for c in r] for r in [header, *rows]]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
   line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
   return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])

@@ -71,7 +71,7 @@ class Strategy:
   """One strategy: ``label``, ``param_dtype`` (what its params are stored in) and ``optimizer(hp)``.
 
   ``collage``: the ``collage_optax.adamw`` keyword arguments of a COLLAGE
-  strategy (``mode``, and any format it overrides); empty for the others.
+  strategy (``mode``, and the moment formats it overrides); empty for the others.
   """
 
   label: str
@@ -102,8 +102,8 @@ def _lion_compensate(hp: AdamW) -> optax.GradientTransformation:
   return optax.chain(optax.lion(1e-4), collage_optax.compensate())
 
 
-def _collage(label: str, **kwargs: str) -> Strategy:
-  """The strategy ``collage_optax.adamw(**kwargs)`` on bfloat16 params."""
+def _collage(label: str, mode: str, mu_format: str | None = None, nu_format: str | None = None) -> Strategy:
+  """The strategy ``collage_optax.adamw(mode=mode)`` on bfloat16 params, with the moment formats given."""
 
   def make(hp: AdamW) -> optax.GradientTransformation:
     return collage_optax.adamw(
@@ -113,11 +113,14 @@ def _collage(label: str, **kwargs: str) -> Strategy:
       hp.eps,
       weight_decay=hp.weight_decay,
       mask=hp.mask,
+      mode=mode,
+      mu_format=mu_format,
+      nu_format=nu_format,
       track_metrics=hp.metrics,
-      **kwargs,
     )
 
-  return Strategy(label, jnp.bfloat16, make, MappingProxyType(kwargs))
+  kwargs = {"mode": mode, "mu_format": mu_format, "nu_format": nu_format}
+  return Strategy(label, jnp.bfloat16, make, MappingProxyType({k: v for k, v in kwargs.items() if v is not None}))
 
 
 #: The letters of DESIGN's table of strategies, for the modes that have one.
@@ -145,6 +148,7 @@ REGISTRY: Mapping[str, Strategy] = MappingProxyType(
     "lion_compensate": Strategy("optax.lion + compensate, bf16", jnp.bfloat16, _lion_compensate),
   }
 )
+
 
 def get(name: str) -> Strategy:
   """The strategy ``name`` of :data:`REGISTRY`; a ``ValueError`` naming the known ones if there is none."""
