@@ -370,7 +370,8 @@ def test_the_tool_is_a_subpackage_on_the_public_api():
 
   pkg = Path(collage_optax.__file__).parent / "cli"
   files = sorted(pkg.glob("*.py"))
-  assert {f.name for f in files} >= {"__init__.py", "experiment.py", "report.py", "strategies.py", "gpt.py", "corpus.py"}
+  assert {f.name for f in files} >= {"__init__.py", "experiment.py", "report.py", "plots.py", "strategies.py", "gpt.py",
+                                          "corpus.py"}
   public = set(collage_optax.__all__) | {"cli"}
   for f in files:
     for node in ast.walk(ast.parse(f.read_text())):

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from collage_optax.cli import corpus, experiment, gpt, report, strategies
+from collage_optax.cli import corpus, experiment, gpt, plots, report, strategies
 
 __all__ = ["MODEL_SIZES", "main"]
 
@@ -215,8 +215,8 @@ def _compare(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table + "\n")
-    report.plot(results, args.out / "loss.png")
-    report.plot_frontier(results, args.out / "frontier.png")
+    plots.plot(results, args.out / "loss.png")
+    plots.plot_frontier(results, args.out / "frontier.png")
     print(f"wrote results.json, table.md, loss.png and frontier.png to {args.out}", file=sys.stderr)
   return 1 if "error" in results else 130 if results["partial"] else 0
 

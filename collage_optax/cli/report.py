@@ -1,15 +1,15 @@
-"""The report of a ``collage-optax compare`` run: statistics, the table, the JSON and the plots.
+"""The report of a ``collage-optax compare`` run: statistics, the table and the JSON.
 
 Reads what :func:`collage_optax.cli.experiment.run` returns. The final
 validation losses are compared to fp32's seed by seed: the mean of the paired
 relative differences with a 95% Student-t interval (:func:`paired_interval`);
 :func:`summarize` adds, per strategy, the mean ± sd of the loss, the metrics,
-the bytes per parameter and the step time relative to fp32's.
+the bytes per parameter and the step time relative to fp32's. The plots are
+:mod:`collage_optax.cli.plots`'.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 from collections.abc import Sequence
@@ -18,17 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from collage_optax.cli.experiment import TrainConfig
-
 __all__ = [
-  "COLORS",
   "SIGNIFICANT_DIGITS",
   "format_delta",
   "format_table",
   "from_run",
   "paired_interval",
-  "plot",
-  "plot_frontier",
   "summarize",
   "write_json",
 ]
@@ -228,128 +223,3 @@ def _rounded(x: Any) -> Any:
 def write_json(results: dict[str, Any], path: Path) -> None:
   """``results`` as JSON, its floats rounded to :data:`SIGNIFICANT_DIGITS` significant digits."""
   path.write_text(json.dumps(_rounded(results), indent=1, ensure_ascii=False) + "\n")
-
-
-def _smooth(y: Sequence[float] | np.ndarray, width: int) -> np.ndarray:
-  """Trailing moving average (shorter at the start)."""
-  a = np.asarray(y, np.float64)
-  if width <= 1 or len(a) == 0:
-    return a
-  c = np.cumsum(np.insert(a, 0, 0.0))
-  idx = np.arange(1, len(a) + 1)
-  lo = np.maximum(idx - width, 0)
-  return (c[idx] - c[lo]) / (idx - lo)
-
-
-COLORS = {
-  "fp32": "black",
-  "bf16": "tab:red",
-  "light": "tab:orange",
-  "plus": "tab:blue",
-  "full": "tab:green",
-  "exact": "tab:purple",
-  "compact": "tab:brown",
-  "sr": "tab:pink",
-}
-
-
-def _pyplot():
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  return plt
-
-
-def _mean_curve(seeds: list[dict[str, Any]], key: str) -> np.ndarray:
-  """The mean over seeds of a per-step curve (``None`` entries as NaN)."""
-  return np.nanmean([np.asarray([np.nan if v is None else v for v in r["curves"][key]], np.float64) for r in seeds], 0)
-
-
-def plot(results: dict[str, Any], path: Path) -> None:
-  """``loss.png``: validation loss (mean over seeds, band: min to max) and smoothed training loss; EDQ."""
-  plt = _pyplot()
-  cfg = results["config"]
-  fig, (ax_loss, ax_edq) = plt.subplots(1, 2, figsize=(13, 4.8))
-  tops, bottoms = [], []
-  for name, r in results["strategies"].items():
-    seeds = r["seeds"]
-    color = COLORS.get(name)
-    train = _mean_curve(seeds, "train_loss")
-    n = len(train)
-    steps = np.arange(1, n + 1)
-    width = max(1, n // 40)
-    train = _smooth(train, width)
-    val_steps = seeds[0]["curves"]["val_step"]
-    vals = np.asarray([s["curves"]["val_loss"] for s in seeds], np.float64)
-    ax_loss.plot(steps, train, color=color, alpha=0.3, lw=1)
-    label = f"{name}: {r['val_loss']:.3f}" + (f" ± {r['val_loss_std']:.3f}" if r["val_loss_std"] else "")
-    ax_loss.plot(val_steps, vals.mean(0), "o-", color=color, ms=3, lw=1.5, label=label)
-    if len(seeds) > 1:
-      ax_loss.fill_between(val_steps, vals.min(0), vals.max(0), color=color, alpha=0.12, lw=0)
-    if r["edq"] is not None:
-      ax_edq.plot(steps, _smooth(_mean_curve(seeds, "edq"), width), color=color, lw=1.4, label=name)
-    if n:
-      late = [v for s, v in zip(val_steps, vals.max(0)) if s >= n // 5]
-      tops.append(max(train[n // 5 :].max(), max(late)))
-      bottoms.append(min(train.min(), vals.min()))
-  if tops:  # Zoom on the last 80% of the run, where the strategies part.
-    lo, hi = min(bottoms), max(tops)
-    ax_loss.set_ylim(lo - 0.05 * (hi - lo), hi + 0.05 * (hi - lo))
-  m, t = cfg["model"], cfg["train"]
-  n_seeds = len(cfg.get("seeds", [0]))
-  ax_loss.set(
-    xlabel="step",
-    ylabel="loss (nats/byte)",
-    title=f"GPT {m['layers']}×{m['width']}, context {m['context']}, {n_seeds} seed(s): val (dots, band) and train",
-  )
-  ax_loss.legend(loc="upper right", fontsize=8)
-  ax_loss.grid(alpha=0.3)
-  if tops:  # The learning rate, to show where the updates get small.
-    ax_lr = ax_edq.twinx()
-    sched = TrainConfig(**{f.name: t[f.name] for f in dataclasses.fields(TrainConfig)}).schedule()
-    steps = np.arange(t["steps"])
-    ax_lr.plot(steps, [float(sched(i)) for i in steps], color="gray", lw=1, ls="--", alpha=0.6)
-    ax_lr.set_ylabel("learning rate (dashed)", color="gray")
-    ax_lr.tick_params(axis="y", colors="gray")
-    ax_lr.set_ylim(0, 1.05 * t["lr"])
-  ax_edq.axhline(1.0, color="gray", lw=0.8, ls=":")
-  ax_edq.set(
-    xlabel="step",
-    ylabel="EDQ  <Δθ_eff, u> / ||u||²",
-    title=f"effective descent quality (1 = no update lost); β2={t['b2']}, peak lr {t['lr']:g}",
-  )
-  ax_edq.legend(loc="lower left", fontsize=8)
-  ax_edq.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def plot_frontier(results: dict[str, Any], path: Path) -> None:
-  """``frontier.png``: bytes per param (params + state + gradients) vs Δ validation loss vs fp32, with 95% CIs."""
-  plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(7.5, 5))
-  for name, r in results["strategies"].items():
-    if r["delta_vs_fp32"] is None:
-      continue
-    x, y = r["bytes_per_param_with_grads"], 100 * r["delta_vs_fp32"]
-    ci = r.get("delta_ci95")
-    err = [[y - 100 * ci[0]], [100 * ci[1] - y]] if ci else None
-    ax.errorbar([x], [y], yerr=err, fmt="o", color=COLORS.get(name), capsize=4, ms=6)
-    ratio = r.get("step_time_ratio")
-    ax.annotate(
-      f"{name}" + (f" ({ratio:.2f}×)" if ratio else ""), (x, y), xytext=(6, 4), textcoords="offset points", fontsize=9
-    )
-  ax.axhline(0.0, color="gray", lw=0.8, ls=":")
-  n_seeds = len(results["config"].get("seeds", [0]))
-  ax.set(
-    xlabel="bytes per parameter (params + optimizer state + gradients)",
-    ylabel="Δ final validation loss vs fp32 (%)",
-    title=f"memory vs quality, {n_seeds} seed(s), 95% CI; label: step time vs fp32",
-  )
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
