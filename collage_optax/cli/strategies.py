@@ -68,7 +68,8 @@ class AdamW:
 
 @dataclasses.dataclass(frozen=True)
 class Strategy:
-  """One strategy: ``label``, ``param_dtype`` (what its params are stored in) and ``optimizer(hp)``.
+  """One strategy: ``label``, ``param_dtype`` (what its params are stored in) and ``optimizer(hp)``,
+  its optimizer with hyperparameters ``hp``.
 
   ``collage``: the ``collage_optax.adamw`` keyword arguments of a COLLAGE
   strategy (``mode``, and the moment formats it overrides); empty for the others.
@@ -76,12 +77,8 @@ class Strategy:
 
   label: str
   param_dtype: Any
-  make: Callable[[AdamW], optax.GradientTransformation]
+  optimizer: Callable[[AdamW], optax.GradientTransformation]
   collage: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-
-  def optimizer(self, hp: AdamW) -> optax.GradientTransformation:
-    """The optimizer of this strategy with hyperparameters ``hp``."""
-    return self.make(hp)
 
 
 def _optax_adamw(hp: AdamW) -> optax.GradientTransformation:
@@ -123,11 +120,12 @@ def _collage(label: str, mode: str, mu_format: str | None = None, nu_format: str
   return Strategy(label, jnp.bfloat16, make, MappingProxyType({k: v for k, v in kwargs.items() if v is not None}))
 
 
-#: The letters of DESIGN's table of strategies, for the modes that have one.
+#: The letters of the README's table of strategies (A–D), for the modes that have one.
 _LETTERS = {"light": "B", "plus": "C", "full": "C+"}
 
 
 def _mode_label(mode: str) -> str:
+  """``"C: collage adamw plus"``: a mode's label, with its letter if it has one."""
   letter = _LETTERS.get(mode)
   return f"{letter}: collage adamw {mode}" if letter else f"collage adamw {mode}"
 
