@@ -2,48 +2,41 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 import collage_optax
+from collage_optax.cli import strategies
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
 LR, WD = 1e-3, 0.1
 
-#: Labels of the COLLAGE modes (DESIGN §1 letters); a mode not listed here is labelled by its name.
-_MODE_LABELS = {"light": "B: collage adamw light", "plus": "C: collage adamw plus", "full": "C+: collage adamw full"}
-_OPTAX_NAMES = ("fp32", "bf16", "lion_compensate")
+#: The optimizers the benchmarks compare, from ``collage_optax.cli.strategies.REGISTRY``: optax's
+#: fp32 and bf16, every mode of ``collage_optax.MODES`` in its order, Lion + compensate.
+NAMES = ("fp32", "bf16", *collage_optax.MODES, "lion_compensate")
 
 
-def _collage(mode: str) -> Callable[[], optax.GradientTransformation]:
-  return lambda: collage_optax.adamw(LR, weight_decay=WD, mode=mode)
+def _factory(name: str) -> Callable[[], optax.GradientTransformation]:
+  """The optimizer of strategy ``name`` with the benchmarks' AdamW (``LR``, ``WD``, no mask)."""
+  return lambda: strategies.get(name).optimizer(strategies.AdamW(LR, weight_decay=WD))
 
 
-def _mode_name(mode: str) -> str:
-  """The strategy name of a COLLAGE mode: the mode itself, unless an optax strategy has that name."""
-  return f"collage_{mode}" if mode in _OPTAX_NAMES else mode
-
-
-#: name -> (label, param dtype, optimizer factory). The letters follow DESIGN §1.
-#: The COLLAGE strategies are every mode of ``collage_optax.MODES``, in its order.
+#: name -> (label, param dtype, optimizer factory) of every strategy of :data:`NAMES`.
 STRATEGIES: dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]]] = {
-    "fp32": ("D: optax.adamw, fp32 params", jnp.float32, lambda: optax.adamw(LR, weight_decay=WD)),
-    "bf16": ("A: optax.adamw, bf16 params", jnp.bfloat16, lambda: optax.adamw(LR, weight_decay=WD)),
-    **{_mode_name(mode): (_MODE_LABELS.get(mode, f"collage adamw {mode}"), jnp.bfloat16, _collage(mode))
-       for mode in collage_optax.MODES},
-    "lion_compensate": ("optax.lion + compensate, bf16", jnp.bfloat16,
-                        lambda: optax.chain(optax.lion(1e-4), collage_optax.compensate())),
+  name: (strategies.get(name).label, strategies.get(name).param_dtype, _factory(name)) for name in NAMES
 }
 
 
@@ -53,11 +46,13 @@ STRATEGIES: dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]
 #: 8-bit moments are int8 (m, softsign) and uint8 (√v) codes with a float16 scale per 32 elements of
 #: the flattened leaf.
 FLASH_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "flash_adamw": ("FlashOptim flash_adamw: 24-bit master, 8-bit moments", {}),
-    "flash_adamw_24_f32": ("FlashOptim flash_adamw: 24-bit master, fp32 moments", {"quantize": False}),
-    "flash_adamw_32_q8": ("FlashOptim flash_adamw: 32-bit master, 8-bit moments", {"master_weight_bits": 32}),
-    "flash_adamw_32": ("FlashOptim flash_adamw: 32-bit master, fp32 moments",
-                       {"master_weight_bits": 32, "quantize": False}),
+  "flash_adamw": ("FlashOptim flash_adamw: 24-bit master, 8-bit moments", {}),
+  "flash_adamw_24_f32": ("FlashOptim flash_adamw: 24-bit master, fp32 moments", {"quantize": False}),
+  "flash_adamw_32_q8": ("FlashOptim flash_adamw: 32-bit master, 8-bit moments", {"master_weight_bits": 32}),
+  "flash_adamw_32": (
+    "FlashOptim flash_adamw: 32-bit master, fp32 moments",
+    {"master_weight_bits": 32, "quantize": False},
+  ),
 }
 
 
@@ -69,8 +64,9 @@ def flash_adamw(name: str, learning_rate: Any = LR, weight_decay: float = WD, **
   """
   import flashoptim_jax  # pylint: disable=import-outside-toplevel
 
-  return flashoptim_jax.flash_adamw(learning_rate, weight_decay=weight_decay, fused=False,
-                                    **FLASH_VARIANTS[name][1], **kwargs)
+  return flashoptim_jax.flash_adamw(
+    learning_rate, weight_decay=weight_decay, fused=False, **FLASH_VARIANTS[name][1], **kwargs
+  )
 
 
 def _flash(name: str) -> tuple[str, Any, Callable[[], Any]]:
@@ -91,10 +87,12 @@ FLASH_STRATEGIES = {name: ALL_FLASH_STRATEGIES[name] for name in ("flash_adamw",
 def flash_unavailable() -> str | None:
   """Why ``flashoptim_jax`` cannot be used here, or ``None`` when it can."""
   try:
-    import flashoptim_jax  # pylint: disable=import-outside-toplevel,unused-import
+    pass  # pylint: disable=import-outside-toplevel,unused-import
   except Exception as e:  # pylint: disable=broad-except
-    return (f"flashoptim_jax not importable ({type(e).__name__}: {e}); "
-            "pip install 'collage-optax[benchmarks]' to compare with FlashOptim")
+    return (
+      f"flashoptim_jax not importable ({type(e).__name__}: {e}); "
+      "pip install 'collage-optax[benchmarks]' to compare with FlashOptim"
+    )
   return None
 
 
@@ -108,39 +106,39 @@ def parse_count(text: str) -> int:
   return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
-def nbytes(tree: Any) -> int:
-  """Bytes of all array leaves of a pytree (concrete or ``ShapeDtypeStruct``)."""
-  return sum(int(x.size) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
-
-
 def machine() -> dict[str, Any]:
   """What the numbers were measured on."""
   info: dict[str, Any] = {
-      "platform": platform.platform(),
-      "python": platform.python_version(),
-      "jax": jax.__version__,
-      "optax": optax.__version__,
-      "backend": jax.default_backend(),
-      "devices": [str(d.device_kind) for d in jax.devices()],
-      "cpu_count": os.cpu_count(),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "collage_optax": str(Path(collage_optax.__file__).parent),
+    "platform": platform.platform(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "backend": jax.default_backend(),
+    "devices": [str(d.device_kind) for d in jax.devices()],
+    "cpu_count": os.cpu_count(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "collage_optax": str(Path(collage_optax.__file__).parent),
   }
   try:
     out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
     fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    for key in ("Model name", "CPU(s)", "Thread(s) per core", "Core(s) per socket", "L2 cache", "L3 cache",
-                "Hypervisor vendor"):
+    for key in (
+      "Model name",
+      "CPU(s)",
+      "Thread(s) per core",
+      "Core(s) per socket",
+      "L2 cache",
+      "L3 cache",
+      "Hypervisor vendor",
+    ):
       if key in fields:
         info["lscpu_" + key.lower().replace(" ", "_").replace("(s)", "s")] = fields[key].strip()
     flags = fields.get("Flags", "").split()
     info["simd"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "fma") if f in flags]
   except (OSError, subprocess.SubprocessError, ValueError):
     pass
-  try:
+  with contextlib.suppress(ValueError, OSError):
     info["mem_total_gib"] = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-  except (ValueError, OSError):
-    pass
   return info
 
 
@@ -164,18 +162,18 @@ def hlo_stats(compiled: Any, n_params: int) -> dict[str, Any]:
   place, temporaries are not).
   """
   text = compiled.as_text()
-  entry = text[text.find("\nENTRY"):]
+  entry = text[text.find("\nENTRY") :]
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   found = re.findall(r"= \w+\[(\d+(?:,\d+)*)\]\{[^}]*\} (fusion|copy)\(", entry)
   loops = [kind for dims, kind in found if _prod(dims) * 4 >= n_params]
   mem = compiled.memory_analysis()
   return {
-      "loop_kernels": len(loops),
-      "copies": loops.count("copy"),
-      "xla_bytes_accessed_per_param": round(float(cost.get("bytes accessed", 0.0)) / n_params, 2),
-      "xla_flops_per_param": round(float(cost.get("flops", 0.0)) / n_params, 1),
-      "temp_bytes_per_param": round(mem.temp_size_in_bytes / n_params, 2),
+    "loop_kernels": len(loops),
+    "copies": loops.count("copy"),
+    "xla_bytes_accessed_per_param": round(float(cost.get("bytes accessed", 0.0)) / n_params, 2),
+    "xla_flops_per_param": round(float(cost.get("flops", 0.0)) / n_params, 1),
+    "temp_bytes_per_param": round(mem.temp_size_in_bytes / n_params, 2),
   }
 
 
@@ -193,7 +191,7 @@ def write_json(data: Any, path: Path) -> None:
 
 def format_table(header: list[str], rows: list[list[Any]]) -> str:
   """A GitHub-markdown table."""
-  cells = [[str(c) for c in r] for r in [header] + rows]
+  cells = [[str(c) for c in r] for r in [header, *rows]]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
   line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
   return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])

@@ -16,8 +16,8 @@ JSON, and the other parts still run), under one global time budget:
    and bf16 params and every mode of ``collage_optax.MODES``, donated and not
    (``ratio_to_fp32``, ``ratio_to_fp32_nondonated``), FlashOptim too when it
    is importable, and the per-leaf HLO (kernels, copies) of each step.
-3. ``compare`` — ``collage-optax compare --preset large --steps 200`` in a
-   subprocess (every strategy; warmup scaled with the steps as in the preset),
+3. ``compare`` — ``collage-optax compare --size large --steps 200`` in a
+   subprocess (every strategy; warmup scaled with the steps as in that size),
    its per-strategy results.
 
 Needs only the repository and ``pip install -e .[test]`` (no network: the
@@ -37,28 +37,29 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+import argparse
+import functools
+import json
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_dtypes  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import ml_dtypes
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
-import step  # noqa: E402
+import _common
+import step
 
-import collage_optax  # noqa: E402
-from collage_optax import cli  # noqa: E402
-from collage_optax.cli import compare  # noqa: E402
+import collage_optax
+from collage_optax import cli
+from collage_optax.cli import strategies
 
 OUT = _common.RESULTS / "device_check.json"
 BF16 = ml_dtypes.bfloat16
@@ -135,13 +136,13 @@ def xla_trap(n_pairs: int) -> dict[str, Any]:
   nonzero = e_ref != 0
   ja, jb = jax.device_put(a), jax.device_put(b)
   out: dict[str, Any] = {
-      "n_pairs": n_pairs,
-      "dtype": "bfloat16",
-      "pairs": "|a| in 2^-8..2^8 (normal x 2^k), |b| = |a| x 2^-U(0,12), random signs",
-      "reference": "numpy on ml_dtypes.bfloat16, every op rounded; s + e == a + b checked in float64",
-      "reference_inexact_pairs": ref_exact,
-      "true_error_nonzero": int(nonzero.sum()),
-      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "n_pairs": n_pairs,
+    "dtype": "bfloat16",
+    "pairs": "|a| in 2^-8..2^8 (normal x 2^k), |b| = |a| x 2^-U(0,12), random signs",
+    "reference": "numpy on ml_dtypes.bfloat16, every op rounded; s + e == a + b checked in float64",
+    "reference_inexact_pairs": ref_exact,
+    "true_error_nonzero": int(nonzero.sum()),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
   for name, fn in (("naive", naive_two_sum), ("ours", collage_optax.mcf.two_sum)):
     s, e = jax.block_until_ready(jax.jit(fn)(ja, jb))
@@ -150,12 +151,12 @@ def xla_trap(n_pairs: int) -> dict[str, Any]:
     e_wrong = int(np.sum(_bits(e) != _bits(e_ref)))
     inexact = int(np.sum(s.astype(np.float64) + e.astype(np.float64) != a64 + b64))
     out[name] = {
-        "dtypes": [str(s.dtype), str(e.dtype)],
-        "sum_bits_wrong": s_wrong,
-        "error_bits_wrong": e_wrong,
-        "error_zero_where_true_nonzero": int(np.sum((e == 0) & nonzero)),
-        "float64_inexact_pairs": inexact,
-        "exact": s_wrong == 0 and e_wrong == 0 and inexact == 0,
+      "dtypes": [str(s.dtype), str(e.dtype)],
+      "sum_bits_wrong": s_wrong,
+      "error_bits_wrong": e_wrong,
+      "error_zero_where_true_nonzero": int(np.sum((e == 0) & nonzero)),
+      "float64_inexact_pairs": inexact,
+      "exact": s_wrong == 0 and e_wrong == 0 and inexact == 0,
     }
   out["naive_function"] = "s = a + b; bb = s - a; aa = s - bb; e = (a - aa) + (b - bb), bfloat16 arrays, jit"
   out["ours_function"] = "collage_optax.mcf.two_sum, jit"
@@ -172,45 +173,68 @@ def step_names(quick: bool = False) -> list[str]:
 
   ``quick``: fp32 and one COLLAGE mode only (the COLLAGE steps compile slowly on a CPU).
   """
-  modes = [_common._mode_name(m) for m in collage_optax.MODES]  # pylint: disable=protected-access
+  modes = list(collage_optax.MODES)
   if quick:
     return ["fp32", "plus" if "plus" in modes else modes[0]]
   return ["fp32", "bf16", *modes, *_common.FLASH_STRATEGIES]
 
 
-def step_times(names: list[str], sizes: list[str], rounds: int, calls: int, layers: int,
-               leaf_shape: tuple[int, ...], budget: Budget, reserve_s: float) -> dict[str, Any]:
+def step_times(
+  names: list[str],
+  sizes: list[str],
+  rounds: int,
+  calls: int,
+  layers: int,
+  leaf_shape: tuple[int, ...],
+  budget: Budget,
+  reserve_s: float,
+) -> dict[str, Any]:
   """``step.measure`` at each size, each guarded; a size is skipped when the budget would not leave
   ``reserve_s`` seconds for what comes after it, counting 1.5× the previous size's time for it
   (compiling dominates, and it does not grow with the size)."""
   names, skipped = step.available(names)
   out: dict[str, Any] = {
-      "strategies": names,
-      "skipped": skipped,
-      "protocol": {"rounds": rounds, "calls_per_round": calls, "layers": layers,
-                   "baseline": _common.BASELINE, "lr": _common.LR, "weight_decay": _common.WD,
-                   "see": "benchmarks/step.py"},
-      "per_leaf_hlo": {},
-      "sizes": {},
+    "strategies": names,
+    "skipped": skipped,
+    "protocol": {
+      "rounds": rounds,
+      "calls_per_round": calls,
+      "layers": layers,
+      "baseline": _common.BASELINE,
+      "lr": _common.LR,
+      "weight_decay": _common.WD,
+      "see": "benchmarks/step.py",
+    },
+    "per_leaf_hlo": {},
+    "sizes": {},
   }
   for name in names:
-    out["per_leaf_hlo"][name] = guarded(lambda name=name: step.leaf_hlo(name, leaf_shape))
+    out["per_leaf_hlo"][name] = guarded(functools.partial(step.leaf_hlo, name, leaf_shape))
   out["per_leaf_hlo_shape"] = list(leaf_shape)
   predicted = 0.0
   for size in sizes:
     if budget.left() < reserve_s + predicted:
-      out["sizes"][size] = {"skipped": f"time budget: {budget.left():.0f} s left, {reserve_s:.0f} s reserved "
-                                       f"for compare, {predicted:.0f} s predicted for this size"}
+      out["sizes"][size] = {
+        "skipped": f"time budget: {budget.left():.0f} s left, {reserve_s:.0f} s reserved "
+        f"for compare, {predicted:.0f} s predicted for this size"
+      }
       continue
-    out["sizes"][size] = guarded(lambda size=size: step.measure(
-        _common.parse_count(size), names, rounds, calls, layers=layers))
+    n_params = _common.parse_count(size)
+    out["sizes"][size] = guarded(functools.partial(step.measure, n_params, names, rounds, calls, layers=layers))
     predicted = 1.5 * out["sizes"][size]["wall_s"]
     print(f"[device_check] step {size}: {out['sizes'][size]['wall_s']} s", file=sys.stderr, flush=True)
   out["ratios"] = {
-      size: {k: {"ratio_to_fp32": s.get("ratio_to_fp32"), "ratio_to_fp32_nondonated": s.get("ratio_to_fp32_nondonated"),
-                 "median_ms": s.get("median_ms"), "median_ms_nondonated": s.get("median_ms_nondonated")}
-             for k, s in res.get("strategies", {}).items()}
-      for size, res in out["sizes"].items()}
+    size: {
+      k: {
+        "ratio_to_fp32": s.get("ratio_to_fp32"),
+        "ratio_to_fp32_nondonated": s.get("ratio_to_fp32_nondonated"),
+        "median_ms": s.get("median_ms"),
+        "median_ms_nondonated": s.get("median_ms_nondonated"),
+      }
+      for k, s in res.get("strategies", {}).items()
+    }
+    for size, res in out["sizes"].items()
+  }
   return out
 
 
@@ -219,15 +243,32 @@ def step_times(names: list[str], sizes: list[str], rounds: int, calls: int, laye
 # ---------------------------------------------------------------------------
 
 
-def compare_run(preset: str, steps: int, strategies: list[str], timeout_s: float,
-                corpus: Path | None = None) -> dict[str, Any]:
-  """``collage-optax compare --preset P --steps N`` in a subprocess; its per-strategy results."""
-  base = cli.PRESETS[preset]
-  warmup = max(1, round(steps * base["warmup"] / base["steps"]))  # The preset's warmup share of the run.
+def compare_run(
+  size: str, steps: int, names: list[str], timeout_s: float, corpus: Path | None = None
+) -> dict[str, Any]:
+  """``collage-optax compare --size S --steps N`` in a subprocess; its per-strategy results."""
+  base = cli.MODEL_SIZES[size]
+  warmup = max(1, round(steps * base["warmup"] / base["steps"]))  # The size's warmup share of the run.
   with tempfile.TemporaryDirectory() as tmp:
-    cmd = [sys.executable, "-m", "collage_optax", "compare", "--preset", preset, "--steps", str(steps),
-           "--warmup", str(warmup), "--strategies", ",".join(strategies), "--seeds", "1", "--out", tmp,
-           "--no-progress"]  # one seed: this checks that it runs on the device, not the statistics
+    cmd = [
+      sys.executable,
+      "-m",
+      "collage_optax",
+      "compare",
+      "--size",
+      size,
+      "--steps",
+      str(steps),
+      "--warmup",
+      str(warmup),
+      "--strategies",
+      ",".join(names),
+      "--seeds",
+      "1",
+      "--out",
+      tmp,
+      "--no-progress",
+    ]  # one seed: this checks that it runs on the device, not the statistics
     if corpus is not None:
       cmd += ["--corpus", str(corpus)]
     # The parent keeps its device memory pool; the child takes a share of the rest.
@@ -238,22 +279,36 @@ def compare_run(preset: str, steps: int, strategies: list[str], timeout_s: float
     try:
       proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
     except subprocess.TimeoutExpired as e:
-      tail = (e.stderr or b"")
-      tail = tail.decode(errors="replace") if isinstance(tail, bytes) else tail
+      tail = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
       return out | {"error": f"timed out after {timeout_s:.0f} s", "stderr_tail": tail[-3000:]}
     out["returncode"] = proc.returncode
     out["table"] = proc.stdout.strip()
     if proc.returncode != 0:
       return out | {"error": f"exit code {proc.returncode}", "stderr_tail": proc.stderr[-3000:]}
     results = json.loads((Path(tmp) / "results.json").read_text())
-  keep = ("val_loss", "val_loss_std", "val_ppl", "delta_vs_fp32", "delta_ci95", "approx_fp32", "n_seeds", "edq",
-          "lost_fraction", "bytes_per_param", "bytes_per_param_with_grads", "n_params", "step_time_s",
-          "step_time_ratio", "step_wall_ratio")
+  keep = (
+    "val_loss",
+    "val_loss_std",
+    "val_ppl",
+    "delta_vs_fp32",
+    "delta_ci95",
+    "approx_fp32",
+    "n_seeds",
+    "edq",
+    "lost_fraction",
+    "bytes_per_param",
+    "bytes_per_param_with_grads",
+    "n_params",
+    "step_time_s",
+    "step_time_ratio",
+    "step_wall_ratio",
+  )
   out["config"] = results["config"]
   out["strategies"] = {
-      name: {k: r.get(k) for k in keep}
-      | {"val_curves": [[s["curves"]["val_step"], s["curves"]["val_loss"]] for s in r["seeds"]]}
-      for name, r in results["strategies"].items()}
+    name: {k: r.get(k) for k in keep}
+    | {"val_curves": [[s["curves"]["val_step"], s["curves"]["val_loss"]] for s in r["seeds"]]}
+    for name, r in results["strategies"].items()
+  }
   return out
 
 
@@ -271,35 +326,46 @@ def _quick_corpus(directory: Path) -> Path:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", type=Path, default=OUT)
-  parser.add_argument("--budget-s", type=float, default=210.0,
-                      help="global time budget in seconds, startup not included (default: 210)")
+  parser.add_argument(
+    "--budget-s", type=float, default=210.0, help="global time budget in seconds, startup not included (default: 210)"
+  )
   parser.add_argument("--pairs", type=int, default=1 << 22, help="TwoSum pairs (default: 4M)")
   parser.add_argument("--sizes", default="16M,256M", help="step-time sizes (default: 16M,256M)")
   parser.add_argument("--rounds", type=int, default=10)
   parser.add_argument("--calls", type=int, default=3)
   parser.add_argument("--compare-steps", type=int, default=200)
-  parser.add_argument("--compare-strategies", default=",".join(compare.STRATEGIES),
-                      help=f"compare's --strategies (default: {','.join(compare.STRATEGIES)})")
-  parser.add_argument("--compare-reserve-s", type=float, default=100.0,
-                      help="seconds kept for compare: a step size starts only with more left (default: 100)")
-  parser.add_argument("--quick", action="store_true",
-                      help="tiny sizes and few steps, on any backend: a smoke test in well under a minute")
+  parser.add_argument(
+    "--compare-strategies",
+    default=",".join(strategies.COMPARE),
+    help=f"compare's --strategies (default: {','.join(strategies.COMPARE)})",
+  )
+  parser.add_argument(
+    "--compare-reserve-s",
+    type=float,
+    default=100.0,
+    help="seconds kept for compare: a step size starts only with more left (default: 100)",
+  )
+  parser.add_argument(
+    "--quick", action="store_true", help="tiny sizes and few steps, on any backend: a smoke test in well under a minute"
+  )
   args = parser.parse_args(argv)
-  layers, leaf_shape, preset, corpus_dir = 4, (1024, 1024), "large", None
+  layers, leaf_shape, model_size, corpus_dir = 4, (1024, 1024), "large", None
   compare_strategies = [x.strip() for x in args.compare_strategies.split(",") if x.strip()]
   if args.quick:
     args.pairs, args.sizes, args.rounds, args.calls, args.compare_steps = 1 << 14, "8k", 2, 1, 3
     args.compare_reserve_s = min(args.compare_reserve_s, 20.0)
-    layers, leaf_shape, preset, compare_strategies = 1, (128, 128), "tiny", ["plus"]
+    layers, leaf_shape, model_size, compare_strategies = 1, (128, 128), "tiny", ["plus"]
     corpus_dir = tempfile.TemporaryDirectory()
   budget = Budget(args.budget_s)
   result: dict[str, Any] = {
-      "benchmark": "device check: XLA excess-precision trap, step-time ratios, compare --preset large",
-      "quick": args.quick,
-      "machine": _common.machine(),
-      "budget_s": args.budget_s,
-      "env": {k: os.environ.get(k, "") for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE",
-                                                 "XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS")},
+    "benchmark": "device check: XLA excess-precision trap, step-time ratios, compare --size large",
+    "quick": args.quick,
+    "machine": _common.machine(),
+    "budget_s": args.budget_s,
+    "env": {
+      k: os.environ.get(k, "")
+      for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION", "JAX_PLATFORMS")
+    },
   }
   print(f"[device_check] backend {jax.default_backend()}: {result['machine']['devices']}", file=sys.stderr, flush=True)
 
@@ -310,13 +376,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result["xla_trap"] = guarded(lambda: xla_trap(args.pairs))
   print(f"[device_check] xla_trap: {result['xla_trap']['wall_s']} s", file=sys.stderr, flush=True)
   save()
-  result["step"] = guarded(lambda: step_times(
-      step_names(args.quick), [s.strip() for s in args.sizes.split(",") if s.strip()], args.rounds, args.calls, layers, leaf_shape,
-      budget, args.compare_reserve_s))
+  result["step"] = guarded(
+    lambda: step_times(
+      step_names(args.quick),
+      [s.strip() for s in args.sizes.split(",") if s.strip()],
+      args.rounds,
+      args.calls,
+      layers,
+      leaf_shape,
+      budget,
+      args.compare_reserve_s,
+    )
+  )
   save()
   corpus = _quick_corpus(Path(corpus_dir.name)) if corpus_dir is not None else None
-  result["compare"] = guarded(lambda: compare_run(
-      preset, args.compare_steps, compare_strategies, budget.left() - 3, corpus))
+  result["compare"] = guarded(
+    lambda: compare_run(model_size, args.compare_steps, compare_strategies, budget.left() - 3, corpus)
+  )
   print(f"[device_check] compare: {result['compare']['wall_s']} s", file=sys.stderr, flush=True)
   if corpus_dir is not None:
     corpus_dir.cleanup()
@@ -350,9 +426,11 @@ def summary(result: dict[str, Any]) -> str:
   if "error" not in trap:
     for name in ("naive", "ours"):
       t = trap[name]
-      lines.append(f"two_sum {name}: {t['error_bits_wrong']} of {trap['n_pairs']} error terms wrong, "
-                   f"{t['error_zero_where_true_nonzero']} zero where the true error is not "
-                   f"({trap['true_error_nonzero']} nonzero); exact: {t['exact']}")
+      lines.append(
+        f"two_sum {name}: {t['error_bits_wrong']} of {trap['n_pairs']} error terms wrong, "
+        f"{t['error_zero_where_true_nonzero']} zero where the true error is not "
+        f"({trap['true_error_nonzero']} nonzero); exact: {t['exact']}"
+      )
   for size, ratios in result["step"].get("ratios", {}).items():
     cells = ", ".join(f"{k} {_r(v['ratio_to_fp32'])}/{_r(v['ratio_to_fp32_nondonated'])}" for k, v in ratios.items())
     lines.append(f"step {size} (x fp32 donated/not): {cells}")

@@ -72,8 +72,12 @@ def step_ratios(size: dict[str, Any] | None, name: str) -> dict[str, Any]:
   return {"donated": donated, "ratio_to_fp32": ratio, "ratio_to_fp32_nondonated": s.get("ratio_to_fp32_nondonated")}
 
 
-def frontier(trajectory: dict[str, Any], step: dict[str, Any] | None = None,
-             memory: dict[str, Any] | None = None, n_params: int | None = None) -> dict[str, Any]:
+def frontier(
+  trajectory: dict[str, Any],
+  step: dict[str, Any] | None = None,
+  memory: dict[str, Any] | None = None,
+  n_params: int | None = None,
+) -> dict[str, Any]:
   """One row per strategy of ``trajectory`` (float64, the reference, excluded), in its order."""
   size = _pick_size(step, n_params)
   constant = trajectory.get("constant_lr", {}).get("relative_error", {})
@@ -84,25 +88,25 @@ def frontier(trajectory: dict[str, Any], step: dict[str, Any] | None = None,
       continue
     b = trajectory.get("bytes_per_param", {}).get(name, {})
     rows[name] = {
-        "label": trajectory.get("strategies", {}).get(name, {}).get("label", name),
-        "bytes_per_param": b.get("params_plus_state"),
-        "bytes_per_param_with_gradients": b.get("total_with_gradients"),
-        "gradient_bytes_per_param": b.get("gradients"),
-        "relative_error": error,
-        "relative_error_constant_lr": constant.get(name),
-        "step": step_ratios(size, name),
-        "step_all_sizes": {str(s["n_params"]): step_ratios(s, name) for s in (step or {}).get("sizes", [])},
-        "memory_json": persistent.get(name),
+      "label": trajectory.get("strategies", {}).get(name, {}).get("label", name),
+      "bytes_per_param": b.get("params_plus_state"),
+      "bytes_per_param_with_gradients": b.get("total_with_gradients"),
+      "gradient_bytes_per_param": b.get("gradients"),
+      "relative_error": error,
+      "relative_error_constant_lr": constant.get(name),
+      "step": step_ratios(size, name),
+      "step_all_sizes": {str(s["n_params"]): step_ratios(s, name) for s in (step or {}).get("sizes", [])},
+      "memory_json": persistent.get(name),
     }
   for name, row in rows.items():
     row["frontier"] = _on_frontier(name, rows)
   return {
-      "metric": trajectory.get("metric"),
-      "trajectory_config": trajectory.get("config"),
-      "step_size_n_params": size["n_params"] if size else None,
-      "step_machine": (step or {}).get("machine"),
-      "skipped": trajectory.get("skipped", {}),
-      "strategies": rows,
+    "metric": trajectory.get("metric"),
+    "trajectory_config": trajectory.get("config"),
+    "step_size_n_params": size["n_params"] if size else None,
+    "step_machine": (step or {}).get("machine"),
+    "skipped": trajectory.get("skipped", {}),
+    "strategies": rows,
   }
 
 
@@ -134,12 +138,31 @@ def table(result: dict[str, Any]) -> str:
     ratio = _fmt(st["ratio_to_fp32"], ".2f")
     if st["donated"] is False and st["ratio_to_fp32"] is not None:
       ratio += "*"
-    rows.append([name, _fmt(r["bytes_per_param"], ".2f"), _fmt(r["bytes_per_param_with_gradients"], ".2f"),
-                 _fmt(r["relative_error"], ".2e"), _fmt(r["relative_error_constant_lr"], ".2e"), ratio,
-                 _fmt(st["ratio_to_fp32_nondonated"], ".2f"), "✓" if r["frontier"] else ""])
+    rows.append(
+      [
+        name,
+        _fmt(r["bytes_per_param"], ".2f"),
+        _fmt(r["bytes_per_param_with_gradients"], ".2f"),
+        _fmt(r["relative_error"], ".2e"),
+        _fmt(r["relative_error_constant_lr"], ".2e"),
+        ratio,
+        _fmt(st["ratio_to_fp32_nondonated"], ".2f"),
+        "✓" if r["frontier"] else "",
+      ]
+    )
   return _common.format_table(
-      ["strategy", "B/param params+state", "B/param + grads", "error vs float64", "error, constant lr",
-       f"step × fp32{at}", "step × fp32, not donated", "frontier"], rows)
+    [
+      "strategy",
+      "B/param params+state",
+      "B/param + grads",
+      "error vs float64",
+      "error, constant lr",
+      f"step × fp32{at}",
+      "step × fp32, not donated",
+      "frontier",
+    ],
+    rows,
+  )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -153,14 +176,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   trajectory = _load(args.trajectory)
   if trajectory is None:
     parser.error(f"{args.trajectory} not found: run benchmarks/trajectory.py first")
-  result = frontier(trajectory, _load(args.step), _load(args.memory),
-                    _common.parse_count(args.size) if args.size else None)
-  result["sources"] = {k: str(p) if p.exists() else None
-                       for k, p in (("trajectory", args.trajectory), ("step", args.step), ("memory", args.memory))}
+  result = frontier(
+    trajectory, _load(args.step), _load(args.memory), _common.parse_count(args.size) if args.size else None
+  )
+  result["sources"] = {
+    k: str(p) if p.exists() else None
+    for k, p in (("trajectory", args.trajectory), ("step", args.step), ("memory", args.memory))
+  }
   _common.write_json(result, args.out)
   print(table(result))
-  print("\n* FlashOptim's step cannot be donated (its state shares buffers): "
-        "its non-donated step over fp32's donated one.")
+  print(
+    "\n* FlashOptim's step cannot be donated (its state shares buffers): its non-donated step over fp32's donated one."
+  )
   print(f"{DASH}: not in {args.step.name}.")
   for name, why in result["skipped"].items():
     print(f"skipped {name}: {why}")

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
 
-from collage_optax.cli import gpt  # noqa: E402
+from collage_optax.cli import gpt, strategies
 
 OUT = _common.RESULTS / "memory.json"
 
@@ -58,18 +58,8 @@ def persistent(cfg: gpt.GPTConfig, names: list[str]) -> dict[str, Any]:
   for name in names:
     label, dtype, make = _common.STRATEGIES[name]
     _, params = _abstract_params(cfg, dtype)
-    state = jax.eval_shape(make().init, params)
-    n = sum(p.size for p in jax.tree.leaves(params))
-    p_b, s_b, g_b = _common.nbytes(params) / n, _common.nbytes(state) / n, _common.nbytes(params) / n
-    out[name] = {
-        "label": label,
-        "n_params": n,
-        "params": round(p_b, 4),
-        "optimizer_state": round(s_b, 4),
-        "params_plus_state": round(p_b + s_b, 4),
-        "gradients": round(g_b, 4),
-        "total_with_gradients": round(p_b + s_b + g_b, 4),
-    }
+    b = strategies.bytes_per_param(params, jax.eval_shape(make().init, params))
+    out[name] = {"label": label, "n_params": b.pop("n_params")} | {k: round(v, 4) for k, v in b.items()}
   return out
 
 
@@ -90,25 +80,38 @@ def train_step_memory(cfg: gpt.GPTConfig, batch: int, context: int, names: list[
       return optax.apply_updates(params, updates), state, loss
 
     mem = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, windows).compile().memory_analysis()
+    assert mem is not None, "this backend reports no memory_analysis()"
     args, outs = mem.argument_size_in_bytes, mem.output_size_in_bytes
     alias, temp = mem.alias_size_in_bytes, mem.temp_size_in_bytes
     peak = args + outs - alias + temp
     out["strategies"][name] = {
-        "label": label,
-        "n_params": n,
-        "bytes": {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp, "peak": peak},
-        "per_param": {"arguments": args / n, "outputs": outs / n, "aliased": alias / n,
-                      "temporaries": temp / n, "peak": peak / n},
+      "label": label,
+      "n_params": n,
+      "bytes": {"arguments": args, "outputs": outs, "aliased": alias, "temporaries": temp, "peak": peak},
+      "per_param": {
+        "arguments": args / n,
+        "outputs": outs / n,
+        "aliased": alias / n,
+        "temporaries": temp / n,
+        "peak": peak / n,
+      },
     }
   return out
 
 
 def tables(result: dict[str, Any]) -> str:
-  rows = [[k, f"{v['params']:g}", f"{v['optimizer_state']:g}", f"{v['params_plus_state']:g}",
-           f"{v['gradients']:g}", f"{v['total_with_gradients']:g}"]
-          for k, v in result["persistent_bytes_per_param"].items()]
-  first = _common.format_table(
-      ["strategy", "params", "opt state", "params+state", "grads", "total incl. grads"], rows)
+  rows = [
+    [
+      k,
+      f"{v['params']:g}",
+      f"{v['optimizer_state']:g}",
+      f"{v['params_plus_state']:g}",
+      f"{v['gradients']:g}",
+      f"{v['total_with_gradients']:g}",
+    ]
+    for k, v in result["persistent_bytes_per_param"].items()
+  ]
+  first = _common.format_table(["strategy", "params", "opt state", "params+state", "grads", "total incl. grads"], rows)
   out = f"Persistent bytes per parameter (from the pytrees)\n{first}"
   for step in result["train_step"]:
     base = step["strategies"].get(_common.BASELINE)
@@ -117,13 +120,35 @@ def tables(result: dict[str, Any]) -> str:
       b = v["bytes"]
       mib = lambda x: f"{x / 2**20:.1f}"
       rel = f"{b['peak'] / base['bytes']['peak']:.2f}" if base else ""
-      rows.append([k, mib(b["arguments"]), mib(b["outputs"]), mib(b["aliased"]), mib(b["temporaries"]),
-                   mib(b["peak"]), f"{v['per_param']['peak']:.1f}", rel])
+      rows.append(
+        [
+          k,
+          mib(b["arguments"]),
+          mib(b["outputs"]),
+          mib(b["aliased"]),
+          mib(b["temporaries"]),
+          mib(b["peak"]),
+          f"{v['per_param']['peak']:.1f}",
+          rel,
+        ]
+      )
     table = _common.format_table(
-        ["strategy", "arguments MiB", "outputs MiB", "aliased MiB", "temporaries MiB", "peak MiB",
-         "peak B/param", "peak × fp32"], rows)
-    out += (f"\n\nGPT training step, compiled memory_analysis ({result['model']}; "
-            f"batch {step['batch']} x context {step['context']})\n{table}")
+      [
+        "strategy",
+        "arguments MiB",
+        "outputs MiB",
+        "aliased MiB",
+        "temporaries MiB",
+        "peak MiB",
+        "peak B/param",
+        "peak × fp32",
+      ],
+      rows,
+    )
+    out += (
+      f"\n\nGPT training step, compiled memory_analysis ({result['model']}; "
+      f"batch {step['batch']} x context {step['context']})\n{table}"
+    )
   return out
 
 
@@ -132,8 +157,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--layers", type=int, default=6)
   parser.add_argument("--width", type=int, default=512)
   parser.add_argument("--heads", type=int, default=8)
-  parser.add_argument("--steps", default="8x256,1x32",
-                      help="comma-separated batch x context of the compiled training steps")
+  parser.add_argument(
+    "--steps", default="8x256,1x32", help="comma-separated batch x context of the compiled training steps"
+  )
   parser.add_argument("--strategies", default=",".join(_common.STRATEGIES))
   parser.add_argument("--out", type=Path, default=OUT)
   parser.add_argument("--quick", action="store_true", help="tiny smoke run (1 layer, width 32)")
@@ -149,13 +175,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   cfg = gpt.GPTConfig(layers=args.layers, width=args.width, heads=args.heads, context=context)
   started = time.time()
   result: dict[str, Any] = {
-      "benchmark": "persistent bytes/param and compiled memory of a GPT training step",
-      "machine": _common.machine(),
-      "model": f"collage_optax.cli.gpt GPT: {cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, "
-               f"compute dtype {jnp.dtype(cfg.dtype).name}",
-      "config": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "max_context": cfg.context},
-      "persistent_bytes_per_param": persistent(cfg, names),
-      "train_step": [train_step_memory(cfg, b, c, names) for b, c in steps],
+    "benchmark": "persistent bytes/param and compiled memory of a GPT training step",
+    "machine": _common.machine(),
+    "model": f"collage_optax.cli.gpt GPT: {cfg.layers} layers, width {cfg.width}, {cfg.heads} heads, "
+    f"compute dtype {jnp.dtype(cfg.dtype).name}",
+    "config": {"layers": cfg.layers, "width": cfg.width, "heads": cfg.heads, "max_context": cfg.context},
+    "persistent_bytes_per_param": persistent(cfg, names),
+    "train_step": [train_step_memory(cfg, b, c, names) for b, c in steps],
   }
   result["wall_s"] = round(time.time() - started, 1)
   _common.write_json(result, args.out)

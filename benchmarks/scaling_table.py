@@ -27,7 +27,9 @@ from typing import Any
 import jax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
+
+from collage_optax.cli import strategies
 
 OUT = _common.RESULTS / "scaling.json"
 MODEL_SIZES = {"1B": 10**9, "7B": 7 * 10**9, "70B": 70 * 10**9}
@@ -38,50 +40,50 @@ GIB = 2**30
 
 
 def bytes_per_param(name: str) -> float:
-  """Params + optimizer state + gradients of one strategy, per parameter."""
+  """Params + optimizer state (but its step counts) + gradients of one strategy, per parameter."""
   _, dtype, make = _common.STRATEGIES[name]
   params = {"w": jax.ShapeDtypeStruct((256, 512), dtype), "b": jax.ShapeDtypeStruct((512,), dtype)}
-  n = sum(p.size for p in jax.tree.leaves(params))
-  state = jax.eval_shape(make().init, params)
-  scalars = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if x.ndim == 0)
-  per_param = _common.nbytes(params) + (_common.nbytes(state) - scalars) + _common.nbytes(params)
-  return per_param / n
+  return strategies.bytes_per_param(params, jax.eval_shape(make().init, params), scalars=False)["total_with_gradients"]
 
 
 def compute() -> dict[str, Any]:
   per_param = {letter: bytes_per_param(name) for letter, name in STRATEGIES.items()}
   gib = {
-      size: {letter: {s: round(b * n / d / GIB, 2) for s, d in SHARDINGS.items()}
-             for letter, b in per_param.items()}
-      for size, n in MODEL_SIZES.items()
+    size: {letter: {s: round(b * n / d / GIB, 2) for s, d in SHARDINGS.items()} for letter, b in per_param.items()}
+    for size, n in MODEL_SIZES.items()
   }
   saved = {
-      size: {letter: {s: round((per_param["D"] - b) * n / d / GIB, 2) for s, d in SHARDINGS.items()}
-             for letter, b in per_param.items() if letter != "D"}
-      for size, n in MODEL_SIZES.items()
+    size: {
+      letter: {s: round((per_param["D"] - b) * n / d / GIB, 2) for s, d in SHARDINGS.items()}
+      for letter, b in per_param.items()
+      if letter != "D"
+    }
+    for size, n in MODEL_SIZES.items()
   }
   return {
-      "bytes_per_param": per_param,
-      "model_sizes": MODEL_SIZES,
-      "devices": SHARDINGS,
-      "gib_per_device": gib,
-      "gib_saved_per_device_vs_D": saved,
-      "labels": {letter: _common.STRATEGIES[name][0] for letter, name in STRATEGIES.items()},
+    "bytes_per_param": per_param,
+    "model_sizes": MODEL_SIZES,
+    "devices": SHARDINGS,
+    "gib_per_device": gib,
+    "gib_saved_per_device_vs_D": saved,
+    "labels": {letter: _common.STRATEGIES[name][0] for letter, name in STRATEGIES.items()},
   }
 
 
 def markdown(data: dict[str, Any]) -> str:
   """The table of ``docs/scaling.md``: GiB per device; C's saving against D."""
   header = ["params", "strategy", "bytes/param"] + [
-      "replicated (DP)" if s == "dp" else f"FSDP {d}-way" for s, d in data["devices"].items()]
+    "replicated (DP)" if s == "dp" else f"FSDP {d}-way" for s, d in data["devices"].items()
+  ]
   rows = []
   for size, by_letter in data["gib_per_device"].items():
     for letter, by_sharding in by_letter.items():
-      rows.append([size, letter, f"{data['bytes_per_param'][letter]:g}"] + [
-          f"{v:,.2f}" for v in by_sharding.values()])
+      rows.append([size, letter, f"{data['bytes_per_param'][letter]:g}"] + [f"{v:,.2f}" for v in by_sharding.values()])
     saved = data["gib_saved_per_device_vs_D"][size]["C"]
-    rows.append([size, "**saved by C vs D**", f"{data['bytes_per_param']['D'] - data['bytes_per_param']['C']:g}"]
-                + [f"**{v:,.2f}**" for v in saved.values()])
+    rows.append(
+      [size, "**saved by C vs D**", f"{data['bytes_per_param']['D'] - data['bytes_per_param']['C']:g}"]
+      + [f"**{v:,.2f}**" for v in saved.values()]
+    )
   return _common.format_table(header, rows)
 
 

@@ -61,7 +61,9 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _common  # noqa: E402
+import _common
+
+from collage_optax.cli import strategies
 
 OUT = _common.RESULTS / "step.json"
 COPY = "copy"
@@ -74,13 +76,23 @@ def param_shapes(n_params: int, layers: int = 4) -> dict[str, tuple[int, ...]]:
   biases and LayerNorm gains/biases), byte embeddings and 256 positions: about
   ``12·layers·w²`` parameters, ``w`` a multiple of 16.
   """
-  w = max(16, int(round(math.sqrt(n_params / (12 * layers)) / 16)) * 16)
+  w = max(16, round(math.sqrt(n_params / (12 * layers)) / 16) * 16)
   shapes: dict[str, tuple[int, ...]] = {"embed": (256, w), "pos": (256, w)}
   for i in range(layers):
-    for name, shape in (("ln1_scale", (w,)), ("ln1_bias", (w,)), ("qkv_kernel", (w, 3 * w)),
-                        ("qkv_bias", (3 * w,)), ("proj_kernel", (w, w)), ("proj_bias", (w,)),
-                        ("ln2_scale", (w,)), ("ln2_bias", (w,)), ("fc_kernel", (w, 4 * w)),
-                        ("fc_bias", (4 * w,)), ("out_kernel", (4 * w, w)), ("out_bias", (w,))):
+    for name, shape in (
+      ("ln1_scale", (w,)),
+      ("ln1_bias", (w,)),
+      ("qkv_kernel", (w, 3 * w)),
+      ("qkv_bias", (3 * w,)),
+      ("proj_kernel", (w, w)),
+      ("proj_bias", (w,)),
+      ("ln2_scale", (w,)),
+      ("ln2_bias", (w,)),
+      ("fc_kernel", (w, 4 * w)),
+      ("fc_bias", (4 * w,)),
+      ("out_kernel", (4 * w, w)),
+      ("out_bias", (w,)),
+    ):
       shapes[f"block{i}/{name}"] = shape
   shapes["ln_f_scale"], shapes["ln_f_bias"] = (w,), (w,)
   return shapes
@@ -88,8 +100,10 @@ def param_shapes(n_params: int, layers: int = 4) -> dict[str, tuple[int, ...]]:
 
 def _tree(shapes: dict[str, tuple[int, ...]], dtype: Any, seed: int, scale: float) -> dict[str, jax.Array]:
   key = jax.random.key(seed)
-  return {name: (scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
-          for i, (name, shape) in enumerate(sorted(shapes.items()))}
+  return {
+    name: (scale * jax.random.normal(jax.random.fold_in(key, i), shape, jnp.float32)).astype(dtype)
+    for i, (name, shape) in enumerate(sorted(shapes.items()))
+  }
 
 
 def known_strategies() -> dict[str, tuple[str, Any, Any]]:
@@ -161,16 +175,18 @@ class _Runner:
     self.params = _tree(shapes, dtype, 0, 0.02)
     self.grads = _tree(shapes, dtype, 1, 1e-3)  # Gradients have the params' dtypes.
     self.state = init(self.params)
-    n = sum(int(np.prod(s)) for s in shapes.values())
-    self.bytes_read = (_common.nbytes(self.params) + _common.nbytes(self.grads) + _common.nbytes(self.state)) / n
-    self.bytes_written = (_common.nbytes(self.params) + _common.nbytes(self.state)) / n
-    self.bytes_persistent = (_common.nbytes(self.params) + _common.nbytes(self.state)) / n  # Between steps.
-    self.bytes_grads = _common.nbytes(self.grads) / n
+    b = strategies.bytes_per_param(self.params, self.state, self.grads)
+    n = b["n_params"]
+    self.bytes_read = b["total_with_gradients"]  # params, grads and state
+    self.bytes_written = b["params_plus_state"]
+    self.bytes_persistent = b["params_plus_state"]  # Between steps.
+    self.bytes_grads = b["gradients"]
 
     self.donated = can_donate(name)
     self.compiled = compile_step(tx, self.params, self.grads) if self.donated else None
-    self.compiled_nd = (compile_step(tx, self.params, self.grads, donate=False)
-                        if nondonated or not self.donated else None)
+    self.compiled_nd = (
+      compile_step(tx, self.params, self.grads, donate=False) if nondonated or not self.donated else None
+    )
     self.hlo = _common.hlo_stats(self.compiled or self.compiled_nd, n)
     self.hlo_nd = _common.hlo_stats(self.compiled_nd, n) if self.compiled_nd is not None else None
 
@@ -217,8 +233,9 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
 ND = "/nondonated"  # Suffix of the timing key of a step without donation.
 
 
-def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: int = 2,
-            nondonated: bool = True, layers: int = 4) -> dict[str, Any]:
+def measure(
+  n_target: int, names: list[str], rounds: int, calls: int, warmup: int = 2, nondonated: bool = True, layers: int = 4
+) -> dict[str, Any]:
   """Times every strategy and the copy kernel at one size, interleaved.
 
   With ``nondonated``, each strategy's step without donation is timed too
@@ -246,7 +263,7 @@ def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: in
   per_round: list[dict[str, float]] = []
   for r in range(rounds):
     this_round: dict[str, list[float]] = {k: [] for k in order}
-    for k in order[r % len(order):] + order[: r % len(order)]:
+    for k in order[r % len(order) :] + order[: r % len(order)]:
       for _ in range(calls):
         wall, user, system = runners[k]()
         this_round[k].append(wall)
@@ -257,11 +274,15 @@ def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: in
   copy_t = statistics.median(times[COPY])
   copy_bw = 8 * runners[COPY].n / copy_t
   out: dict[str, Any] = {
-      "n_params": n,
-      "n_leaves": len(shapes),
-      "copy": {"elements": runners[COPY].n, "median_ms": copy_t * 1e3, "GBps": copy_bw / 1e9,
-               "iqr_rel": _iqr_rel(times[COPY])},
-      "strategies": {},
+    "n_params": n,
+    "n_leaves": len(shapes),
+    "copy": {
+      "elements": runners[COPY].n,
+      "median_ms": copy_t * 1e3,
+      "GBps": copy_bw / 1e9,
+      "iqr_rel": _iqr_rel(times[COPY]),
+    },
+    "strategies": {},
   }
   base = _common.BASELINE
   for k in names:
@@ -270,44 +291,61 @@ def measure(n_target: int, names: list[str], rounds: int, calls: int, warmup: in
     q1, med, q3 = _quartiles(times[key])
     total = run.bytes_read + run.bytes_written
     entry = {
-        "label": run.label,
-        "donated": run.donated,
-        "median_ms": med * 1e3,
-        "q1_ms": q1 * 1e3,
-        "q3_ms": q3 * 1e3,
-        "iqr_rel": (q3 - q1) / med,
-        "cpu_user_ms": 1e3 * statistics.median(u for u, _ in cpu[key]),
-        "cpu_system_ms": 1e3 * statistics.median(s for _, s in cpu[key]),
-        "bytes_per_param": {"read": run.bytes_read, "written": run.bytes_written, "total": total,
-                            "persistent": run.bytes_persistent,
-                            "persistent_with_gradients": run.bytes_persistent + run.bytes_grads},
-        "achieved_GBps": total * n / med / 1e9,
-        "fraction_of_copy_bandwidth": total * n / med / copy_bw,
-        "hlo": run.hlo,
+      "label": run.label,
+      "donated": run.donated,
+      "median_ms": med * 1e3,
+      "q1_ms": q1 * 1e3,
+      "q3_ms": q3 * 1e3,
+      "iqr_rel": (q3 - q1) / med,
+      "cpu_user_ms": 1e3 * statistics.median(u for u, _ in cpu[key]),
+      "cpu_system_ms": 1e3 * statistics.median(s for _, s in cpu[key]),
+      "bytes_per_param": {
+        "read": run.bytes_read,
+        "written": run.bytes_written,
+        "total": total,
+        "persistent": run.bytes_persistent,
+        "persistent_with_gradients": run.bytes_persistent + run.bytes_grads,
+      },
+      "achieved_GBps": total * n / med / 1e9,
+      "fraction_of_copy_bandwidth": total * n / med / copy_bw,
+      "hlo": run.hlo,
     }
     if base in names and run.donated:
       entry.update(_ratios(k, base, times, cpu, per_round))
     if k + ND in times:
       q1, med, q3 = _quartiles(times[k + ND])
-      entry.update({"median_ms_nondonated": med * 1e3, "q1_ms_nondonated": q1 * 1e3, "q3_ms_nondonated": q3 * 1e3,
-                    "iqr_rel_nondonated": (q3 - q1) / med, "hlo_nondonated": run.hlo_nd})
+      entry.update(
+        {
+          "median_ms_nondonated": med * 1e3,
+          "q1_ms_nondonated": q1 * 1e3,
+          "q3_ms_nondonated": q3 * 1e3,
+          "iqr_rel_nondonated": (q3 - q1) / med,
+          "hlo_nondonated": run.hlo_nd,
+        }
+      )
       if base + ND in times:
-        entry.update({f"{name}_nondonated": value
-                      for name, value in _ratios(k + ND, base + ND, times, cpu, per_round).items()})
+        entry.update(
+          {f"{name}_nondonated": value for name, value in _ratios(k + ND, base + ND, times, cpu, per_round).items()}
+        )
     out["strategies"][k] = entry
   del runners, built
   return out
 
 
-def _ratios(k: str, base: str, times: dict[str, list[float]], cpu: dict[str, list[tuple[float, float]]],
-            per_round: list[dict[str, float]]) -> dict[str, Any]:
+def _ratios(
+  k: str,
+  base: str,
+  times: dict[str, list[float]],
+  cpu: dict[str, list[tuple[float, float]]],
+  per_round: list[dict[str, float]],
+) -> dict[str, Any]:
   """Timing key ``k`` against ``base``: the median per-round ratio, its quartiles, the ratio of medians, of CPU."""
   ratios = [pr[k] / pr[base] for pr in per_round]
   return {
-      "ratio_to_fp32": statistics.median(ratios),
-      "ratio_to_fp32_q1_q3": list(np.percentile(ratios, [25, 75]).astype(float)),
-      "ratio_of_medians": _quartiles(times[k])[1] / _quartiles(times[base])[1],
-      "cpu_ratio_to_fp32": sum(map(sum, cpu[k])) / sum(map(sum, cpu[base])),
+    "ratio_to_fp32": statistics.median(ratios),
+    "ratio_to_fp32_q1_q3": list(np.percentile(ratios, [25, 75]).astype(float)),
+    "ratio_of_medians": _quartiles(times[k])[1] / _quartiles(times[base])[1],
+    "cpu_ratio_to_fp32": sum(map(sum, cpu[k])) / sum(map(sum, cpu[base])),
   }
 
 
@@ -332,34 +370,79 @@ def table(result: dict[str, Any]) -> str:
     for k, s in size["strategies"].items():
       kernels = per_leaf.get(k, {}).get("loop_kernels", "—")
       copies = per_leaf.get(k, {}).get("copies", "—")
-      rows.append([
-          _count(size['n_params']), k + ("" if s.get("donated", True) else " (not donated)"),
-          f"{s['median_ms']:.2f}", f"±{100 * s['iqr_rel'] / 2:.0f}%",
-          _fmt(s.get('ratio_to_fp32')), _fmt(s.get('ratio_to_fp32_nondonated')),
-          _fmt(s.get('cpu_ratio_to_fp32')),
-          f"{s['cpu_user_ms']:.1f}+{s['cpu_system_ms']:.1f}", f"{s['bytes_per_param']['total']:.0f}",
-          f"{s['hlo']['xla_bytes_accessed_per_param']:g}", f"{s['hlo']['temp_bytes_per_param']:g}",
+      rows.append(
+        [
+          _count(size["n_params"]),
+          k + ("" if s.get("donated", True) else " (not donated)"),
+          f"{s['median_ms']:.2f}",
+          f"±{100 * s['iqr_rel'] / 2:.0f}%",
+          _fmt(s.get("ratio_to_fp32")),
+          _fmt(s.get("ratio_to_fp32_nondonated")),
+          _fmt(s.get("cpu_ratio_to_fp32")),
+          f"{s['cpu_user_ms']:.1f}+{s['cpu_system_ms']:.1f}",
+          f"{s['bytes_per_param']['total']:.0f}",
+          f"{s['hlo']['xla_bytes_accessed_per_param']:g}",
+          f"{s['hlo']['temp_bytes_per_param']:g}",
           f"{s['achieved_GBps']:.1f}",
-          f"{100 * s['fraction_of_copy_bandwidth']:.0f}%", f"{kernels} ({copies})",
-      ])
-    rows.append([_count(size['n_params']), "copy", f"{size['copy']['median_ms']:.2f}",
-                 f"±{100 * size['copy']['iqr_rel'] / 2:.0f}%", "", "", "", "", "8", "8", "0",
-                 f"{size['copy']['GBps']:.1f}", "100%", "1 (0)"])
+          f"{100 * s['fraction_of_copy_bandwidth']:.0f}%",
+          f"{kernels} ({copies})",
+        ]
+      )
+    rows.append(
+      [
+        _count(size["n_params"]),
+        "copy",
+        f"{size['copy']['median_ms']:.2f}",
+        f"±{100 * size['copy']['iqr_rel'] / 2:.0f}%",
+        "",
+        "",
+        "",
+        "",
+        "8",
+        "8",
+        "0",
+        f"{size['copy']['GBps']:.1f}",
+        "100%",
+        "1 (0)",
+      ]
+    )
   return _common.format_table(
-      ["params", "strategy", "median ms", "spread", "× fp32", "× fp32 not donated", "CPU × fp32", "user+sys ms",
-       "B/param (dtypes)", "B/param (XLA)", "temp B/param", "GB/s", "of copy BW", "kernels (copies) per leaf"], rows)
+    [
+      "params",
+      "strategy",
+      "median ms",
+      "spread",
+      "× fp32",
+      "× fp32 not donated",
+      "CPU × fp32",
+      "user+sys ms",
+      "B/param (dtypes)",
+      "B/param (XLA)",
+      "temp B/param",
+      "GB/s",
+      "of copy BW",
+      "kernels (copies) per leaf",
+    ],
+    rows,
+  )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--sizes", default="1M,16M,64M", help="comma-separated parameter counts (k/M suffixes)")
-  parser.add_argument("--strategies", default=",".join(default_strategies()),
-                      help=f"comma-separated subset of {', '.join(known_strategies())}")
+  parser.add_argument(
+    "--strategies",
+    default=",".join(default_strategies()),
+    help=f"comma-separated subset of {', '.join(known_strategies())}",
+  )
   parser.add_argument("--rounds", type=int, default=15)
   parser.add_argument("--calls", type=int, default=3, help="timed calls per strategy per round")
   parser.add_argument("--out", type=Path, default=OUT)
-  parser.add_argument("--donated-only", action="store_true",
-                      help="skip the steps without donation (FlashOptim, which cannot be donated, is then skipped)")
+  parser.add_argument(
+    "--donated-only",
+    action="store_true",
+    help="skip the steps without donation (FlashOptim, which cannot be donated, is then skipped)",
+  )
   parser.add_argument("--quick", action="store_true", help="tiny smoke run: --sizes 20k --rounds 2 --calls 1")
   args = parser.parse_args(argv)
   if args.quick:
@@ -370,27 +453,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.error(f"unknown strategies {unknown}; choose from {', '.join(known_strategies())}")
   names, skipped = available(names, nondonated=not args.donated_only)
   result: dict[str, Any] = {
-      "benchmark": "optimizer step (update + apply_updates), jitted, params and state donated, and not donated",
-      "machine": _common.machine(),
-      "protocol": {"rounds": args.rounds, "calls_per_round": args.calls, "warmup_calls": 2,
-                   "copy_kernel": "x <- 1.0001*x in place, float32, 4*n_params elements",
-                   "baseline": _common.BASELINE, "lr": _common.LR, "weight_decay": _common.WD},
-      "load_average_before": _common.load_average(),
-      "skipped": skipped,
-      "sizes": [],
+    "benchmark": "optimizer step (update + apply_updates), jitted, params and state donated, and not donated",
+    "machine": _common.machine(),
+    "protocol": {
+      "rounds": args.rounds,
+      "calls_per_round": args.calls,
+      "warmup_calls": 2,
+      "copy_kernel": "x <- 1.0001*x in place, float32, 4*n_params elements",
+      "baseline": _common.BASELINE,
+      "lr": _common.LR,
+      "weight_decay": _common.WD,
+    },
+    "load_average_before": _common.load_average(),
+    "skipped": skipped,
+    "sizes": [],
   }
   result["per_leaf_hlo"] = {name: leaf_hlo(name) for name in names}
   started = time.time()
   for size in args.sizes.split(","):
-    result["sizes"].append(measure(_common.parse_count(size), names, args.rounds, args.calls,
-                                   nondonated=not args.donated_only))
+    result["sizes"].append(
+      measure(_common.parse_count(size), names, args.rounds, args.calls, nondonated=not args.donated_only)
+    )
     print(f"[step] {size}: done after {time.time() - started:.0f} s", file=sys.stderr, flush=True)
   result["load_average_after"] = _common.load_average()
   result["wall_s"] = round(time.time() - started, 1)
   _common.write_json(result, args.out)
   print(table(result))
-  print(f"machine: {result['machine'].get('lscpu_model_name', '?')}, {result['machine']['cpu_count']} CPUs; "
-        f"load average before {result['load_average_before']}, after {result['load_average_after']}")
+  print(
+    f"machine: {result['machine'].get('lscpu_model_name', '?')}, {result['machine']['cpu_count']} CPUs; "
+    f"load average before {result['load_average_before']}, after {result['load_average_after']}"
+  )
   for name, why in skipped.items():
     print(f"skipped {name}: {why}")
   print(f"wrote {args.out}")

@@ -68,8 +68,9 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,11 +78,12 @@ import numpy as np
 import optax
 
 import collage_optax
+from collage_optax.cli import strategies
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
-import _common  # noqa: E402  (FlashOptim's variants, nbytes)
+import _common  # noqa: E402  (FlashOptim's variants)
 import reference  # noqa: E402  (tests/reference.py: numpy float64 AdamW)
 import step as step_benchmark  # noqa: E402  (step_function: optax and FlashOptim alike)
 
@@ -98,30 +100,21 @@ CONSTANT_LR = 3e-4  # the second scenario: 2.9948e-4 once rounded to bfloat16.
 
 # name: (shape, init, gradient base scale, weight decay).
 LAYOUT = {
-    "ln/scale": ((256,), ("const", 1.0), 3e-3, False),
-    "ln/bias": ((256,), ("const", 0.0), 3e-3, False),
-    "attn/kernel": ((32, 64), ("normal", 0.02), 1e-3, True),
-    "mlp/kernel": ((64, 16), ("normal", 0.5), 1e-2, True),
+  "ln/scale": ((256,), ("const", 1.0), 3e-3, False),
+  "ln/bias": ((256,), ("const", 0.0), 3e-3, False),
+  "attn/kernel": ((32, 64), ("normal", 0.02), 1e-3, True),
+  "mlp/kernel": ((64, 16), ("normal", 0.5), 1e-2, True),
 }
-#: The COLLAGE strategies: name -> ``collage_optax.adamw`` keyword arguments.
-COLLAGE: dict[str, dict[str, str]] = {
-    **{mode: {"mode": mode} for mode in ("light", "plus", "full", "exact", "compact")},
-    "exact_m": {"mode": "exact", "mu_format": "exact"},
-}
-#: What :func:`run` replays by default: optax's fp32 and bf16, then the COLLAGE strategies.
-STRATEGIES = ("fp32", "bf16", *COLLAGE)  # before the probes join COLLAGE
+#: What :func:`run` replays by default: optax's fp32 and bf16, then the COLLAGE strategies
+#: (``collage_optax.cli.strategies.REGISTRY`` has them all).
+STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "exact_m")
 #: Probes, by name only (not in the defaults): which part of a preset the error comes from.
-PROBES: dict[str, dict[str, str]] = {
-    "compact_f32": {"mode": "compact", "mu_format": "f32", "nu_format": "f32"},  # compact's param format alone
-    "exact_q8": {"mode": "exact", "mu_format": "q8", "nu_format": "q8"},  # compact's moments alone
-    "exact_q8_nu": {"mode": "exact", "mu_format": "f32", "nu_format": "q8"},  # its second moment alone
-}
-COLLAGE.update(PROBES)
+PROBES = ("compact_f32", "exact_q8", "exact_q8_nu")
 #: FlashOptim's variants (``_common.FLASH_VARIANTS``), replayed when ``flashoptim_jax`` is importable.
 FLASH = tuple(_common.FLASH_VARIANTS)
 #: Every strategy, the default of the command line (the probes are not in it).
 ALL = STRATEGIES + FLASH
-KNOWN = ALL + tuple(PROBES)
+KNOWN = ALL + PROBES
 
 
 def _unflatten(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -136,8 +129,7 @@ def _flatten(tree: dict[str, dict[str, Any]]) -> dict[str, Any]:
   return {f"{o}/{i}": tree[o][i] for o in tree for i in tree[o]}
 
 
-def make_problem(steps: int = STEPS, seed: int = SEED,
-                 constant_lr: Optional[float] = None) -> dict[str, Any]:
+def make_problem(steps: int = STEPS, seed: int = SEED, constant_lr: float | None = None) -> dict[str, Any]:
   """The initial params (bf16 values), the bf16 gradient stream and the lrs.
 
   Returns a dict with ``params0`` and ``decay_mask`` (name -> array),
@@ -169,14 +161,13 @@ def make_problem(steps: int = STEPS, seed: int = SEED,
     flat[t] = reference.bf16(s * norm * (r * signal + noise))
   grads, start = {}, 0
   for name, (shape, *_) in LAYOUT.items():
-    grads[name] = flat[:, start:start + size[name]].reshape((steps,) + shape)
+    grads[name] = flat[:, start : start + size[name]].reshape((steps, *shape))
     start += size[name]
   if constant_lr is None:
     lrs = reference.cosine_schedule(steps, PEAK_LR, WARMUP, FINAL_LR_FRACTION)
   else:
     lrs = np.full(steps, constant_lr)
-  return {"params0": params0, "decay_mask": mask, "grads": grads, "lrs": lrs,
-          "constant_lr": constant_lr}
+  return {"params0": params0, "decay_mask": mask, "grads": grads, "lrs": lrs, "constant_lr": constant_lr}
 
 
 def run_float64(problem: dict[str, Any]) -> dict[str, np.ndarray]:
@@ -186,14 +177,13 @@ def run_float64(problem: dict[str, Any]) -> dict[str, np.ndarray]:
   p0 = np.concatenate([problem["params0"][k].astype(np.float64).ravel() for k in names])
   mask = np.concatenate([np.full(n, problem["decay_mask"][k]) for k, n in zip(names, sizes)])
   steps = len(problem["lrs"])
-  grads = np.concatenate(
-      [problem["grads"][k].reshape(steps, -1) for k in names], axis=1)
+  grads = np.concatenate([problem["grads"][k].reshape(steps, -1) for k in names], axis=1)
   final = reference.adamw_trajectory(
-      p0, grads, problem["lrs"], b1=B1, b2=B2, eps=EPS,
-      weight_decay=WEIGHT_DECAY, decay_mask=mask)
+    p0, grads, problem["lrs"], b1=B1, b2=B2, eps=EPS, weight_decay=WEIGHT_DECAY, decay_mask=mask
+  )
   out, start = {}, 0
   for k, n in zip(names, sizes):
-    out[k] = final[start:start + n].reshape(problem["params0"][k].shape)
+    out[k] = final[start : start + n].reshape(problem["params0"][k].shape)
     start += n
   return out
 
@@ -206,28 +196,34 @@ def make_optimizer(strategy: str, problem: dict[str, Any]) -> Any:
   ``FlashOptimizer(init, step)``: its weight-decay mask is ``param_groups``
   giving the undecayed leaves (by their ``"outer/inner"`` paths) weight decay 0.
   """
+  learning_rate: optax.ScalarOrSchedule
   if problem["constant_lr"] is None:
     table = jnp.asarray(problem["lrs"], jnp.float32)
     learning_rate = lambda count: table[count]
   else:
     learning_rate = float(problem["constant_lr"])
   mask = _unflatten({k: v[3] for k, v in LAYOUT.items()})
-  if strategy in ("fp32", "bf16"):
-    return optax.adamw(learning_rate, B1, B2, EPS, weight_decay=WEIGHT_DECAY, mask=mask)
-  if strategy in COLLAGE:
-    return collage_optax.adamw(
-        learning_rate, B1, B2, EPS, weight_decay=WEIGHT_DECAY, mask=mask, **COLLAGE[strategy])
+  if strategy in strategies.REGISTRY:
+    hp = strategies.AdamW(learning_rate, B1, B2, EPS, WEIGHT_DECAY, mask=mask)
+    return strategies.REGISTRY[strategy].optimizer(hp)
   if strategy in FLASH:
     undecayed = [k for k, v in LAYOUT.items() if not v[3]]
-    return _common.flash_adamw(strategy, learning_rate, WEIGHT_DECAY, b1=B1, b2=B2, eps=EPS,
-                               param_groups=[{"params": undecayed, "weight_decay": 0.0}])
+    return _common.flash_adamw(
+      strategy,
+      learning_rate,
+      WEIGHT_DECAY,
+      b1=B1,
+      b2=B2,
+      eps=EPS,
+      param_groups=[{"params": undecayed, "weight_decay": 0.0}],
+    )
   raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(KNOWN)}")
 
 
 def _master(strategy: str, params: Any, state: Any) -> Any:
   """The float32 values a strategy holds: ``master_params`` for COLLAGE, FlashOptim's
   ``reconstruct_weights`` (bf16 + its ECC correction), the params themselves for optax."""
-  if strategy in COLLAGE:
+  if _collage(strategy):
     return collage_optax.master_params(params, state)
   if strategy in FLASH:
     import flashoptim_jax  # pylint: disable=import-outside-toplevel
@@ -236,19 +232,19 @@ def _master(strategy: str, params: Any, state: Any) -> Any:
   return params
 
 
-def run_strategy(strategy: str, problem: dict[str, Any],
-                 info: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
+def run_strategy(strategy: str, problem: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
   """Final params of one strategy (float32 values of ``hi + lo`` for COLLAGE).
 
   With ``info`` (a dict), ``info["bytes_per_param"]`` is filled in from the
   initial params and state arrays (the state keeps its shapes and dtypes).
   """
-  dtype = jnp.float32 if strategy == "fp32" else jnp.bfloat16
+  dtype = strategies.REGISTRY[strategy].param_dtype if strategy in strategies.REGISTRY else jnp.bfloat16
   init, step = step_benchmark.step_function(make_optimizer(strategy, problem))
   params0 = _unflatten({k: jnp.asarray(v, dtype) for k, v in problem["params0"].items()})
   grads = _unflatten({k: jnp.asarray(v, dtype) for k, v in problem["grads"].items()})
   if info is not None:
-    info["bytes_per_param"] = bytes_per_param(params0, init(params0), jax.tree.map(lambda g: g[0], grads))
+    b = strategies.bytes_per_param(params0, init(params0), jax.tree.map(lambda g: g[0], grads))
+    info["bytes_per_param"] = {k: round(v, 4) for k, v in b.items() if k != "n_params"}
 
   @jax.jit
   def replay(params, grads):
@@ -262,14 +258,6 @@ def run_strategy(strategy: str, problem: dict[str, Any],
   return {k: np.asarray(v, np.float64) for k, v in _flatten(final).items()}
 
 
-def bytes_per_param(params: Any, state: Any, grads: Any) -> dict[str, float]:
-  """Bytes per parameter of the arrays: params, optimizer state, their sum, the gradients, all together."""
-  n = sum(int(x.size) for x in jax.tree.leaves(params))
-  p, s, g = (_common.nbytes(t) / n for t in (params, state, grads))
-  return {"params": round(p, 4), "optimizer_state": round(s, 4), "params_plus_state": round(p + s, 4),
-          "gradients": round(g, 4), "total_with_gradients": round(p + s + g, 4)}
-
-
 def available(strategies) -> tuple[list[str], dict[str, str]]:
   """``strategies`` less FlashOptim's when ``flashoptim_jax`` is not importable, and why those are skipped."""
   flash = [s for s in strategies if s in FLASH]
@@ -278,16 +266,18 @@ def available(strategies) -> tuple[list[str], dict[str, str]]:
   return [s for s in strategies if s not in skipped], skipped
 
 
-def relative_error(final: dict[str, np.ndarray], ref: dict[str, np.ndarray],
-                   params0: dict[str, np.ndarray], names=None) -> float:
+def relative_error(
+  final: dict[str, np.ndarray], ref: dict[str, np.ndarray], params0: dict[str, np.ndarray], names=None
+) -> float:
   """``||θ_T − θ64_T|| / ||θ64_T − θ_0||`` over the leaves ``names`` (all by default)."""
   names = list(ref) if names is None else names
   cat = lambda d: np.concatenate([np.asarray(d[k], np.float64).ravel() for k in names])
   return float(np.linalg.norm(cat(final) - cat(ref)) / np.linalg.norm(cat(ref) - cat(params0)))
 
 
-def run(steps: int = STEPS, seed: int = SEED, strategies=STRATEGIES,
-        constant_lr: Optional[float] = None) -> dict[str, Any]:
+def run(
+  steps: int = STEPS, seed: int = SEED, strategies=STRATEGIES, constant_lr: float | None = None
+) -> dict[str, Any]:
   """The ``strategies`` on one stream; returns the errors, per leaf too, bytes per param and timings.
 
   FlashOptim's strategies are skipped, with the reason in ``"skipped"``, when it is not importable.
@@ -308,52 +298,66 @@ def run(steps: int = STEPS, seed: int = SEED, strategies=STRATEGIES,
     seconds[strategy] = time.perf_counter() - t0
     memory[strategy] = info["bytes_per_param"]
     errors[strategy] = relative_error(final, ref, problem["params0"])
-    per_leaf[strategy] = {
-        k: relative_error(final, ref, problem["params0"], [k]) for k in LAYOUT}
+    per_leaf[strategy] = {k: relative_error(final, ref, problem["params0"], [k]) for k in LAYOUT}
   return {
-      "metric": "||theta_T - theta64_T|| / ||theta64_T - theta_0||",
-      "config": {
-          "steps": steps, "seed": seed, "constant_lr": constant_lr,
-          "peak_lr": PEAK_LR, "warmup": WARMUP,
-          "final_lr_fraction": FINAL_LR_FRACTION, "b1": B1, "b2": B2, "eps": EPS,
-          "weight_decay": WEIGHT_DECAY,
-          "params": {k: list(v[0]) for k, v in LAYOUT.items()},
-          "backend": jax.default_backend(),
-      },
-      "strategies": {s: describe(s) for s in strategies},
-      "relative_error": errors,
-      "relative_error_per_leaf": per_leaf,
-      "bytes_per_param": memory,
-      "skipped": skipped,
-      "seconds": seconds,
+    "metric": "||theta_T - theta64_T|| / ||theta64_T - theta_0||",
+    "config": {
+      "steps": steps,
+      "seed": seed,
+      "constant_lr": constant_lr,
+      "peak_lr": PEAK_LR,
+      "warmup": WARMUP,
+      "final_lr_fraction": FINAL_LR_FRACTION,
+      "b1": B1,
+      "b2": B2,
+      "eps": EPS,
+      "weight_decay": WEIGHT_DECAY,
+      "params": {k: list(v[0]) for k, v in LAYOUT.items()},
+      "backend": jax.default_backend(),
+    },
+    "strategies": {s: describe(s) for s in strategies},
+    "relative_error": errors,
+    "relative_error_per_leaf": per_leaf,
+    "bytes_per_param": memory,
+    "skipped": skipped,
+    "seconds": seconds,
   }
 
 
 def describe(strategy: str) -> dict[str, Any]:
   """What a strategy is, and for FlashOptim how its replay differs from the others'."""
-  if strategy == "fp32":
-    return {"label": "optax.adamw, float32 params", "kind": "optax"}
-  if strategy == "bf16":
-    return {"label": "optax.adamw, bfloat16 params", "kind": "optax"}
-  if strategy in COLLAGE:
-    args = ", ".join(f"{k}={v!r}" for k, v in COLLAGE[strategy].items())
-    return {"label": f"collage_optax.adamw({args})", "kind": "collage_optax",
-            "formats": dict(zip(("param", "mu", "nu"), _formats(COLLAGE[strategy])))}
+  if _collage(strategy):
+    kwargs = strategies.REGISTRY[strategy].collage
+    args = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return {
+      "label": f"collage_optax.adamw({args})",
+      "kind": "collage_optax",
+      "formats": dict(zip(("param", "mu", "nu"), _formats(kwargs))),
+    }
+  if strategy in ("fp32", "bf16"):
+    dtype = jnp.dtype(strategies.REGISTRY[strategy].param_dtype).name
+    return {"label": f"optax.adamw, {dtype} params", "kind": "optax"}
   label, kwargs = _common.FLASH_VARIANTS[strategy]
   return {
-      "label": label, "kind": "flashoptim_jax",
-      "flash_adamw_kwargs": {"fused": False, **kwargs},
-      "differences": (
-          "weight-decay mask given as param_groups (weight_decay 0 on ln/scale, ln/bias): the same decay; "
-          "schedule called with the pre-step count, as optax; master read with reconstruct_weights(params, "
-          "state.ecc); its 8-bit moment scales are float16, one per 32 elements of the flattened leaf"),
+    "label": label,
+    "kind": "flashoptim_jax",
+    "flash_adamw_kwargs": {"fused": False, **kwargs},
+    "differences": (
+      "weight-decay mask given as param_groups (weight_decay 0 on ln/scale, ln/bias): the same decay; "
+      "schedule called with the pre-step count, as optax; master read with reconstruct_weights(params, "
+      "state.ecc); its 8-bit moment scales are float16, one per 32 elements of the flattened leaf"
+    ),
   }
 
 
-def _formats(kwargs: dict[str, str]) -> tuple[str, str, str]:
+def _collage(strategy: str) -> bool:
+  """Whether ``strategy`` is a ``collage_optax.adamw`` of the registry."""
+  return strategy in strategies.REGISTRY and bool(strategies.REGISTRY[strategy].collage)
+
+
+def _formats(kwargs: Mapping[str, str]) -> tuple[str, str, str]:
   preset = collage_optax.PRESETS[kwargs["mode"]]
-  return (kwargs.get("param_format", preset[0]), kwargs.get("mu_format", preset[1]),
-          kwargs.get("nu_format", preset[2]))
+  return (kwargs.get("param_format", preset[0]), kwargs.get("mu_format", preset[1]), kwargs.get("nu_format", preset[2]))
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -364,8 +368,11 @@ def format_table(result: dict[str, Any]) -> str:
   for s, e in result["relative_error"].items():
     per = result["relative_error_per_leaf"].get(s, {})
     b = result.get("bytes_per_param", {}).get(s, {}).get("params_plus_state")
-    rows.append(f"{s:<{w}} {e:>11.3e} " + " ".join(f"{per.get(k, 0.0):>12.3e}" for k in leaves)
-                + (f" {b:>8.3f}" if b is not None else f" {'':>8}"))
+    rows.append(
+      f"{s:<{w}} {e:>11.3e} "
+      + " ".join(f"{per.get(k, 0.0):>12.3e}" for k in leaves)
+      + (f" {b:>8.3f}" if b is not None else f" {'':>8}")
+    )
   for s, why in result.get("skipped", {}).items():
     rows.append(f"{s:<{w}} skipped: {why}")
   return "\n".join(rows)
@@ -375,11 +382,17 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=STEPS)
   parser.add_argument("--seed", type=int, default=SEED)
-  parser.add_argument("--constant-lr", type=float, default=CONSTANT_LR,
-                      help="also replay the stream with this constant (Python float) learning rate")
-  parser.add_argument("--strategies", default=",".join(ALL),
-                      help=f"comma-separated strategies among {', '.join(KNOWN)} (the probes "
-                      f"{', '.join(PROBES)} are not in the default)")
+  parser.add_argument(
+    "--constant-lr",
+    type=float,
+    default=CONSTANT_LR,
+    help="also replay the stream with this constant (Python float) learning rate",
+  )
+  parser.add_argument(
+    "--strategies",
+    default=",".join(ALL),
+    help=f"comma-separated strategies among {', '.join(KNOWN)} (the probes {', '.join(PROBES)} are not in the default)",
+  )
   parser.add_argument("--out", type=Path, default=RESULTS)
   args = parser.parse_args(argv)
   strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -388,8 +401,9 @@ def main(argv=None) -> None:
     parser.error(f"unknown strategies {unknown}; choose from {', '.join(KNOWN)}")
   started = time.perf_counter()
   result = run(args.steps, args.seed, strategies)
-  print(f"relative trajectory error, {args.steps} steps, warmup + cosine learning rate "
-        "(||θ_T − θ64_T|| / ||θ64_T − θ_0||):")
+  print(
+    f"relative trajectory error, {args.steps} steps, warmup + cosine learning rate (||θ_T − θ64_T|| / ||θ64_T − θ_0||):"
+  )
   print(format_table(result))
   if args.constant_lr:
     result["constant_lr"] = run(args.steps, args.seed, strategies, constant_lr=args.constant_lr)

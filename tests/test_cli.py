@@ -12,9 +12,12 @@ import numpy as np
 import pytest
 
 from collage_optax import cli
-from collage_optax.cli import corpus
+from collage_optax.cli import corpus, experiment, report, strategies
 
 STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "sr")
+# results.json keeps report.SIGNIFICANT_DIGITS significant digits: each float read
+# back is within this relative error of the value computed, on any machine.
+ROUNDING = 0.5 * 10.0 ** (1 - report.SIGNIFICANT_DIGITS)
 # Optimizer + param bytes per param (DESIGN §1's table without the bf16 gradients):
 # fp32 params, m, v = 12; bf16 params, m, v = 6 (sr too: no residual); + lo(params) = 8;
 # + lo(v) = 10; + lo(m) = 12; exact: bf16 + int16, bf16 m, float32 v = 10; compact: bf16 + int8,
@@ -29,6 +32,29 @@ def _text(n: int) -> bytes:
   words = [b"def", b"return", b"self", b"import", b"x", b"for", b"in", b"range", b"(", b")", b":", b"\n    "]
   out = b" ".join(words[i] for i in rng.integers(0, len(words), n))
   return out[:n]
+
+
+def _rounded_bound(value: float) -> float:
+  """How far the unrounded value of a float read back from results.json can be from it."""
+  return abs(value) * ROUNDING / (1 - ROUNDING)
+
+
+def _ratio_bound(x: float, r: float) -> float:
+  """How far ``x / r``, both read back from results.json, can be from the unrounded ratio.
+
+  ``x = x₀(1 + a)``, ``r = r₀(1 + b)`` with ``|a|, |b| ≤ u``: ``x/r = (x₀/r₀)(1 + a)/(1 + b)``,
+  and ``|(1 + a)/(1 + b) − 1| ≤ 2u/(1 − u)``, of ``x₀/r₀ ≤ (x/r)(1 + u)/(1 − u)``.
+  """
+  u = ROUNDING
+  return abs(x / r) * (1 + u) / (1 - u) * 2 * u / (1 - u)
+
+
+def _std_bound(values: list[float], std: float) -> float:
+  """How far ``std``, read back from results.json, can be from the standard deviation of ``values``
+  (also read back): ``|sd(x₀ + δ) − sd(x₀)| ≤ ‖δ‖/√(n − 1)`` with ``|δᵢ| ≤ u|x₀ᵢ|``, plus ``std``'s
+  own rounding."""
+  n = len(values)
+  return float(np.linalg.norm([_rounded_bound(v) for v in values])) / math.sqrt(n - 1) + _rounded_bound(std)
 
 
 def _run(argv, capsys):
@@ -52,7 +78,7 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
   out = tmp_path / "out"
   steps = 8
   code, stdout, stderr = _run(
-      ["compare", "--preset", "tiny", "--steps", str(steps), "--seeds", "2", "--corpus", str(text), "--out", str(out),
+      ["compare", "--size", "tiny", "--steps", str(steps), "--seeds", "2", "--corpus", str(text), "--out", str(out),
        "--no-progress"], capsys)
   assert code == 0, stderr
   # Progress per strategy and seed.
@@ -69,7 +95,7 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
   res = json.loads((out / "results.json").read_text())
   assert res["partial"] is False and res["config"]["seeds"] == [0, 1]
   assert res["config"]["train"]["steps"] == steps
-  assert res["config"]["model"]["layers"] == cli.PRESETS["tiny"]["layers"]
+  assert res["config"]["model"]["layers"] == cli.MODEL_SIZES["tiny"]["layers"]
   assert set(res["strategies"]) == set(STRATEGIES)
   fp32 = res["strategies"]["fp32"]
   for name, r in res["strategies"].items():
@@ -77,8 +103,10 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
     losses = [s["val_loss"] for s in r["seeds"]]
     # Trained a little below the uniform byte distribution's ln(256) nats.
     assert all(0 < v < math.log(256) for v in losses), name
-    assert r["val_loss"] == pytest.approx(np.mean(losses), rel=1e-5)
-    assert r["val_loss_std"] == pytest.approx(np.std(losses, ddof=1), abs=2e-5)  # 6 digits in the JSON
+    # Every float is read back rounded: the bounds follow from the rounding, not from a machine's numbers.
+    mean_bound = _rounded_bound(r["val_loss"]) + max(_rounded_bound(v) for v in losses)
+    assert r["val_loss"] == pytest.approx(np.mean(losses), rel=0, abs=mean_bound)
+    assert r["val_loss_std"] == pytest.approx(np.std(losses, ddof=1), rel=0, abs=_std_bound(losses, r["val_loss_std"]))
     assert r["bytes_per_param"] == pytest.approx(BYTES_PER_PARAM[name], abs=0.1), name
     assert r["step_time_ratio"] > 0
     for s, f in zip(r["seeds"], fp32["seeds"]):
@@ -89,7 +117,8 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
       # Same init per seed (the fp32 init cast to bf16, computing in bf16) and the same first batch.
       assert curves["val_loss"][0] == f["curves"]["val_loss"][0]
       assert curves["train_loss"][0] == f["curves"]["train_loss"][0]
-      assert s["delta_vs_fp32"] == pytest.approx(s["val_loss"] / f["val_loss"] - 1, abs=1e-6)
+      bound = _rounded_bound(s["delta_vs_fp32"]) + _ratio_bound(s["val_loss"], f["val_loss"])
+      assert s["delta_vs_fp32"] == pytest.approx(s["val_loss"] / f["val_loss"] - 1, rel=0, abs=bound)
     if name == "sr":
       assert r["edq"] is None and r["lost_fraction"] is None  # its landing is random: no metric
     else:
@@ -110,26 +139,24 @@ def test_paired_interval_against_a_hand_computed_example():
   """Three seeds: losses 2.2, 2.06, 2.42 against fp32's 2.0, 2.0, 2.2: d = 10%, 3%, 10%;
   mean 7.667%, sd = √(((2.333)² + (4.667)² + (2.333)²)/2)% = 4.0415%; t(0.975, 2) = 4.303;
   half-width 4.303·4.0415/√3 = 10.040%: [−2.374%, +17.707%], which contains 0."""
-  from collage_optax.cli import compare
-  mean, (lo, hi) = compare.paired_interval([2.2, 2.06, 2.42], [2.0, 2.0, 2.2])
+  mean, (lo, hi) = report.paired_interval([2.2, 2.06, 2.42], [2.0, 2.0, 2.2])
   assert mean == pytest.approx(0.076667, abs=1e-6)
   assert lo == pytest.approx(-0.023742, abs=1e-5) and hi == pytest.approx(0.177075, abs=1e-5)
-  assert compare.paired_interval([1.1], [1.0]) == (pytest.approx(0.1), None)
+  assert report.paired_interval([1.1], [1.0]) == (pytest.approx(0.1), None)
   seeds = lambda xs: [{"seed": i, "val_loss": x, "edq": 1.0, "lost_fraction": 0.0, "step_time_s": 1.0,
                        "step_cpu_s": 1.0} for i, x in enumerate(xs)]
   size = {"n_params": 1, "bytes_per_param": 1.0, "bytes_per_param_with_grads": 1.0}
-  out = compare.summarize({"fp32": seeds([2.0, 2.0, 2.2]), "a": seeds([2.2, 2.06, 2.42]),
+  out = report.summarize({"fp32": seeds([2.0, 2.0, 2.2]), "a": seeds([2.2, 2.06, 2.42]),
                            "b": seeds([2.2, 2.2, 2.42])}, {"fp32": size, "a": size, "b": size})
-  assert out["a"]["approx_fp32"] is True and compare.format_delta(out["a"], "a").startswith("≈ fp32 [−2.37%, +17.71%]")
+  assert out["a"]["approx_fp32"] is True and report.format_delta(out["a"], "a").startswith("≈ fp32 [−2.37%, +17.71%]")
   # b: +10% on every seed, sd 0: an interval of width 0 that excludes 0.
-  assert out["b"]["approx_fp32"] is False and compare.format_delta(out["b"], "b").startswith("+10.00% [")
+  assert out["b"]["approx_fp32"] is False and report.format_delta(out["b"], "b").startswith("+10.00% [")
   assert out["a"]["val_loss_std"] == pytest.approx(np.std([2.2, 2.06, 2.42], ddof=1))
 
 
 def _fail_run(monkeypatch, n: int, error: BaseException) -> None:
-  """Makes compare's ``n``-th (strategy, seed) run raise ``error`` instead of training."""
-  from collage_optax.cli import compare
-  real, calls = compare._train_seed, []
+  """Makes the experiment's ``n``-th (strategy, seed) run raise ``error`` instead of training."""
+  real, calls = experiment._train_seed, []
 
   def failing(*args, **kwargs):
     calls.append(args[0])
@@ -137,7 +164,7 @@ def _fail_run(monkeypatch, n: int, error: BaseException) -> None:
       raise error
     return real(*args, **kwargs)
 
-  monkeypatch.setattr(compare, "_train_seed", failing)
+  monkeypatch.setattr(experiment, "_train_seed", failing)
 
 
 def test_ctrl_c_writes_what_finished(tmp_path, capsys, monkeypatch):
@@ -146,7 +173,7 @@ def test_ctrl_c_writes_what_finished(tmp_path, capsys, monkeypatch):
   text.write_bytes(_text(40_000))
   _fail_run(monkeypatch, 3, KeyboardInterrupt())
   out = tmp_path / "out"
-  code, stdout, stderr = _run(["compare", "--preset", "tiny", "--steps", "4", "--strategies", "fp32,bf16,plus",
+  code, stdout, stderr = _run(["compare", "--size", "tiny", "--steps", "4", "--strategies", "fp32,bf16,plus",
                                "--corpus", str(text), "--out", str(out), "--no-progress"], capsys)
   assert code == 130, stderr
   assert "interrupted: partial results" in stderr and "partial" in stdout
@@ -159,15 +186,17 @@ def test_ctrl_c_writes_what_finished(tmp_path, capsys, monkeypatch):
 def test_every_strategy_stores_what_design_says():
   """Optimizer + param bytes per param of every strategy, from their initial pytrees."""
   import jax
-  from collage_optax.cli import compare, gpt
+  from collage_optax.cli import gpt
   _, params = gpt.init_params(gpt.GPTConfig(layers=1, width=32, heads=2, context=8), seed=0)
   n = sum(p.size for p in jax.tree.leaves(params))
-  assert set(BYTES_PER_PARAM) == set(compare.STRATEGIES)
-  for name in compare.STRATEGIES:
-    p = jax.tree.map(lambda x: x.astype(compare.param_dtype(name)), params)
-    state = compare.make_optimizer(name, compare.TrainConfig()).init(p)
+  assert set(BYTES_PER_PARAM) == set(strategies.COMPARE)
+  for name in strategies.COMPARE:
+    p = jax.tree.map(lambda x: x.astype(experiment.param_dtype(name)), params)
+    state = experiment.make_optimizer(name, experiment.TrainConfig()).init(p)
     nbytes = sum(x.nbytes for x in jax.tree.leaves((p, state)))
     assert nbytes / n == pytest.approx(BYTES_PER_PARAM[name], abs=0.1), name
+    counted = strategies.bytes_per_param(p, state)
+    assert counted["n_params"] == n and counted["params_plus_state"] == pytest.approx(nbytes / n), name
 
 
 # ---------------------------------------------------------------------------
@@ -304,6 +333,7 @@ def test_bad_corpus_exits_2_without_traceback(tmp_path, capsys):
     (["--lr", "0"], "--lr: 0 must be in (0, inf)"),
     (["--b2", "1.0"], "--b2: 1.0 must be in [0, 1)"),
     (["--width", "30", "--heads", "4"], "--width 30 must be a multiple of --heads 4"),
+    (["--size", "huge"], "invalid choice: 'huge'"),
     (["--preset", "huge"], "invalid choice: 'huge'"),
 ])
 def test_flag_errors_exit_2_with_a_message(flags, message, capsys):
@@ -340,7 +370,8 @@ def test_the_tool_is_a_subpackage_on_the_public_api():
 
   pkg = Path(collage_optax.__file__).parent / "cli"
   files = sorted(pkg.glob("*.py"))
-  assert {f.name for f in files} >= {"__init__.py", "compare.py", "gpt.py", "corpus.py"}
+  assert {f.name for f in files} >= {"__init__.py", "experiment.py", "report.py", "plots.py", "strategies.py", "gpt.py",
+                                          "corpus.py"}
   public = set(collage_optax.__all__) | {"cli"}
   for f in files:
     for node in ast.walk(ast.parse(f.read_text())):
@@ -367,7 +398,7 @@ def test_a_diverged_run_keeps_what_finished(tmp_path, capsys, monkeypatch):
   text.write_bytes(_text(40_000))
   _fail_run(monkeypatch, 2, FloatingPointError("bf16: the training loss is nan at step 3 (seed 0); try a smaller --lr."))
   out = tmp_path / "out"
-  code, _, stderr = _run(["compare", "--preset", "tiny", "--steps", "4", "--strategies", "fp32,bf16",
+  code, _, stderr = _run(["compare", "--size", "tiny", "--steps", "4", "--strategies", "fp32,bf16",
                           "--corpus", str(text), "--out", str(out), "--no-progress"], capsys)
   assert code == 1 and "training loss is nan" in stderr
   res = json.loads((out / "results.json").read_text())

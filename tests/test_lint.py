@@ -1,8 +1,8 @@
-"""Static checks: ruff (lint and format) and mypy on collage_optax/, as configured in pyproject.toml.
+"""Static checks: ruff (lint and format) and mypy on collage_optax/ and benchmarks/, as configured in pyproject.toml.
 
 Each runs the checker from this interpreter's environment (``python -m ruff``,
 ``python -m mypy``) in the repository root, so the ``[tool.ruff]`` and
-``[tool.mypy]`` sections apply. A check whose tool is not installed is skipped.
+``[tool.mypy]`` sections apply, the files they cover included. A check whose tool is not installed is skipped.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ def _run(module: str, *args: str, timeout: float = 300, env: dict[str, str] | No
 
 
 def test_ruff_check():
-  _run("ruff", "check", "--no-cache", "collage_optax")
+  _run("ruff", "check", "--no-cache")
 
 
 def test_ruff_format():
-  _run("ruff", "format", "--check", "--no-cache", "collage_optax")
+  _run("ruff", "format", "--check", "--no-cache")
 
 
 def test_mypy(tmp_path_factory):

@@ -16,14 +16,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from collage_optax.cli import compare, corpus, gpt
+from collage_optax.cli import corpus, experiment, gpt, plots, report, strategies
 
-__all__ = ["PRESETS", "main"]
+__all__ = ["MODEL_SIZES", "main"]
 
-# Model and run sizes. "default" (every strategy, 3 seeds) finishes in about
-# 10 minutes on 2 CPU cores, "quick" (--quick) in about 2; "large" is for an
+# Model and run sizes (--size; not collage_optax.PRESETS, the formats of
+# adamw's modes). "default" (every strategy, 3 seeds) finishes in about 10
+# minutes on 2 CPU cores, "quick" (--quick) in about 2; "large" is for an
 # accelerator (or patience); "tiny" is a smoke test.
-PRESETS = {
+MODEL_SIZES = {
   "default": dict(layers=2, width=64, heads=2, context=64, steps=800, batch=16, lr=2e-3, warmup=40),
   "quick": dict(layers=1, width=64, heads=2, context=32, steps=150, batch=8, lr=3e-3, warmup=10),
   "tiny": dict(layers=1, width=32, heads=2, context=32, steps=20, batch=4, lr=2e-3, warmup=2),
@@ -75,10 +76,10 @@ def _float_in(low: float, high: float, *, low_open: bool = False, high_open: boo
 def _strategies(text: str) -> tuple[str, ...]:
   """``"fp32,plus"`` -> ``("fp32", "plus")``, each a known strategy, none twice."""
   names = tuple(s.strip() for s in text.split(",") if s.strip())
-  unknown = [s for s in names if s not in compare.STRATEGIES]
+  unknown = [s for s in names if s not in strategies.COMPARE]
   if unknown or not names:
     what = f"unknown strategy {unknown[0]!r}" if unknown else "no strategy given"
-    raise argparse.ArgumentTypeError(f"{what}; choose from {','.join(compare.STRATEGIES)} (comma-separated)")
+    raise argparse.ArgumentTypeError(f"{what}; choose from {','.join(strategies.COMPARE)} (comma-separated)")
   if len(set(names)) != len(names):
     raise argparse.ArgumentTypeError(f"{text!r} names a strategy twice")
   return names
@@ -101,14 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
       "table.md, loss.png and frontier.png. Ctrl-C writes what finished."
     ),
   )
-  d = lambda name: f"(default: {PRESETS['default'][name]:g} with --preset default)"
+  d = lambda name: f"(default: {MODEL_SIZES['default'][name]:g} with --size default)"
   p.add_argument(
+    "--size",
     "--preset",
-    choices=sorted(PRESETS),
+    dest="size",
+    choices=sorted(MODEL_SIZES),
     default="default",
-    help="model and run size; the flags below override it (default: default)",
+    help="model and run size (--preset: the same); the flags below override it (default: default)",
   )
-  p.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes: --preset quick")
+  p.add_argument("--quick", action="store_true", help="a smoke run of about 2 minutes: --size quick")
   p.add_argument(
     "--seeds",
     type=_positive_int,
@@ -142,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument(
     "--strategies",
     type=_strategies,
-    default=",".join(compare.DEFAULT_STRATEGIES),
-    help=f"comma-separated subset of {','.join(compare.STRATEGIES)} (default: all)",
+    default=",".join(strategies.COMPARE),
+    help=f"comma-separated subset of {','.join(strategies.COMPARE)} (default: all)",
   )
   p.add_argument(
     "--corpus",
@@ -159,18 +162,18 @@ def build_parser() -> argparse.ArgumentParser:
 def _compare(args: argparse.Namespace) -> int:
   """Runs ``compare``; bad flag combinations and corpora exit with code 2 and a message."""
   error = args.error
-  preset = PRESETS["quick" if args.quick else args.preset]
-  pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
+  size = MODEL_SIZES["quick" if args.quick else args.size]
+  pick = lambda name: getattr(args, name) if getattr(args, name) is not None else size[name]
   if args.out is not None and args.out.exists() and not args.out.is_dir():
     error(f"--out {args.out} exists and is not a directory")
   if pick("width") % pick("heads"):
     error(f"--width {pick('width')} must be a multiple of --heads {pick('heads')}")
-  # PRESETS mixes ints and floats (so mypy types its values as float); the int fields are ints.
+  # MODEL_SIZES mixes ints and floats (so mypy types its values as float); the int fields are ints.
   pick_int = lambda name: int(pick(name))
   model = gpt.GPTConfig(
     layers=pick_int("layers"), width=pick_int("width"), heads=pick_int("heads"), context=pick_int("context")
   )
-  cfg = compare.TrainConfig(
+  cfg = experiment.TrainConfig(
     steps=pick_int("steps"),
     batch=pick_int("batch"),
     lr=pick("lr"),
@@ -193,7 +196,8 @@ def _compare(args: argparse.Namespace) -> int:
 
     progress = tqdm
   log = (lambda line: print(line, file=sys.stderr)) if progress is None else (lambda line: progress.write(line))
-  results = compare.run(args.strategies, model, cfg, data, seeds=args.seeds, progress=progress, log=log)
+  run = experiment.run(args.strategies, model, cfg, data, seeds=args.seeds, progress=progress, log=log)
+  results = report.from_run(run)
   if "error" in results:
     print(f"collage-optax compare: {results['error']}", file=sys.stderr)
   done = sum(r["n_seeds"] for r in results["strategies"].values())
@@ -205,14 +209,14 @@ def _compare(args: argparse.Namespace) -> int:
     + (" (interrupted: partial results)" if results["partial"] else ""),
     file=sys.stderr,
   )
-  table = compare.format_table(results)
+  table = report.format_table(results)
   print(table)
   if args.out is not None:
     args.out.mkdir(parents=True, exist_ok=True)
-    compare.write_json(results, args.out / "results.json")
+    report.write_json(results, args.out / "results.json")
     (args.out / "table.md").write_text(table + "\n")
-    compare.plot(results, args.out / "loss.png")
-    compare.plot_frontier(results, args.out / "frontier.png")
+    plots.plot(results, args.out / "loss.png")
+    plots.plot_frontier(results, args.out / "frontier.png")
     print(f"wrote results.json, table.md, loss.png and frontier.png to {args.out}", file=sys.stderr)
   return 1 if "error" in results else 130 if results["partial"] else 0
 
