@@ -68,6 +68,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import collage_optax
+from collage_optax.cli import strategies
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
@@ -93,12 +94,12 @@ class Target:
 
 #: The chips. GPU bandwidth and capacity: their target configs; TPU: Google's specs per chip.
 TARGETS: dict[str, Target] = {
-    "h100": Target("NVIDIA H100 SXM 80GB", "cuda", "h100_sxm.txtpb", 3.35232e12, 84_942_979_072),
-    "h200": Target("NVIDIA H200 141GB", "cuda", "h200.txtpb", 4.8e12, 151_397_597_184),
-    "v5e": Target("TPU v5e (v5 lite)", "tpu", "v5e:1x1", 819e9, 16 * GiB),
-    "v6e": Target("TPU v6e (Trillium)", "tpu", "v6e:1x1", 1640e9, 32 * GiB),
-    "v4": Target("TPU v4 (megacore)", "tpu", "v4:1x1x1", 1228e9, 32 * GiB, "megacore"),
-    "v5p": Target("TPU v5p (megacore)", "tpu", "v5p:1x1x1", 2765e9, 95 * GiB, "megacore"),
+  "h100": Target("NVIDIA H100 SXM 80GB", "cuda", "h100_sxm.txtpb", 3.35232e12, 84_942_979_072),
+  "h200": Target("NVIDIA H200 141GB", "cuda", "h200.txtpb", 4.8e12, 151_397_597_184),
+  "v5e": Target("TPU v5e (v5 lite)", "tpu", "v5e:1x1", 819e9, 16 * GiB),
+  "v6e": Target("TPU v6e (Trillium)", "tpu", "v6e:1x1", 1640e9, 32 * GiB),
+  "v4": Target("TPU v4 (megacore)", "tpu", "v4:1x1x1", 1228e9, 32 * GiB, "megacore"),
+  "v5p": Target("TPU v5p (megacore)", "tpu", "v5p:1x1x1", 2765e9, 95 * GiB, "megacore"),
 }
 DEFAULT_TARGETS = ("h100", "h200", "v5e", "v6e", "v4", "v5p")
 MEMORY_TARGETS = ("h200", "v5e")  # Part 3's training-step memory table.
@@ -109,11 +110,17 @@ def strategies() -> dict[str, tuple[str, Any, Callable[[], optax.GradientTransfo
   """name -> (label, param dtype, factory): ``_common.STRATEGIES`` plus sgd+compensate and adamw+SR."""
   lr, wd = _common.LR, _common.WD
   return {
-      **_common.STRATEGIES,
-      "sgd_compensate": ("optax.sgd + compensate, bf16", jnp.bfloat16,
-                         lambda: optax.chain(optax.sgd(lr), collage_optax.compensate())),
-      "adamw_sr": ("optax.adamw + stochastic_rounding, bf16", jnp.bfloat16,
-                   lambda: optax.chain(optax.adamw(lr, weight_decay=wd), collage_optax.stochastic_rounding())),
+    **_common.STRATEGIES,
+    "sgd_compensate": (
+      "optax.sgd + compensate, bf16",
+      jnp.bfloat16,
+      lambda: optax.chain(optax.sgd(lr), collage_optax.compensate()),
+    ),
+    "adamw_sr": (
+      "optax.adamw + stochastic_rounding, bf16",
+      jnp.bfloat16,
+      lambda: optax.chain(optax.adamw(lr, weight_decay=wd), collage_optax.stochastic_rounding()),
+    ),
   }
 
 
@@ -141,11 +148,13 @@ def topology(name: str) -> Any:
     t = TARGETS[name]
     if t.platform == "cuda":
       _TOPOLOGIES[name] = topologies.get_topology_desc(
-          platform="cuda", topology="1x1x1", target_config=(CONFIGS / t.spec).read_text())
+        platform="cuda", topology="1x1x1", target_config=(CONFIGS / t.spec).read_text()
+      )
     else:
       extra = {"chip_config_name": t.chip_config} if t.chip_config else {}
       _TOPOLOGIES[name] = topologies.get_topology_desc(
-          t.spec, platform="tpu", chips_per_host_bounds=(1, 1, 1), num_slices=1, wrap=(False, False, False), **extra)
+        t.spec, platform="tpu", chips_per_host_bounds=(1, 1, 1), num_slices=1, wrap=(False, False, False), **extra
+      )
   return _TOPOLOGIES[name]
 
 
@@ -168,11 +177,40 @@ def compile_step(tx: optax.GradientTransformation, params: Any, target: str) -> 
 # ---------------------------------------------------------------------------------------------------------------
 # The optimized HLO: kernels, their arrays, bytes per memory space.
 
-_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s4": 0.5, "u4": 0.5, "bf16": 2, "f16": 2, "s16": 2, "u16": 2,
-             "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "f8e4m3fn": 1, "f8e5m2": 1}
+_ITEMSIZE = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "bf16": 2,
+  "f16": 2,
+  "s16": 2,
+  "u16": 2,
+  "f32": 4,
+  "s32": 4,
+  "u32": 4,
+  "f64": 8,
+  "s64": 8,
+  "u64": 8,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+}
 _ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\](?:\{([^}]*)\})?")
-_NOT_KERNELS = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy-done", "after-all",
-                "partition-id", "replica-id", "opt-barrier", "async-done", "domain"}
+_NOT_KERNELS = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "copy-done",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "opt-barrier",
+  "async-done",
+  "domain",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,7 +253,7 @@ def _split_instruction(line: str) -> tuple[str, str, str, list[str]] | None:
   m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
   if not m:
     return None
-  rest = line[m.end():]
+  rest = line[m.end() :]
   if rest.startswith("("):  # A tuple shape: up to its matching parenthesis.
     depth = 0
     end = 0
@@ -223,13 +261,13 @@ def _split_instruction(line: str) -> tuple[str, str, str, list[str]] | None:
       depth += {"(": 1, ")": -1}.get(c, 0)
       if depth == 0:
         break
-    shape, rest = rest[:end + 1], rest[end + 2:]
+    shape, rest = rest[: end + 1], rest[end + 2 :]
   else:
     shape, _, rest = rest.partition(" ")
   op = re.match(r"([\w\-]+)\(", rest)
   if not op:
     return None
-  args, depth = rest[op.end():], 1
+  args, depth = rest[op.end() :], 1
   for i, c in enumerate(args):
     depth += {"(": 1, ")": -1}.get(c, 0)
     if depth == 0:
@@ -240,8 +278,8 @@ def _split_instruction(line: str) -> tuple[str, str, str, list[str]] | None:
 
 def kernels(hlo_text: str) -> list[dict[str, Any]]:
   """The kernels of the entry computation: opcode, the arrays each reads and writes (distinct operands)."""
-  entry = hlo_text[hlo_text.find("\nENTRY"):]
-  entry = entry[:entry.find("\n}") + 1]
+  entry = hlo_text[hlo_text.find("\nENTRY") :]
+  entry = entry[: entry.find("\n}") + 1]
   shapes: dict[str, str] = {}
   out = []
   for line in entry.splitlines()[1:]:
@@ -268,13 +306,13 @@ def kernel_stats(compiled: Any, n_params: int) -> dict[str, Any]:
   big = max(largest, default=1) // 4
   hbm = sum(a.bytes for k in ks for a in k["reads"] + k["writes"] if a.space == 0 and a.elements > 1)
   return {
-      "sweeps": round(sum(e for _, e in sweeping) / n_params, 2),
-      "kernels": len(sweeping),
-      "param_sized_kernels": sum(e >= big for e in largest),
-      "multi_output": sum(k["opcode"] == "fusion" and sum(a.elements >= big for a in k["writes"]) >= 2 for k in ks),
-      "copies": sum(k["opcode"] in ("copy", "copy-start") and e >= big for k, e in zip(ks, largest)),
-      "hbm_B": round(hbm / n_params, 2),
-      "temp_B": round(compiled.memory_analysis().temp_size_in_bytes / n_params, 2),
+    "sweeps": round(sum(e for _, e in sweeping) / n_params, 2),
+    "kernels": len(sweeping),
+    "param_sized_kernels": sum(e >= big for e in largest),
+    "multi_output": sum(k["opcode"] == "fusion" and sum(a.elements >= big for a in k["writes"]) >= 2 for k in ks),
+    "copies": sum(k["opcode"] in ("copy", "copy-start") and e >= big for k, e in zip(ks, largest)),
+    "hbm_B": round(hbm / n_params, 2),
+    "temp_B": round(compiled.memory_analysis().temp_size_in_bytes / n_params, 2),
   }
 
 
@@ -293,7 +331,7 @@ def cost_model_bytes(compiled: Any) -> float:
 def ideal_bytes(tx: optax.GradientTransformation, params: Any) -> float:
   """The layout's bytes: read params, grads (the params' dtype) and state; write params and state."""
   state = jax.eval_shape(tx.init, params)
-  return 3 * _common.nbytes(params) + 2 * _common.nbytes(state)
+  return 3 * strategies.nbytes(params) + 2 * strategies.nbytes(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -316,11 +354,11 @@ def measure_step(name: str, shapes: dict[str, tuple[int, ...]], target: str) -> 
   compiled = compile_step(tx, params, target)
   stats = kernel_stats(compiled, n)
   return {
-      **stats,
-      "cost_model_B": round(cost_model_bytes(compiled) / n, 2),
-      "ideal_B": round(ideal_bytes(tx, params) / n, 2),
-      "time_us": round(stats["hbm_B"] * n / TARGETS[target].bandwidth * 1e6, 2),
-      "compile_s": round(time.perf_counter() - t0, 2),
+    **stats,
+    "cost_model_B": round(cost_model_bytes(compiled) / n, 2),
+    "ideal_B": round(ideal_bytes(tx, params) / n, 2),
+    "time_us": round(stats["hbm_B"] * n / TARGETS[target].bandwidth * 1e6, 2),
+    "compile_s": round(time.perf_counter() - t0, 2),
   }
 
 
@@ -378,12 +416,28 @@ def family(width: int) -> GPTShape:
 def gpt_params(shape: GPTShape, dtype: Any) -> dict[str, Any]:
   """Abstract params: embeddings, the blocks stacked on a leading layer axis (scanned), the final LayerNorm."""
   d, n = shape.width, shape.layers
-  blocks = {"ln1_scale": (n, d), "ln1_bias": (n, d), "qkv_kernel": (n, d, 3 * d), "qkv_bias": (n, 3 * d),
-            "proj_kernel": (n, d, d), "proj_bias": (n, d), "ln2_scale": (n, d), "ln2_bias": (n, d),
-            "fc_kernel": (n, d, 4 * d), "fc_bias": (n, 4 * d), "out_kernel": (n, 4 * d, d), "out_bias": (n, d)}
+  blocks = {
+    "ln1_scale": (n, d),
+    "ln1_bias": (n, d),
+    "qkv_kernel": (n, d, 3 * d),
+    "qkv_bias": (n, 3 * d),
+    "proj_kernel": (n, d, d),
+    "proj_bias": (n, d),
+    "ln2_scale": (n, d),
+    "ln2_bias": (n, d),
+    "fc_kernel": (n, d, 4 * d),
+    "fc_bias": (n, 4 * d),
+    "out_kernel": (n, 4 * d, d),
+    "out_bias": (n, d),
+  }
   s = lambda *dims: jax.ShapeDtypeStruct(dims, dtype)
-  return {"embed": s(VOCAB, d), "pos": s(CONTEXT, d), "blocks": {k: s(*v) for k, v in blocks.items()},
-          "ln_f_scale": s(d), "ln_f_bias": s(d)}
+  return {
+    "embed": s(VOCAB, d),
+    "pos": s(CONTEXT, d),
+    "blocks": {k: s(*v) for k, v in blocks.items()},
+    "ln_f_scale": s(d),
+    "ln_f_bias": s(d),
+  }
 
 
 def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
@@ -443,10 +497,19 @@ def compile_train_step(name: str, shape: GPTShape, batch: int, target: str) -> A
 def step_memory(name: str, shape: GPTShape, batch: int, target: str) -> dict[str, Any]:
   """``memory_analysis()`` of one training step: arguments, temporaries, peak (args + outputs − aliased + temp)."""
   mem = compile_train_step(name, shape, batch, target).memory_analysis()
-  peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
-          + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
-  return {"args_GB": round(mem.argument_size_in_bytes / 1e9, 3), "temp_GB": round(mem.temp_size_in_bytes / 1e9, 3),
-          "peak_GB": round(peak / 1e9, 3), "fits": peak <= TARGETS[target].capacity}
+  peak = (
+    mem.argument_size_in_bytes
+    + mem.output_size_in_bytes
+    - mem.alias_size_in_bytes
+    + mem.temp_size_in_bytes
+    + mem.generated_code_size_in_bytes
+  )
+  return {
+    "args_GB": round(mem.argument_size_in_bytes / 1e9, 3),
+    "temp_GB": round(mem.temp_size_in_bytes / 1e9, 3),
+    "peak_GB": round(peak / 1e9, 3),
+    "fits": peak <= TARGETS[target].capacity,
+  }
 
 
 def run_memory(targets: list[str], names: list[str], quick: bool) -> dict[str, Any]:
@@ -481,12 +544,16 @@ def largest_fit(name: str, target: str, batch: int = 1, step: int = 256, hi: int
 
 def run_fits(targets: list[str], names: list[str]) -> dict[str, Any]:
   """Part 3b: ``{target: {strategy: largest fit}}`` at batch 1."""
-  out = {}
+  out: dict[str, dict[str, Any]] = {}
   for target in targets:
-    out[target] = {"capacity_GB": round(TARGETS[target].capacity / 1e9, 1),
-                   "strategies": {name: largest_fit(name, target) for name in names}}
-    print(f"  fits {target}: " + ", ".join(f"{k} {v['n_params'] / 1e9:.2f}B"
-                                           for k, v in out[target]["strategies"].items()), flush=True)
+    out[target] = {
+      "capacity_GB": round(TARGETS[target].capacity / 1e9, 1),
+      "strategies": {name: largest_fit(name, target) for name in names},
+    }
+    print(
+      f"  fits {target}: " + ", ".join(f"{k} {v['n_params'] / 1e9:.2f}B" for k, v in out[target]["strategies"].items()),
+      flush=True,
+    )
   return out
 
 
@@ -559,8 +626,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   if BASELINE not in names:
     names.insert(0, BASELINE)
   t0 = time.perf_counter()
-  result: dict[str, Any] = {"machine": _common.machine(), "quick": args.quick,
-                            "targets": {t: dataclasses.asdict(TARGETS[t]) for t in targets}}
+  result: dict[str, Any] = {
+    "machine": _common.machine(),
+    "quick": args.quick,
+    "targets": {t: dataclasses.asdict(TARGETS[t]) for t in targets},
+  }
   if "1" in args.parts:
     result["step"] = run_steps(targets, names, args.quick, args.cases.split(","))
     print(step_tables(result["step"]))
