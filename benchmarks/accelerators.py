@@ -68,7 +68,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import collage_optax
-from collage_optax.cli import strategies
+from collage_optax.cli import strategies as registry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
@@ -331,7 +331,7 @@ def cost_model_bytes(compiled: Any) -> float:
 def ideal_bytes(tx: optax.GradientTransformation, params: Any) -> float:
   """The layout's bytes: read params, grads (the params' dtype) and state; write params and state."""
   state = jax.eval_shape(tx.init, params)
-  return 3 * strategies.nbytes(params) + 2 * strategies.nbytes(state)
+  return 3 * registry.nbytes(params) + 2 * registry.nbytes(state)
 
 
 # ---------------------------------------------------------------------------------------------------------------
