@@ -148,3 +148,17 @@ def test_sharded_round_trip():
   assert all(p.sharding.is_equivalent_to(sharding, p.ndim) for p in jax.tree.leaves(params))
   back = co.master_params(params, state)
   assert all(_same_bits(back[k], master[k]) for k in master)
+
+
+def test_the_example_resumes_an_fp32_orbax_checkpoint(tmp_path):
+  """``examples/resume_from_fp32.py``: orbax save of an fp32 optax.adamw run, restore, import, train on."""
+  import json
+
+  import multidevice
+
+  out = multidevice.run_example("resume_from_fp32.py", "--dir", str(tmp_path), devices=1)
+  assert "exact import: bit for bit" in out, out
+  losses = json.loads((tmp_path / "losses.json").read_text())
+  assert losses["exact_import_bit_for_bit"] is True
+  for mode in ("exact", "plus", "compact", "fp32"):
+    assert losses[mode] < losses["fp32_at_save"], (mode, losses)  # the resumed runs train on

@@ -210,6 +210,8 @@ def _compare(args: argparse.Namespace) -> int:
     file=sys.stderr,
   )
   table = report.format_table(results)
+  frozen = report.format_frozen(results)
+  table += f"\n\n{frozen}" if frozen else ""
   print(table)
   if args.out is not None:
     args.out.mkdir(parents=True, exist_ok=True)

@@ -204,6 +204,7 @@ def _train_seed(
   mean = lambda xs: float(np.mean(xs)) if xs and xs[0] is not None else None
   return {
     "seed": seed,
+    "frozen": _frozen(opt_state),
     "val_loss": curves["val_loss"][-1],
     "edq": mean(curves["edq"]),
     "lost_fraction": mean(curves["lost_fraction"]),
@@ -212,6 +213,14 @@ def _train_seed(
     "train_time_s": time.perf_counter() - t_start,
     "curves": curves,
   }
+
+
+def _frozen(opt_state: Any) -> list[str] | None:
+  """The leaves whose updates were mostly rounded away over the last ~100 steps (``None``: not tracked)."""
+  try:
+    return collage_optax.precision_report(opt_state).frozen
+  except ValueError:
+    return None
 
 
 def _sizes(strategy: str, tx: optax.GradientTransformation, init_params: Any) -> dict[str, Any]:

@@ -116,6 +116,7 @@ def summarize(
       "n_seeds": len(seeds),
       "edq": mean("edq"),
       "lost_fraction": mean("lost_fraction"),
+      "frozen": _frozen_in_any(seeds),
       **sizes[name],
       "step_time_s": float(np.median([r["step_time_s"] for r in seeds])),
       "step_cpu_s": float(np.median([r["step_cpu_s"] for r in seeds])),
@@ -131,6 +132,26 @@ def summarize(
     r["step_cpu_ratio"] = r["step_cpu_s"] / base["step_cpu_s"] if base and base["step_cpu_s"] > 0 else None
     r["step_time_ratio"] = r[f"step_{basis}_ratio"]
   return out
+
+
+def _frozen_in_any(seeds: list[dict[str, Any]]) -> list[str] | None:
+  """The leaves frozen at the end of at least one seed (``None`` when the strategy tracks no metrics)."""
+  found = [r.get("frozen") for r in seeds]
+  if all(f is None for f in found):
+    return None
+  return sorted({leaf for f in found if f for leaf in f})
+
+
+def format_frozen(results: dict[str, Any]) -> str:
+  """One line per strategy that froze leaves (``collage_optax.precision_report`` at the end of training)."""
+  lines = []
+  for name, r in results["strategies"].items():
+    if r.get("frozen"):
+      lines.append(f"{name} froze {len(r['frozen'])} leaves (most updates rounded away): {', '.join(r['frozen'])}")
+  tracked = [n for n, r in results["strategies"].items() if r.get("frozen") == []]
+  if tracked:
+    lines.append(f"no frozen leaf: {', '.join(tracked)}")
+  return "\n".join(lines)
 
 
 def from_run(run: dict[str, Any]) -> dict[str, Any]:
