@@ -28,12 +28,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import mlp  # examples/mlp.py
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
 import collage_optax
-import mlp  # examples/mlp.py
 
 STEPS, LR = 20, 1e-2
 MODES = ("exact", "plus", "compact")
