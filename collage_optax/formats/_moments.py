@@ -169,7 +169,7 @@ def _q8_decode(q: Q8) -> Array:
   return jnp.where(q.codes == _Q8_NAN[jnp.dtype(q.codes.dtype)], jnp.nan, x)
 
 
-def _q8zeros_of(dtype: Any) -> Callable[[Any], Q8]:
+def _q8_zeros(dtype: Any) -> Callable[[Any], Q8]:
   def zeros(like: Any) -> Q8:
     codes = jnp.zeros_like(like, dtype=dtype)  # keeps the sharding
     # The scales by the reduction the encode uses, so that they get the sharding a step gives them.
@@ -203,6 +203,6 @@ F32 = MomentFormat(
   "f32", 4, zeros_of(jnp.float32), lambda x: x.astype(jnp.float32), lambda s: s, finite_max(jnp.float32)
 )
 #: ``q8`` for a first moment: int8 codes of ``φ(m/s)``, a bfloat16 scale per 32.
-Q8_M = MomentFormat("q8", _Q8_BYTES, _q8zeros_of(jnp.int8), _q8_encoder(True), _q8_decode, _Q8_MAX, coarse=True)
+Q8_M = MomentFormat("q8", _Q8_BYTES, _q8_zeros(jnp.int8), _q8_encoder(True), _q8_decode, _Q8_MAX, coarse=True)
 #: ``q8`` for a second moment (``v ≥ 0``): uint8 codes of ``√v/s``, a bfloat16 scale per 32.
-Q8_V = MomentFormat("q8", _Q8_BYTES, _q8zeros_of(jnp.uint8), _q8_encoder(False), _q8_decode, _Q8_MAX, coarse=True)
+Q8_V = MomentFormat("q8", _Q8_BYTES, _q8_zeros(jnp.uint8), _q8_encoder(False), _q8_decode, _Q8_MAX, coarse=True)
