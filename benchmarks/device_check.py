@@ -3,7 +3,7 @@
 Three parts, each guarded (a failure records its error and traceback in the
 JSON, and the other parts still run), under one global time budget:
 
-1. ``xla_trap`` — DESIGN §2, "The XLA trap", on this backend. Knuth's TwoSum
+1. ``xla_trap`` — the XLA excess-precision trap (docs/concepts.md) on this backend. Knuth's TwoSum
    written naively in bfloat16 (``s = a + b; b' = s - a; a' = s - b';
    e = (a - a') + (b - b')``) and ``collage_optax.mcf.two_sum``, both under
    ``jit``, on a few million random bfloat16 pairs, compared bit for bit with

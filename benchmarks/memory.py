@@ -2,7 +2,7 @@
 
 1. Persistent bytes per parameter, counted from the pytrees (``jax.eval_shape``
    of ``tx.init``, nothing allocated): params + optimizer state, and the
-   gradients (which have the params' dtypes) on top. Compare DESIGN §1:
+   gradients (which have the params' dtypes) on top. Compare the README's strategy table:
    A 8, B 10, C 12, C+ 14, D 16 bytes/param including gradients.
 2. A full training step of the GPT of ``collage-optax compare``
    (``collage_optax.cli.gpt``): ``loss, grads = value_and_grad(loss)``, the optimizer

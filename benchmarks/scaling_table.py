@@ -2,7 +2,7 @@
 
 Bytes per parameter are counted from the pytrees, not assumed: params of the
 strategy's dtype, ``jax.eval_shape(tx.init, params)`` (nothing allocated) and
-gradients of the params' dtypes (DESIGN §1: A 8, B 10, C 12, C+ 14, D 16).
+gradients of the params' dtypes (the README's table: A 8, B 10, C 12, C+ 14, D 16).
 Per device:
 
 * data parallel (``dp``): every device holds everything: ``bytes/param × N``;
@@ -34,7 +34,7 @@ from collage_optax.cli import strategies
 OUT = _common.RESULTS / "scaling.json"
 MODEL_SIZES = {"1B": 10**9, "7B": 7 * 10**9, "70B": 70 * 10**9}
 SHARDINGS = {"dp": 1, "fsdp-8": 8, "fsdp-64": 64, "fsdp-256": 256}
-#: strategy letter (DESIGN §1) -> name in ``_common.STRATEGIES``.
+#: strategy letter (the README's table) -> name in ``_common.STRATEGIES``.
 STRATEGIES = {"A": "bf16", "B": "light", "C": "plus", "C+": "full", "D": "fp32"}
 GIB = 2**30
 

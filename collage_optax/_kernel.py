@@ -19,9 +19,9 @@ import optax
 from jax import lax
 from optax import tree_utils as otu
 
-from collage_optax import formats
+from collage_optax import _tree, formats
 
-__all__ = ["LeafFormats", "adam", "init_leaf", "init_residual", "leaf_formats", "saturate", "store_param"]
+__all__ = ["Adam", "LeafFormats", "adam", "init_leaf", "init_residual", "leaf_formats", "saturate", "store_param"]
 
 
 class LeafFormats(NamedTuple):
@@ -87,28 +87,37 @@ def _direction(g: chex.Array, fmt: formats.MomentFormat, m: Any, v: Any, m_hat: 
   return jnp.where(overflow, jnp.sign(m), m_hat / (jnp.sqrt(v_hat + eps_root) + eps))
 
 
+class Adam(NamedTuple):
+  """Adam's hyperparameters (Kingma & Ba 2015; Nesterov as in ``optax.scale_by_adam``)."""
+
+  b1: Any
+  b2: Any
+  eps: Any
+  eps_root: Any
+  nesterov: bool
+
+
 def adam(
-  gs: list[chex.Array | None],
+  grads: list[Any],
   mus: list[Any],
   nus: list[Any],
   fmts: list[LeafFormats | None],
-  *,
-  b1: Any,
-  b2: Any,
-  eps: Any,
-  eps_root: Any,
+  wides: list[Any],
+  hp: Adam,
   count_inc: chex.Array,
-  nesterov: bool,
 ) -> tuple[list[chex.Array | None], list[Any], list[Any]]:
   """Adam over a list of leaves: ``(directions, new mu storages, new nu storages)``.
 
-  ``gs`` are the gradients in their wide type (``None`` for a leaf that
-  takes no step: its storages come back unchanged and its direction is
-  ``None``); ``count_inc`` the incremented step count. The bias corrections
-  are optax's ``tree_bias_correction`` over all leaves at once, as in
+  Each gradient is widened exactly to its leaf's arithmetic type in
+  ``wides``; a leaf without formats (``None``) or without a gradient takes
+  no step: its storages come back unchanged and its direction is ``None``.
+  ``count_inc`` is the incremented step count. The bias corrections are
+  optax's ``tree_bias_correction`` over all leaves at once, as in
   ``optax.scale_by_adam`` (so that XLA compiles the same division; Nesterov
   as there too).
   """
+  b1, b2, eps, eps_root, nesterov = hp
+  gs = [None if f is None or _tree.is_empty(g) else formats.widen(g).astype(w) for g, f, w in zip(grads, fmts, wides)]
   steps = [i for i, g in enumerate(gs) if g is not None]
   new_mus, new_nus = list(mus), list(nus)
   m: list[chex.Array] = []

@@ -268,6 +268,7 @@ def adamw(
   checks.check_hyperparam(who, "weight_decay", weight_decay)
   resolve = _resolver(mode, param_format, mu_format, nu_format, _mu_native(mu_dtype, mu_format))
   no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
+  hp = _kernel.Adam(b1, b2, eps, eps_root, nesterov)
 
   def init_fn(params):
     p_flat, treedef = _tree.leaves_with_paths(params)
@@ -291,23 +292,10 @@ def adamw(
     p_flat, treedef = _tree.leaves_with_paths(params)
     g_flat = treedef.flatten_up_to(updates)
     fmts = resolve(params)
-    gs = [
-      None if f is None or _tree.is_empty(g) else formats.widen(g).astype(wide_dtype(p.dtype))
-      for (_, p), g, f in zip(p_flat, g_flat, fmts)
-    ]
     count_inc = optax.safe_increment(state.count)
-    dirs, mus, nus = _kernel.adam(
-      gs,
-      treedef.flatten_up_to(state.mu),
-      treedef.flatten_up_to(state.nu),
-      fmts,
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      eps_root=eps_root,
-      count_inc=count_inc,
-      nesterov=nesterov,
-    )
+    wides = [wide_dtype(p.dtype) if f is not None else None for (_, p), f in zip(p_flat, fmts)]
+    mu, nu = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    dirs, mus, nus = _kernel.adam(g_flat, mu, nu, fmts, wides, hp, count_inc)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     steps = [
       param_step(p, g, lo, d, lr, decay, f)

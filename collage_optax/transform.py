@@ -311,6 +311,7 @@ def scale_by_adam(
   who = "collage_optax.scale_by_adam"
   low = _kernel.LeafFormats(None, formats.moment_format(mu_format), formats.moment_format(nu_format, second=True))
   mu_native = formats.native_format(mu_dtype) if mu_dtype is not None else None
+  hp = _kernel.Adam(b1, b2, eps, eps_root, nesterov)
 
   def fmts_of(path, p):
     return _kernel.leaf_formats(checks.leaf_kind(who, path, p), getattr(p, "dtype", None), low, mu_native)
@@ -346,23 +347,10 @@ def scale_by_adam(
     p_flat, treedef = _tree.leaves_with_paths(params)
     g_flat = treedef.flatten_up_to(updates)
     fmts = [fmts_of(path, p) for path, p in p_flat]
-    gs = [
-      None if f is None or _tree.is_empty(g) else formats.widen(g).astype(wide_dtype(g.dtype))
-      for f, g in zip(fmts, g_flat)
-    ]
     count_inc = optax.safe_increment(state.count)
-    dirs, mus, nus = _kernel.adam(
-      gs,
-      treedef.flatten_up_to(state.mu),
-      treedef.flatten_up_to(state.nu),
-      fmts,
-      b1=b1,
-      b2=b2,
-      eps=eps,
-      eps_root=eps_root,
-      count_inc=count_inc,
-      nesterov=nesterov,
-    )
+    wides = [None if f is None or _tree.is_empty(g) else wide_dtype(g.dtype) for f, g in zip(fmts, g_flat)]
+    mu, nu = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
+    dirs, mus, nus = _kernel.adam(g_flat, mu, nu, fmts, wides, hp, count_inc)
     out = [g if d is None else _emitted(d, g) for g, d in zip(g_flat, dirs)]
     return treedef.unflatten(out), ScaleByAdamState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus))
 

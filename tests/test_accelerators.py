@@ -8,15 +8,14 @@ kernel, issue 17): those cases are strict xfails, so that the fix flips them.
 
 from __future__ import annotations
 
-import importlib
 import os
-import sys
 from pathlib import Path
 
 # Before jax initialises its backends: the CUDA plugin then registers (compile-only) without a driver.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
+import bench
 import jax
 import jax.numpy as jnp
 import pytest
@@ -32,18 +31,12 @@ TPU_SPLIT = (
 )
 
 
-def _load(name: str):
-  sys.path.insert(0, str(BENCH))
-  try:
-    return importlib.import_module(name)
-  finally:
-    sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")
 def accel():
   """``benchmarks/accelerators.py``, or a skip naming what is missing."""
-  module = _load("accelerators")
+  module = bench.load("accelerators")
   why = module.unavailable()
   if why:
     pytest.skip(why)

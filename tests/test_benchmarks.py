@@ -1,41 +1,34 @@
 """The performance benchmarks run end to end on a tiny size and write valid JSON.
 
 Nothing here is timed: the checks are on structure and on the byte counts,
-which follow from the dtypes (DESIGN §1) and must not drift.
+which follow from the dtypes (the README's strategy table) and must not drift.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import sys
 from pathlib import Path
 
+import bench
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _load(name: str):
-  sys.path.insert(0, str(BENCH))
-  try:
-    return importlib.import_module(name)
-  finally:
-    sys.path.remove(str(BENCH))
 
 
 @pytest.fixture(scope="module")
 def step_json(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "step.json"
-  _load("step").main(["--quick", "--strategies", "fp32,plus", "--out", str(out)])
+  bench.load("step").main(["--quick", "--strategies", "fp32,plus", "--out", str(out)])
   return json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
 def memory_json(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "memory.json"
-  _load("memory").main(["--quick", "--strategies", "fp32,bf16,light,plus,full", "--out", str(out)])
+  bench.load("memory").main(["--quick", "--strategies", "fp32,bf16,light,plus,full", "--out", str(out)])
   return json.loads(out.read_text())
 
 
@@ -66,7 +59,7 @@ def test_step_bytes_follow_the_dtypes(step_json):
 
 def test_memory_persistent_bytes_match_design_table(memory_json):
   table = memory_json["persistent_bytes_per_param"]
-  expected = {"bf16": 8, "light": 10, "plus": 12, "full": 14, "fp32": 16}  # DESIGN §1, incl. grads.
+  expected = {"bf16": 8, "light": 10, "plus": 12, "full": 14, "fp32": 16}  # incl. grads, as the README's table
   for name, total in expected.items():
     assert table[name]["total_with_gradients"] == pytest.approx(total, abs=0.01), name
   assert table["plus"]["params"] == pytest.approx(2)
@@ -96,7 +89,7 @@ def test_trajectory_short_run_writes_every_strategy_or_why_it_is_skipped(tmp_pat
   """A 20-step replay of fp32, compact and FlashOptim's default: FlashOptim runs where it is
   importable, else it is skipped with a reason; every strategy that ran has its error and bytes."""
   out = tmp_path / "trajectory.json"
-  _load("trajectory").main(["--steps", "20", "--constant-lr", "0", "--strategies", "fp32,compact,flash_adamw",
+  bench.load("trajectory").main(["--steps", "20", "--constant-lr", "0", "--strategies", "fp32,compact,flash_adamw",
                             "--out", str(out)])
   result = json.loads(out.read_text())
   ran = [s for s in ("fp32", "compact", "flash_adamw") if s not in result["skipped"]]
@@ -115,14 +108,14 @@ def test_the_benchmarks_name_the_registry_s_strategies():
   """benchmarks/ defines no strategy of its own but FlashOptim's: the others are collage_optax.cli.strategies'."""
   from collage_optax.cli import strategies
 
-  common, trajectory = _load("_common"), _load("trajectory")
+  common, trajectory = bench.load("_common"), bench.load("trajectory")
   for name, (label, dtype, _) in common.STRATEGIES.items():
     assert (label, dtype) == (strategies.REGISTRY[name].label, strategies.REGISTRY[name].param_dtype), name
   assert set(trajectory.KNOWN) - set(trajectory.FLASH) <= set(strategies.REGISTRY)
 
 
 def test_trajectory_skips_flashoptim_when_it_is_not_importable(monkeypatch):
-  trajectory = _load("trajectory")
+  trajectory = bench.load("trajectory")
   monkeypatch.setattr(trajectory._common, "flash_unavailable", lambda: "not installed (test)")  # pylint: disable=protected-access
   result = trajectory.run(steps=5, strategies=("fp32", *trajectory.FLASH))
   assert result["skipped"] == {name: "not installed (test)" for name in trajectory.FLASH}
@@ -136,7 +129,7 @@ def _table_rows(table: str) -> list[str]:
 
 def test_frontier_on_the_committed_json(tmp_path, capsys):
   """frontier.py reads results/trajectory.json (and step.json, memory.json): a row per strategy."""
-  frontier = _load("frontier")
+  frontier = bench.load("frontier")
   trajectory = json.loads((RESULTS / "trajectory.json").read_text())
   names = [s for s in trajectory["relative_error"] if s != "float64"]
   result = frontier.main(["--out", str(tmp_path / "frontier.json")])
@@ -149,7 +142,7 @@ def test_frontier_on_the_committed_json(tmp_path, capsys):
 
 
 def test_frontier_without_step_json_shows_dashes(tmp_path):
-  frontier = _load("frontier")
+  frontier = bench.load("frontier")
   result = frontier.main(["--step", str(tmp_path / "missing.json"), "--out", str(tmp_path / "frontier.json")])
   assert all(r["step"]["ratio_to_fp32"] is None for r in result["strategies"].values())
   for line in frontier.table(result).splitlines()[2:]:

@@ -18,7 +18,7 @@ STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "sr")
 # results.json keeps report.SIGNIFICANT_DIGITS significant digits: each float read
 # back is within this relative error of the value computed, on any machine.
 ROUNDING = 0.5 * 10.0 ** (1 - report.SIGNIFICANT_DIGITS)
-# Optimizer + param bytes per param (DESIGN §1's table without the bf16 gradients):
+# Optimizer + param bytes per param (the README's strategy table without the bf16 gradients):
 # fp32 params, m, v = 12; bf16 params, m, v = 6 (sr too: no residual); + lo(params) = 8;
 # + lo(v) = 10; + lo(m) = 12; exact: bf16 + int16, bf16 m, float32 v = 10; compact: bf16 + int8,
 # and 8-bit m and v with a bf16 scale per 32 = 3 + 2·(1 + 2/32) = 5.125 (a bit more where a
@@ -360,7 +360,7 @@ def test_python_dash_m_entry_point():
 
 def test_the_tool_is_a_subpackage_on_the_public_api():
   """cli, compare, gpt and corpus live in ``collage_optax.cli`` and use only ``collage_optax.__all__``
-  (DESIGN §5); importing the library does not import the tool (nor matplotlib, tqdm, flax's GPT)."""
+  (its own subpackage); importing the library does not import the tool (nor matplotlib, tqdm, flax's GPT)."""
   import ast
   import subprocess
   import sys
