@@ -26,7 +26,9 @@ One fixed, seeded stream of bfloat16 gradients is replayed through
 Probes, run only when named (``--strategies compact_f32,exact_q8,exact_q8_nu``):
 ``compact``'s param format with float32 moments, and ``exact``'s with
 ``compact``'s q8 moments (both, or the second moment only): where a preset's
-error comes from.
+error comes from; ``compact_small_exact`` and ``compact_1d_exact``: compact with
+per-leaf formats (``collage_optax.precise_small_leaves``: leaves under 4096
+elements or 1-D in ``exact``; 1-D leaves only).
 
 The gradients do not depend on the params (a replay), so every optimizer sees
 exactly the same inputs and the trajectories are comparable step for step.
@@ -109,7 +111,7 @@ LAYOUT = {
 #: (``collage_optax.cli.strategies.REGISTRY`` has them all).
 STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "exact_m")
 #: Probes, by name only (not in the defaults): which part of a preset the error comes from.
-PROBES = ("compact_f32", "exact_q8", "exact_q8_nu")
+PROBES = ("compact_f32", "exact_q8", "exact_q8_nu", "compact_small_exact", "compact_1d_exact")
 #: FlashOptim's variants (``_common.FLASH_VARIANTS``), replayed when ``flashoptim_jax`` is importable.
 FLASH = tuple(_common.FLASH_VARIANTS)
 #: Every strategy, the default of the command line (the probes are not in it).
