@@ -325,7 +325,7 @@ def test_bad_corpus_exits_2_without_traceback(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--strategies", "fp32,fp16"], "unknown strategy 'fp16'; choose from fp32,bf16,light,plus,full,exact,compact,sr"),
+    (["--strategies", "fp32,fp16"], "unknown strategy 'fp16'; choose from fp32,bf16,light,plus,full,exact,compact,"),
     (["--seeds", "0"], "--seeds: 0 must be a positive integer"),
     (["--strategies", "plus,plus"], "names a strategy twice"),
     (["--steps", "-5"], "--steps: -5 must be a positive integer"),

@@ -76,10 +76,10 @@ def _float_in(low: float, high: float, *, low_open: bool = False, high_open: boo
 def _strategies(text: str) -> tuple[str, ...]:
   """``"fp32,plus"`` -> ``("fp32", "plus")``, each a known strategy, none twice."""
   names = tuple(s.strip() for s in text.split(",") if s.strip())
-  unknown = [s for s in names if s not in strategies.COMPARE]
+  unknown = [s for s in names if s not in strategies.REGISTRY]
   if unknown or not names:
     what = f"unknown strategy {unknown[0]!r}" if unknown else "no strategy given"
-    raise argparse.ArgumentTypeError(f"{what}; choose from {','.join(strategies.COMPARE)} (comma-separated)")
+    raise argparse.ArgumentTypeError(f"{what}; choose from {','.join(strategies.REGISTRY)} (comma-separated)")
   if len(set(names)) != len(names):
     raise argparse.ArgumentTypeError(f"{text!r} names a strategy twice")
   return names
@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     "--strategies",
     type=_strategies,
     default=",".join(strategies.COMPARE),
-    help=f"comma-separated subset of {','.join(strategies.COMPARE)} (default: all)",
+    help=f"comma-separated strategies (default: {','.join(strategies.COMPARE)}; any of the registry: "
+    f"{','.join(n for n in strategies.REGISTRY if n not in strategies.COMPARE)})",
   )
   p.add_argument(
     "--corpus",
