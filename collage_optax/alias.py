@@ -27,14 +27,17 @@ __all__ = ["MODES", "PRESETS", "AdamWState", "adamw", "precise_small_leaves"]
 #: 2024, strategy B); plus: also an MCF ``v`` (strategy C); full: also an MCF
 #: ``m`` (C+); exact: float32 masters bit for bit (bf16 + int16) and a float32
 #: ``v``, at plus's memory; compact: bf16 + int8 masters and 8-bit moments
-#: (FlashOptim's layout, ~7 bytes per param with bf16 gradients). exact and
-#: compact keep bfloat16 params only.
+#: (FlashOptim's layout, ~7 bytes per param with bf16 gradients); lean:
+#: compact's master, a bf16 ``m`` and a ``log16`` ``v`` that decays (~9.1 bytes
+#: per param with bf16 gradients, below light's 10). exact, compact and lean
+#: keep bfloat16 params only.
 PRESETS: dict[str, tuple[str, str, str]] = {
   "light": ("mcf", "bf16", "bf16"),
   "plus": ("mcf", "bf16", "mcf"),
   "full": ("mcf", "mcf", "mcf"),
   "exact": ("exact", "bf16", "f32"),
   "compact": ("compact", "q8", "q8"),
+  "lean": ("compact", "bf16", "log16"),
 }
 
 #: The values of ``mode`` in :func:`adamw`.
@@ -127,6 +130,9 @@ def _resolver(
   _check_names(param_format, formats.PARAM_FORMATS, "param_format")
   _check_names(mu_format, formats.MOMENT_FORMATS, "mu_format")
   _check_names(nu_format, formats.MOMENT_FORMATS, "nu_format")
+  if not callable(mu_format) or _is_name(mu_format):
+    for name in jax.tree.leaves(mu_format):  # a first moment's format ('log16' keeps second moments only)
+      checks.moment_format("collage_optax.adamw", name)
   if mu_native is not None:
     mu_format = mu_native.name
 
@@ -142,7 +148,7 @@ def _resolver(
       preset = PRESETS[m]
       low = _kernel.LeafFormats(
         formats.param_format(pf or preset[0]),
-        formats.moment_format(mf or preset[1]),
+        checks.moment_format("collage_optax.adamw", mf or preset[1], path=path),
         formats.moment_format(nf or preset[2], second=True),
       )
       kind = checks.leaf_kind("collage_optax.adamw", path, p)
@@ -198,8 +204,12 @@ def adamw(
   at most an ulp of the update where it crosses zero or a binade);
   ``"compact"`` = (compact, q8, q8): a bf16 + int8 master and 8-bit moments
   with a bf16 scale per 32 values (FlashOptim's layout, Ortiz et al. 2026:
-  ~7 bytes per param with bf16 gradients). exact and compact keep bfloat16
-  params only. ``param_format``, ``mu_format`` and ``nu_format`` override
+  ~7 bytes per param with bf16 gradients); ``"lean"`` = (compact, bf16,
+  log16): compact's master, a bf16 first moment and a second moment of
+  16-bit codes of ``log2 v`` (2**-11 relative, rounded stochastically, so
+  that it decays where a bf16 ``v`` stalls; ~9.1 bytes per param with bf16
+  gradients). exact, compact and lean keep bfloat16 params only.
+  ``param_format``, ``mu_format`` and ``nu_format`` override
   the preset (any names of :mod:`collage_optax.formats`). Params stay plain bfloat16 arrays; apply the updates with
   ``optax.apply_updates``: each update is ``θ' − θ`` in the gradient's
   dtype, so ``apply_updates`` lands on the new first component (a landing
@@ -220,8 +230,8 @@ def adamw(
 
   Non-finite gradients. A NaN or ±inf gradient element poisons, at that
   element only, ``m``, ``v`` and the param (its residual is set to 0); every
-  other element is unaffected (in a ``q8`` moment the rest of its group of
-  32 is requantised without it) and the step count advances, as in
+  other element is unaffected (in a ``q8`` or ``log16`` moment the rest of
+  its group of 32 is requantised without it) and the step count advances, as in
   ``optax.adamw``. To skip
   such steps instead, one line::
 
@@ -244,8 +254,8 @@ def adamw(
     b1, b2, eps, eps_root: Adam's hyperparameters.
     weight_decay: decoupled weight decay.
     mask: where to apply weight decay (as in ``optax.adamw``).
-    mode: ``"light"``, ``"plus"``, ``"full"``, ``"exact"`` or ``"compact"``
-      (see :data:`PRESETS`); or one per leaf: a pytree prefix of the params
+    mode: ``"light"``, ``"plus"``, ``"full"``, ``"exact"``, ``"compact"`` or
+      ``"lean"`` (see :data:`PRESETS`); or one per leaf: a pytree prefix of the params
       with a name at each node (as ``optax.masked``'s mask), or a callable
       ``(path, param) -> name`` (``path`` as in the error messages, e.g.
       ``"['enc']['w']"``), such as :func:`precise_small_leaves`.
@@ -254,6 +264,8 @@ def adamw(
     param_format, mu_format, nu_format: formats overriding the preset for
       bfloat16/float16 leaves; each a name, a prefix tree of names or a
       callable ``(path, param) -> name`` (``None``: the preset's).
+      ``"log16"`` keeps second moments only: a ``nu_format``, never a
+      ``mu_format`` (a ``ValueError``).
     nesterov: Nesterov momentum (as in ``optax.adamw``).
     track_metrics: record EDQ and lost fraction (see :func:`collage_optax.metrics`).
 

@@ -24,6 +24,7 @@ __all__ = [
   "check_state_type",
   "check_structure",
   "leaf_kind",
+  "moment_format",
   "require_params",
 ]
 
@@ -132,6 +133,18 @@ def check_shapes(who: str, ref: Any, ref_name: str, other: Any, other_name: str)
 # ---------------------------------------------------------------------------
 # Arguments and hyperparameters.
 # ---------------------------------------------------------------------------
+
+
+def moment_format(who: str, name: Any, *, second: bool = False, path: str | None = None) -> formats.MomentFormat:
+  """:func:`formats.moment_format`, its error (an unknown name; ``log16`` asked for a first moment) naming ``who``.
+
+  And the leaf ``path`` where a per-leaf spec resolved it.
+  """
+  try:
+    return formats.moment_format(name, second=second)
+  except ValueError as e:
+    where = f"leaf {path}: " if path is not None else ""
+    raise ValueError(f"{who}: {where}{e}") from None
 
 
 def require_params(who: str, params: Any) -> None:

@@ -2,8 +2,8 @@
 
 Every per-parameter array of a COLLAGE state (the residuals ``lo``, the
 moments ``mu``/``nu`` in their storage formats, e.g. the packed uint32 of an
-``mcf`` moment, a ``q8`` moment's codes) is made with
-``jnp.zeros_like(param, dtype)`` and updated elementwise (a ``q8`` moment's
+``mcf`` moment, a ``q8`` or ``log16`` moment's codes) is made with
+``jnp.zeros_like(param, dtype)`` and updated elementwise (their
 scales: along the last axis, sharded like the param where the mesh divides
 them), so an eager ``tx.init`` and
 every jitted step already give it its parameter's sharding. Only
@@ -32,7 +32,7 @@ def _mirrors(node: Any, params_def: Any, shapes: list[Any]) -> bool:
   """True if ``node`` is a per-parameter tree: the params' structure and shapes.
 
   ``None``/``MaskedNode`` leaves (no state for that param) match any param; a
-  ``q8`` moment matches by its codes.
+  grouped (``q8``, ``log16``) moment matches by its codes.
   """
   node = formats.per_param(node)
   if jax.tree.structure(node, is_leaf=_tree.is_empty) != params_def:
@@ -44,9 +44,9 @@ def _mirrors(node: Any, params_def: Any, shapes: list[Any]) -> bool:
 
 
 def _scales_sharding(s: Sharding, shape: tuple[int, ...], fallback: Any) -> Sharding:
-  """The sharding of a ``q8`` moment's scales (one per 32 along the last axis) for a param sharded by ``s``.
+  """The sharding of a grouped (``q8``, ``log16``) moment's scales (one per 32 along the last axis).
 
-  The param's ``PartitionSpec``, with every axis the scales cannot be split
+  For a param sharded by ``s``: the param's ``PartitionSpec``, with every axis the scales cannot be split
   evenly along replicated; a fully replicated ``s`` as it is.
   """
   if s.is_fully_replicated:
@@ -131,13 +131,13 @@ def state_shardings(
     return default
 
   def leaf_sharding(x, s):
-    if isinstance(x, formats.Q8):
-      return formats.Q8(s, _scales_sharding(s, tuple(x.scales.shape), replicated_default))
+    if isinstance(x, formats.GROUPED):
+      return type(x)(s, _scales_sharding(s, tuple(x.scales.shape), replicated_default))
     return x if _tree.is_empty(x) else s  # empty leaves (None, MaskedNode) stay as they are
 
   def sharding_of(node):
     if is_mirror(node):
-      is_leaf = lambda x: _tree.is_empty(x) or isinstance(x, formats.Q8)
+      is_leaf = lambda x: _tree.is_empty(x) or isinstance(x, formats.GROUPED)
       return jax.tree.map(leaf_sharding, node, p_shardings, is_leaf=is_leaf)
     return replicated_default()
 

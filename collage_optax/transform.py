@@ -248,7 +248,8 @@ class ScaleByAdamState(NamedTuple):
   format (e.g. a bfloat16 array for ``"bf16"``, the packed uint32 of an
   ``"mcf"`` moment: read its components with
   :func:`collage_optax.formats.mcf_components`, a :class:`~collage_optax.formats.Q8`
-  for ``"q8"``); for float32/float64 leaves an array of the leaf's dtype.
+  for ``"q8"``, a :class:`~collage_optax.formats.Log16` for ``"log16"``); for
+  float32/float64 leaves an array of the leaf's dtype.
   """
 
   count: chex.Array  # shape=(), dtype=jnp.int32.
@@ -279,7 +280,8 @@ def scale_by_adam(
   each moment is stored in a format of :mod:`collage_optax.formats`
   (``"bf16"``, ``"mcf"``: the paper's two-bfloat16 MCF, ~16 significant
   bits, so ``b2=0.999`` means 0.999 and ``v`` decays as in float64,
-  COLLAGE-plus; ``"f32"``/``"exact"``; ``"q8"``); float32/float64 leaves keep
+  COLLAGE-plus; ``"f32"``/``"exact"``; ``"q8"``; ``"log16"``, for ``v``
+  only); float32/float64 leaves keep
   moments of their dtype (the first in ``mu_dtype`` when given, as
   optax), non-float leaves none. The step count and bias corrections are
   scalars. Without ``params`` in ``update``, a leaf counts as
@@ -309,7 +311,9 @@ def scale_by_adam(
     _deprecated("scale_by_adam(mcf_nu=...)", "nu_format='mcf' or 'bf16'")
     nu_format = "mcf" if mcf_nu else "bf16"
   who = "collage_optax.scale_by_adam"
-  low = _kernel.LeafFormats(None, formats.moment_format(mu_format), formats.moment_format(nu_format, second=True))
+  low = _kernel.LeafFormats(
+    None, checks.moment_format(who, mu_format), checks.moment_format(who, nu_format, second=True)
+  )
   mu_native = formats.native_format(mu_dtype) if mu_dtype is not None else None
   hp = _kernel.Adam(b1, b2, eps, eps_root, nesterov)
 

@@ -65,7 +65,7 @@ def test_round_trip_of_the_params(mode):
     hi = x64.astype(ml_dtypes.bfloat16).astype(np.float64)
     finite = np.isfinite(hi) & ~(np.abs(x64) < 2.0**-126)
     assert np.array_equal(np.asarray(params[k], np.float64)[finite], hi[finite]), k
-    bound = 2.0**-8 * np.abs(x64 - hi) if mode != "compact" else _ulp_bf16(x64) / 508
+    bound = 2.0**-8 * np.abs(x64 - hi) if co.PRESETS[mode][0] != "compact" else _ulp_bf16(x64) / 508
     # float32 subnormals are flushed by XLA:CPU's arithmetic: there the residual may be lost (< 2**-126).
     assert np.all(np.abs(got - x64)[finite] <= bound[finite] + 2.0**-126), (k, mode)
 
@@ -94,6 +94,12 @@ def test_the_moments_and_count_of_an_optax_state(mode):
         assert np.array_equal(got, want)
       elif fmt.name == "mcf":
         assert np.all(np.abs(got - want) <= 2.0**-16 * np.abs(want) + 2.0**-133)
+      elif fmt.name == "log16":  # v: within log16_bound, relative, above its group's floor
+        rel, floor, tiny = formats.log16_bound()
+        s = np.max(want.reshape(*want.shape[:-1], -1, min(32, want.shape[-1])), axis=-1, keepdims=True)
+        s = np.broadcast_to(s, (*s.shape[:-1], min(32, want.shape[-1]))).reshape(want.shape)
+        assert np.all(got >= want - rel * want - tiny), (k, name)
+        assert np.all(got <= np.maximum(want + rel * want + tiny, floor * s)), (k, name)
       else:  # q8: within its bound of the group's largest magnitude
         q = np.abs(want) if name == "mu" else np.sqrt(want)
         s = np.max(q.reshape(*q.shape[:-1], -1, min(32, q.shape[-1])), axis=-1, keepdims=True) * (1 + 2.0**-8)

@@ -23,6 +23,9 @@ Two kinds:
   f32    float32                    4     24 bits (alias ``exact``: the float32 bits)
   q8     :class:`Q8`: 8-bit codes   1.06  8 bits relative to a group's largest
          + a bf16 scale per 32            value (FlashOptim's moments)
+  log16  :class:`Log16`: uint16     2.13  ``v`` only: ``2**-11`` relative, 32 octaves
+         codes of log2 v + an f32         below a group's largest (then a floor)
+         scale per 32
   ====== ========================== ===== ==========================================
 
   ``q8`` has two variants: ``Q8_M`` stores ``m`` as int8 codes of
@@ -30,6 +33,10 @@ Two kinds:
   ``√v/s``, ``s`` the largest magnitude in each group of 32 along the last
   axis; :func:`moment_format` picks the one of the moment's role. The
   ``mcf`` moment (``MCF_PACKED``) is the paper's MCF packed in one uint32.
+  ``log16`` (``LOG16``) holds a second moment only: uint16 codes counting
+  1/2048 octaves of Mitchell's ``log2`` down from ``s``, the largest ``v`` of
+  its group of 32, rounded stochastically by a hash of ``v``'s bits (integer
+  operations only); see :func:`log16_bound`.
 
 * :class:`ParamFormat` -- a parameter: its first component is the parameter
   array the model computes with (bfloat16 or float16); the rest (the
@@ -71,6 +78,7 @@ import jax.numpy as jnp
 
 from collage_optax import _tree
 from collage_optax.formats._arith import emit, finite_max, landed, narrow, widen
+from collage_optax.formats._log16 import LOG16, Log16, log16_bound
 from collage_optax.formats._moments import (
   BF16,
   F32,
@@ -90,6 +98,8 @@ __all__ = [
   "COMPACT",
   "EXACT",
   "F32",
+  "GROUPED",
+  "LOG16",
   "MCF_PACKED",
   "MCF_RESIDUAL",
   "MOMENT_FORMATS",
@@ -98,11 +108,13 @@ __all__ = [
   "Q8",
   "Q8_M",
   "Q8_V",
+  "Log16",
   "MomentFormat",
   "ParamFormat",
   "emit",
   "landed",
   "lift_storage",
+  "log16_bound",
   "mcf_components",
   "moment_format",
   "moment_format_of",
@@ -117,8 +129,19 @@ __all__ = [
 
 _BF16 = jnp.dtype(jnp.bfloat16)
 
-#: The moment formats by name (``exact`` is ``f32``: the float32 bits, as the ``exact`` param format keeps them).
-MOMENT_FORMATS: dict[str, MomentFormat] = {"bf16": BF16, "mcf": MCF_PACKED, "f32": F32, "exact": F32, "q8": Q8_M}
+#: The moment formats by name (``exact`` is ``f32``: the float32 bits, as the ``exact`` param format keeps them;
+#: ``log16`` holds second moments only).
+MOMENT_FORMATS: dict[str, MomentFormat] = {
+  "bf16": BF16,
+  "mcf": MCF_PACKED,
+  "f32": F32,
+  "exact": F32,
+  "q8": Q8_M,
+  "log16": LOG16,
+}
+
+#: The grouped storages (a NamedTuple of per-element ``codes`` and per-group ``scales``): one leaf per param.
+GROUPED = (Q8, Log16)
 
 
 def native_format(dtype: Any) -> MomentFormat:
@@ -146,6 +169,8 @@ def moment_format_of(storage: Any) -> MomentFormat:
   """
   if isinstance(storage, Q8):
     return Q8_M if jnp.dtype(storage.codes.dtype) == jnp.int8 else Q8_V
+  if isinstance(storage, Log16):
+    return LOG16
   dtype = jnp.dtype(storage.dtype)
   if dtype == jnp.uint32:
     return MCF_PACKED
@@ -168,40 +193,46 @@ def moment_format(name: Any, *, second: bool = False) -> MomentFormat:
 
   ``second=True`` asks for the format of a second moment (``v ≥ 0``):
   ``"q8"`` is then ``Q8_V``, unsigned codes of ``√v``; a first moment's
-  ``"q8"`` is always ``Q8_M``. Every other format holds either sign.
+  ``"q8"`` is always ``Q8_M``. ``"log16"`` holds second moments only (a
+  ``ValueError`` without ``second``). Every other format holds either sign.
   """
   fmt = _named(MOMENT_FORMATS, name, MomentFormat, "moment")
+  if fmt is LOG16 and not second:
+    raise ValueError(
+      "moment format 'log16' stores a second moment (v >= 0: codes of log2 v) and cannot hold a first "
+      "moment's sign; use it as nu_format='log16', and 'bf16', 'mcf', 'f32' or 'q8' for mu_format."
+    )
   if fmt in (Q8_M, Q8_V):
     return Q8_V if second else Q8_M
   return fmt
 
 
 def per_param(tree: Any) -> Any:
-  """A state tree with each storage of several arrays (a ``q8`` moment's codes and scales) as one leaf.
+  """A state tree with each grouped storage (a ``q8``/``log16`` moment's codes and scales) as one leaf: its codes.
 
   So that a moment tree has the params' tree structure.
   """
-  is_leaf = lambda x: isinstance(x, Q8) or _tree.is_empty(x)
-  return jax.tree.map(lambda x: x.codes if isinstance(x, Q8) else x, tree, is_leaf=is_leaf)
+  is_leaf = lambda x: isinstance(x, GROUPED) or _tree.is_empty(x)
+  return jax.tree.map(lambda x: x.codes if isinstance(x, GROUPED) else x, tree, is_leaf=is_leaf)
 
 
 def lift_storage(tree: Any) -> Any:
-  """A state tree with each flax ``nnx.Variable`` holding a ``q8`` moment split into two, under the ``Q8``.
+  """A state tree with each flax ``nnx.Variable`` holding a grouped moment (``Q8``, ``Log16``) split into two, under it.
 
   ``tx.init(nnx.state(model, nnx.Param))`` mirrors the params' Variables;
   a Variable's value must be an array (``nnx.Optimizer`` writes each step's
   state back into it with ``nnx.update``, which would turn a pytree value
   into an ``nnx.State``), so a ``Q8(codes, scales)`` value becomes
-  ``Q8(Variable(codes), Variable(scales))``.
+  ``Q8(Variable(codes), Variable(scales))`` (a ``Log16`` likewise).
   """
   if "flax" not in sys.modules:
     return tree
   from flax import nnx  # pylint: disable=g-import-not-at-top
 
   def lift(x):
-    if isinstance(x, nnx.Variable) and isinstance(x.get_value(), Q8):
+    if isinstance(x, nnx.Variable) and isinstance(x.get_value(), GROUPED):
       q = x.get_value()
-      return Q8(x.replace(q.codes), x.replace(q.scales))
+      return type(q)(x.replace(q.codes), x.replace(q.scales))
     return x
 
   return jax.tree.map(lift, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

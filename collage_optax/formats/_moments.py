@@ -80,7 +80,8 @@ def zeros_of(dtype: Any) -> Callable[[Any], Array]:
 # q8: 8-bit codes and one bfloat16 scale per group of 32 along the last axis.
 # ---------------------------------------------------------------------------
 
-_GROUP = 32
+#: The group size of the grouped storages (q8, log16): 32 consecutive elements along the last axis.
+GROUP = 32
 
 
 class Q8(NamedTuple):
@@ -102,17 +103,17 @@ class Q8(NamedTuple):
   scales: Any
 
 
-def _grouped(x: Array) -> Array:
+def grouped(x: Array) -> Array:
   """``x`` (any shape) as ``(..., groups, 32)`` along its last axis, zero-padded."""
   x = jnp.reshape(x, x.shape or (1,))
-  pad = -x.shape[-1] % _GROUP
+  pad = -x.shape[-1] % GROUP
   if pad:
     x = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)])
-  return x.reshape(*x.shape[:-1], -1, _GROUP)
+  return x.reshape(*x.shape[:-1], -1, GROUP)
 
 
-def _ungrouped(x: Array, shape: tuple[int, ...]) -> Array:
-  """The inverse of :func:`_grouped`: drops the padding, restores ``shape``."""
+def ungrouped(x: Array, shape: tuple[int, ...]) -> Array:
+  """The inverse of :func:`grouped`: drops the padding, restores ``shape``."""
   n = shape[-1] if shape else 1
   return x.reshape(*x.shape[:-2], -1)[..., :n].reshape(shape)
 
@@ -137,10 +138,10 @@ def _q8_encoder(signed: bool) -> Callable[[Array], Q8]:
     x = jnp.asarray(x, jnp.float32)
     finite = jnp.isfinite(x)
     y = jnp.where(finite, x if signed else jnp.sqrt(jnp.maximum(x, 0.0)), 0.0)
-    groups = _grouped(y)
+    groups = grouped(y)
     s = mcf.round_to(jnp.max(jnp.abs(groups), axis=-1), _BF16)
     inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
-    y = _ungrouped(groups * inv[..., None], x.shape)
+    y = ungrouped(groups * inv[..., None], x.shape)
     if signed:
       y = 2.0 * y / (1.0 + jnp.abs(y))
     c = jnp.clip(jnp.round(levels * y), -levels if signed else 0.0, levels)
@@ -163,7 +164,7 @@ def _q8_decode(q: Q8) -> Array:
     # much smaller than its group's largest does not step by m/√((1 − b2)·g²) next time.
     c = jnp.where(q.codes == 0, 0.5, c)
   s = widen(q.scales) * (1.0 if signed else 1.0 / 254.0)
-  x = _ungrouped(_grouped(c) * s[..., None], shape)
+  x = ungrouped(grouped(c) * s[..., None], shape)
   if not signed:
     x = x * x
   return jnp.where(q.codes == _Q8_NAN[jnp.dtype(q.codes.dtype)], jnp.nan, x)
@@ -173,7 +174,7 @@ def _q8_zeros(dtype: Any) -> Callable[[Any], Q8]:
   def zeros(like: Any) -> Q8:
     codes = jnp.zeros_like(like, dtype=dtype)  # keeps the sharding
     # The scales by the reduction the encode uses, so that they get the sharding a step gives them.
-    return Q8(codes, jnp.max(_grouped(jnp.zeros_like(like, dtype=_BF16)), axis=-1))
+    return Q8(codes, jnp.max(grouped(jnp.zeros_like(like, dtype=_BF16)), axis=-1))
 
   return zeros
 
@@ -192,7 +193,7 @@ def q8_bound(second: bool) -> float:
   return 2.0**-8 if second else (1.0 / 127.0) * (1.0 + 2.0**-8)
 
 
-_Q8_BYTES = 1 + 2 / _GROUP
+_Q8_BYTES = 1 + 2 / GROUP
 
 #: ``bf16``: one bfloat16 (8 significant bits).
 BF16 = MomentFormat("bf16", 2, zeros_of(_BF16), _bf16_encode, widen, finite_max(_BF16), coarse=True)
