@@ -148,7 +148,7 @@ def test_deprecated_booleans_warn_and_mean_the_formats(old, new):
 
 def test_compensate_format_keyword_is_deprecated():
   with pytest.warns(DeprecationWarning, match="param_format"):
-    tx = co.compensate(param_format="exact")
+    tx = co.compensate(format="exact")
   params = {"w": jnp.ones((4,), jnp.bfloat16)}
   assert tx.init(params).lo["w"].dtype == jnp.int16
 

@@ -196,6 +196,8 @@ def moment_format(name: Any, *, second: bool = False) -> MomentFormat:
   ``"q8"`` is always ``Q8_M``. ``"log16"`` holds second moments only (a
   ``ValueError`` without ``second``). Every other format holds either sign.
   """
+  if isinstance(name, MomentFormat):  # a format object is taken as it is (a first moment's Q8_M promoted for v)
+    return Q8_V if second and name is Q8_M else name
   fmt = _named(MOMENT_FORMATS, name, MomentFormat, "moment")
   if fmt is LOG16 and not second:
     raise ValueError(
