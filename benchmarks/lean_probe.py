@@ -17,42 +17,43 @@ Run: ``python benchmarks/lean_probe.py [--strategies a,b] [--variant lossy|m10] 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import sys
 import time
 from pathlib import Path
+from types import MappingProxyType
 
-ROOT = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("benchmark_trajectory", ROOT / "benchmarks" / "trajectory.py")
-trajectory = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = trajectory
-spec.loader.exec_module(trajectory)
+import jax.numpy as jnp
+import trajectory  # benchmarks/trajectory.py
 
-import jax.numpy as jnp  # noqa: E402
-
-from collage_optax import formats  # noqa: E402
-from collage_optax.formats import _log16  # noqa: E402  (the variants patch its step and rounding)
+from collage_optax import formats
+from collage_optax.cli import strategies as registry
+from collage_optax.formats import _log16  # the variants patch its step and rounding
 
 #: name -> (param_format, mu_format, nu_format), all passed explicitly to adamw.
 PROBES = {
-    "exact_f32_nu": ("exact", "f32", "f32"),  # float32 v: the floor of the 'only v differs' probes
-    "exact_log16_nu": ("exact", "f32", "log16"),  # log16 v alone
-    "exact_bf16_nu": ("exact", "f32", "bf16"),
-    "exact_q8_nu": ("exact", "f32", "q8"),
-    "compact_log16": ("compact", "q8", "log16"),  # compact with nu_format='log16'
-    "compact_bf16_log16": ("compact", "bf16", "log16"),  # the lean candidate of the issue
-    "compact_f32m_log16": ("compact", "f32", "log16"),
-    "mcf_q8_log16": ("mcf", "q8", "log16"),
-    "exact_q8_log16": ("exact", "q8", "log16"),
-    "exact_bf16_log16": ("exact", "bf16", "log16"),
-    "mcf_bf16_log16": ("mcf", "bf16", "log16"),
-    "compact_bf16_mcf": ("compact", "bf16", "mcf"),
-    "compact_bf16_bf16": ("compact", "bf16", "bf16"),
+  "exact_f32_nu": ("exact", "f32", "f32"),  # float32 v: the floor of the 'only v differs' probes
+  "exact_log16_nu": ("exact", "f32", "log16"),  # log16 v alone
+  "exact_bf16_nu": ("exact", "f32", "bf16"),
+  "exact_q8_nu": ("exact", "f32", "q8"),
+  "compact_log16": ("compact", "q8", "log16"),  # compact with nu_format='log16'
+  "compact_bf16_log16": ("compact", "bf16", "log16"),  # the lean candidate of the issue
+  "compact_f32m_log16": ("compact", "f32", "log16"),
+  "mcf_q8_log16": ("mcf", "q8", "log16"),
+  "exact_q8_log16": ("exact", "q8", "log16"),
+  "exact_bf16_log16": ("exact", "bf16", "log16"),
+  "mcf_bf16_log16": ("mcf", "bf16", "log16"),
+  "compact_bf16_mcf": ("compact", "bf16", "mcf"),
+  "compact_bf16_bf16": ("compact", "bf16", "bf16"),
 }
-for name, (p, m, v) in PROBES.items():
-  trajectory.COLLAGE[name] = {"mode": "plus", "param_format": p, "mu_format": m, "nu_format": v}
-trajectory.COLLAGE["lean"] = {"mode": "lean"}  # the preset: compact_bf16_log16 by name
+registry.REGISTRY = MappingProxyType(
+  {
+    **registry.REGISTRY,
+    **{
+      name: registry.collage(name, mode="plus", param_format=p, mu_format=m, nu_format=v)
+      for name, (p, m, v) in PROBES.items()
+    },
+  }
+)
 trajectory.KNOWN = trajectory.KNOWN + tuple(PROBES) + ("lean",)
 
 
@@ -95,8 +96,10 @@ def main(argv=None) -> None:
   rows = []
   for s in strategies:
     b = result["bytes_per_param"][s]
-    rows.append(f"{s:<22} {result['relative_error'][s]:.3e}  {b['params_plus_state']:.3f} B  "
-                f"{b['total_with_gradients']:.3f} B with grads")
+    rows.append(
+      f"{s:<22} {result['relative_error'][s]:.3e}  {b['params_plus_state']:.3f} B  "
+      f"{b['total_with_gradients']:.3f} B with grads"
+    )
   print("\n".join(rows))
   print(f"{time.perf_counter() - t0:.0f} s")
   if args.out:

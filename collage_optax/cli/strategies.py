@@ -40,6 +40,7 @@ __all__ = [
   "AdamW",
   "Strategy",
   "bytes_per_param",
+  "collage",
   "get",
   "nbytes",
 ]
@@ -99,13 +100,14 @@ def _lion_compensate(hp: AdamW) -> optax.GradientTransformation:
   return optax.chain(optax.lion(1e-4), collage_optax.compensate())
 
 
-def _collage(
+def collage(
   label: str,
   mode: str,
   mu_format: str | None = None,
   nu_format: str | None = None,
   small_leaves: str | None = None,
   min_size: int = 4096,
+  param_format: str | None = None,
 ) -> Strategy:
   """The strategy ``collage_optax.adamw(mode=mode)`` on bfloat16 params, with the moment formats given.
 
@@ -123,12 +125,19 @@ def _collage(
       weight_decay=hp.weight_decay,
       mask=hp.mask,
       mode=per_leaf,
+      param_format=param_format,
       mu_format=mu_format,
       nu_format=nu_format,
       track_metrics=hp.metrics,
     )
 
-  kwargs: dict[str, Any] = {"mode": mode, "mu_format": mu_format, "nu_format": nu_format, "small_leaves": small_leaves}
+  kwargs: dict[str, Any] = {
+    "mode": mode,
+    "param_format": param_format,
+    "mu_format": mu_format,
+    "nu_format": nu_format,
+    "small_leaves": small_leaves,
+  }
   if small_leaves:
     kwargs["min_size"] = min_size
   return Strategy(label, jnp.bfloat16, make, MappingProxyType({k: v for k, v in kwargs.items() if v is not None}))
@@ -150,17 +159,17 @@ REGISTRY: Mapping[str, Strategy] = MappingProxyType(
   {
     "fp32": Strategy("D: optax.adamw, fp32 params", jnp.float32, _optax_adamw),
     "bf16": Strategy("A: optax.adamw, bf16 params", jnp.bfloat16, _optax_adamw),
-    **{mode: _collage(_mode_label(mode), mode=mode) for mode in collage_optax.MODES},
-    "exact_m": _collage("collage adamw exact, float32 m", mode="exact", mu_format="exact"),
+    **{mode: collage(_mode_label(mode), mode=mode) for mode in collage_optax.MODES},
+    "exact_m": collage("collage adamw exact, float32 m", mode="exact", mu_format="exact"),
     # Per-leaf formats: leaves under 4096 elements or 1-D in exact; 1-D leaves only (biases, norm gains).
-    "compact_small_exact": _collage("collage adamw compact, small leaves exact", mode="compact", small_leaves="exact"),
-    "compact_1d_exact": _collage(
+    "compact_small_exact": collage("collage adamw compact, small leaves exact", mode="compact", small_leaves="exact"),
+    "compact_1d_exact": collage(
       "collage adamw compact, 1-D leaves exact", mode="compact", small_leaves="exact", min_size=1
     ),
     # Probes: compact's param format alone, compact's moments alone, its second moment alone.
-    "compact_f32": _collage("collage adamw compact, float32 moments", mode="compact", mu_format="f32", nu_format="f32"),
-    "exact_q8": _collage("collage adamw exact, q8 moments", mode="exact", mu_format="q8", nu_format="q8"),
-    "exact_q8_nu": _collage("collage adamw exact, q8 v", mode="exact", mu_format="f32", nu_format="q8"),
+    "compact_f32": collage("collage adamw compact, float32 moments", mode="compact", mu_format="f32", nu_format="f32"),
+    "exact_q8": collage("collage adamw exact, q8 moments", mode="exact", mu_format="q8", nu_format="q8"),
+    "exact_q8_nu": collage("collage adamw exact, q8 v", mode="exact", mu_format="f32", nu_format="q8"),
     "sr": Strategy("optax.adamw, bf16 params, stochastic rounding", jnp.bfloat16, _sr),
     "lion_compensate": Strategy("optax.lion + compensate, bf16", jnp.bfloat16, _lion_compensate),
   }
