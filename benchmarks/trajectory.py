@@ -109,7 +109,7 @@ LAYOUT = {
 }
 #: What :func:`run` replays by default: optax's fp32 and bf16, then the COLLAGE strategies
 #: (``collage_optax.cli.strategies.REGISTRY`` has them all).
-STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "exact_m")
+STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "lean", "exact_m")
 #: Probes, by name only (not in the defaults): which part of a preset the error comes from.
 PROBES = ("compact_f32", "exact_q8", "exact_q8_nu", "compact_small_exact", "compact_1d_exact")
 #: FlashOptim's variants (``_common.FLASH_VARIANTS``), replayed when ``flashoptim_jax`` is importable.

@@ -51,12 +51,12 @@ def _moment(g: chex.Array, store: Any, fmt: formats.MomentFormat, decay: Any, or
   ``m ← (1 − b1)·g + b1·m`` (``order=1``) or ``v ← (1 − b2)·g² + b2·v``
   (``order=2``), in ``g``'s (wide) type from the decoded stored moment,
   encoded once, saturating at the format's largest value where ``g`` is
-  finite. The value used is read back from the storage (XLA:CPU then reads
-  the moment array just written instead of recomputing it from the donated
-  old one, which it would copy first), except for a ``coarse`` format: there
-  the step uses the value before its rounding (2**-9 relative for ``bf16``;
-  on the trajectory replay COLLAGE-plus's error vs float64 is 6.1e-4 so,
-  6.7e-4 from the rounded ``m``), as FlashOptim does for its 8-bit moments.
+  finite. The value used is read back from the storage, so that the stored
+  moment is the one intermediate of the step's single pass (XLA:TPU splits
+  the pass in two when the unrounded moment feeds the direction and its
+  rounding the store; XLA:CPU would copy the donated old moment), except for
+  a ``coarse`` (8-bit) format: there the step uses the value before its
+  rounding, as FlashOptim does for its 8-bit moments.
   """
   finite = jnp.isfinite(g)
   old = fmt.decode(store).astype(g.dtype)

@@ -14,7 +14,7 @@ import pytest
 from collage_optax import cli
 from collage_optax.cli import corpus, experiment, report, strategies
 
-STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "sr")
+STRATEGIES = ("fp32", "bf16", "light", "plus", "full", "exact", "compact", "lean", "sr")
 # results.json keeps report.SIGNIFICANT_DIGITS significant digits: each float read
 # back is within this relative error of the value computed, on any machine.
 ROUNDING = 0.5 * 10.0 ** (1 - report.SIGNIFICANT_DIGITS)
@@ -22,8 +22,11 @@ ROUNDING = 0.5 * 10.0 ** (1 - report.SIGNIFICANT_DIGITS)
 # fp32 params, m, v = 12; bf16 params, m, v = 6 (sr too: no residual); + lo(params) = 8;
 # + lo(v) = 10; + lo(m) = 12; exact: bf16 + int16, bf16 m, float32 v = 10; compact: bf16 + int8,
 # and 8-bit m and v with a bf16 scale per 32 = 3 + 2·(1 + 2/32) = 5.125 (a bit more where a
-# row is shorter than 32 and its scale covers fewer values).
-BYTES_PER_PARAM = {"fp32": 12, "bf16": 6, "light": 8, "plus": 10, "full": 12, "exact": 10, "compact": 5.125, "sr": 6}
+# row is shorter than 32 and its scale covers fewer values); lean: bf16 + int8, bf16 m, and a 16-bit
+# log-domain v with a float32 scale per 32 = 3 + 2 + 2 + 4/32 = 7.125.
+BYTES_PER_PARAM = {
+  "fp32": 12, "bf16": 6, "light": 8, "plus": 10, "full": 12, "exact": 10, "compact": 5.125, "lean": 7.125, "sr": 6,
+}
 
 
 def _text(n: int) -> bytes:
@@ -90,10 +93,17 @@ def test_compare_tiny_end_to_end(tmp_path, capsys):
   assert "lost fraction" in rows[0]
   names = [r.split("|")[1].strip() for r in rows[2:]]
   assert names == list(STRATEGIES)
-  assert (out / "table.md").read_text().strip() == "\n".join(rows)
+  table_md = (out / "table.md").read_text().strip()
+  assert [line for line in table_md.splitlines() if line.startswith("|")] == rows
+  # Then the audit: the leaves each tracked strategy froze (precision_report), as printed.
+  audit = [line for line in table_md.splitlines() if line and not line.startswith("|")]
+  assert audit and all(line in stdout for line in audit)
 
   res = json.loads((out / "results.json").read_text())
   assert res["partial"] is False and res["config"]["seeds"] == [0, 1]
+  # COLLAGE keeps every leaf moving; sr's landing is random, so it tracks nothing.
+  assert res["strategies"]["plus"]["frozen"] == [] and res["strategies"]["exact"]["frozen"] == []
+  assert res["strategies"]["sr"]["frozen"] is None and isinstance(res["strategies"]["bf16"]["frozen"], list)
   assert res["config"]["train"]["steps"] == steps
   assert res["config"]["model"]["layers"] == cli.MODEL_SIZES["tiny"]["layers"]
   assert set(res["strategies"]) == set(STRATEGIES)

@@ -24,9 +24,9 @@ class MomentFormat(NamedTuple):
   ``zeros(like)`` is the storage of 0 for an array shaped like ``like``;
   ``encode`` rounds a float32 array into the storage, ``decode`` returns its
   float32 value; ``max`` is the largest finite value it holds (the step
-  saturates finite results there); ``bytes`` per value. ``coarse``: a format
-  of 8 significant bits or fewer, whose step uses the new value before its
-  rounding rather than the stored one (2**-9 relative for ``bf16``).
+  saturates finite results there); ``bytes`` per value. ``coarse``: an 8-bit
+  format whose step uses the new value before its rounding rather than the
+  stored one (``q8``: a code step is up to 1/127 of the group's largest).
   """
 
   name: str
@@ -196,7 +196,7 @@ def q8_bound(second: bool) -> float:
 _Q8_BYTES = 1 + 2 / GROUP
 
 #: ``bf16``: one bfloat16 (8 significant bits).
-BF16 = MomentFormat("bf16", 2, zeros_of(_BF16), _bf16_encode, widen, finite_max(_BF16), coarse=True)
+BF16 = MomentFormat("bf16", 2, zeros_of(_BF16), _bf16_encode, widen, finite_max(_BF16))
 #: ``mcf``: the paper's two-bfloat16 MCF (~16 bits), packed in a uint32.
 MCF_PACKED = MomentFormat("mcf", 4, zeros_of(jnp.uint32), _mcf_encode, _mcf_decode, finite_max(_BF16))
 #: ``f32``: float32 (the ``exact`` preset's ``v``).
