@@ -101,9 +101,18 @@ TARGETS: dict[str, Target] = {
   "v4": Target("TPU v4 (megacore)", "tpu", "v4:1x1x1", 1228e9, 32 * GiB, "megacore"),
   "v5p": Target("TPU v5p (megacore)", "tpu", "v5p:1x1x1", 2765e9, 95 * GiB, "megacore"),
 }
-DEFAULT_TARGETS = ("h100", "h200", "v5e", "v6e", "v4", "v5p")
+DEFAULT_TARGETS = ("h100", "h200", "v5e", "v6e")  # v4 and v5p on request (--targets): each TPU adds minutes.
 MEMORY_TARGETS = ("h200", "v5e")  # Part 3's training-step memory table.
 FITS_TARGETS = ("h100", "h200", "v5e")  # Part 3's "largest that fits".
+#: Part 3's strategies by default: the optax baselines and the four adamw modes of the test (compact and the
+#: compensate chains on request, --memory-strategies).
+MEMORY_STRATEGIES = ("fp32", "bf16", "light", "plus", "exact", "full")
+#: Compiler options of Part 3's training steps: only ``memory_analysis()`` is read, and buffer assignment
+#: precedes LLVM, so the GPU backend skips its expensive LLVM passes (same temp bytes, a fraction of the time).
+TRAIN_STEP_OPTIONS: dict[str, dict[str, Any]] = {
+  "cuda": {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True},
+  "tpu": {},
+}
 
 
 def strategies() -> dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]]]:
@@ -339,9 +348,13 @@ def ideal_bytes(tx: optax.GradientTransformation, params: Any) -> float:
 
 
 def step_cases(quick: bool) -> dict[str, dict[str, tuple[int, ...]]]:
-  """The param sets: one large leaf, and ``step.py``'s GPT-like tree."""
+  """The param sets: one large leaf, and a one-block ``step.py`` GPT-like tree (16 leaves, every leaf kind).
+
+  One block, not four: the per-leaf kernels are the same, and XLA:TPU's compile time grows fast with the
+  number of leaves (the four-block tree's 52 did not compile in 7 minutes on two cores).
+  """
   side = 1024 if quick else 4096
-  return {"leaf": {"w": (side, side)}, "tree": step_bench.param_shapes(2**20 if quick else 16 * 2**20)}
+  return {"leaf": {"w": (side, side)}, "tree": step_bench.param_shapes(2**20 if quick else 16 * 2**20, layers=1)}
 
 
 def measure_step(name: str, shapes: dict[str, tuple[int, ...]], target: str) -> dict[str, Any]:
@@ -369,6 +382,24 @@ def add_ratios(rows: dict[str, dict[str, Any]]) -> None:
     row["time_vs_fp32"] = round(row["time_us"] / base, 3) if base else None
 
 
+JOBS = 1  # Worker processes for the compiles (--jobs); 1: in this process.
+
+
+def _call(fn_name: str, args: tuple[Any, ...]) -> Any:
+  return globals()[fn_name](*args)
+
+
+def pmap(fn_name: str, calls: list[tuple[Any, ...]]) -> list[Any]:
+  """``[fn(*args) for args in calls]``, over ``JOBS`` worker processes (each compiles independently)."""
+  if JOBS <= 1 or len(calls) <= 1:
+    return [_call(fn_name, a) for a in calls]
+  import concurrent.futures  # pylint: disable=import-outside-toplevel
+  import multiprocessing  # pylint: disable=import-outside-toplevel
+
+  with concurrent.futures.ProcessPoolExecutor(JOBS, mp_context=multiprocessing.get_context("spawn")) as pool:
+    return list(pool.map(_call, [fn_name] * len(calls), calls))
+
+
 def run_steps(targets: list[str], names: list[str], quick: bool, cases: list[str]) -> dict[str, Any]:
   """Parts 1 and 2: ``{case: {target: {strategy: stats}}}``."""
   out: dict[str, Any] = {}
@@ -376,11 +407,17 @@ def run_steps(targets: list[str], names: list[str], quick: bool, cases: list[str
     if case not in cases:
       continue
     out[case] = {"n_params": sum(math.prod(s) for s in shapes.values()), "leaves": len(shapes), "targets": {}}
-    for target in targets:
-      rows = {name: measure_step(name, shapes, target) for name in names}
+    t0 = time.perf_counter()
+    if case == "tree":  # XLA:TPU compiles a tree slowly: one TPU (the first asked) next to the GPUs.
+      tpus = [t for t in targets if TARGETS[t].platform == "tpu"]
+      targets = [t for t in targets if TARGETS[t].platform != "tpu" or t == (tpus[0] if tpus else None)]
+    stats = pmap("measure_step", [(name, shapes, target) for target in targets for name in names])
+    for i, target in enumerate(targets):
+      rows = dict(zip(names, stats[i * len(names) : (i + 1) * len(names)]))
       add_ratios(rows)
       out[case]["targets"][target] = rows
       print(f"  {case} {target}: " + ", ".join(f"{k} {v['hbm_B']}" for k, v in rows.items()), flush=True)
+    print(f"  {case}: {time.perf_counter() - t0:.0f} s", flush=True)
   return out
 
 
@@ -491,11 +528,26 @@ def compile_train_step(name: str, shape: GPTShape, batch: int, target: str) -> A
   state = jax.eval_shape(tx.init, params)
   tokens = jax.ShapeDtypeStruct((batch, CONTEXT + 1), jnp.int32)
   args = on_chip((params, state, tokens), target)
-  return jax.jit(train_step, donate_argnums=(0, 1)).lower(*args).compile()
+  options = TRAIN_STEP_OPTIONS[TARGETS[target].platform]
+  return jax.jit(train_step, donate_argnums=(0, 1)).lower(*args).compile(compiler_options=options or None)
 
 
 def step_memory(name: str, shape: GPTShape, batch: int, target: str) -> dict[str, Any]:
   """``memory_analysis()`` of one training step: arguments, temporaries, peak (args + outputs − aliased + temp)."""
+  t0 = time.perf_counter()
+  _, dtype, make = strategies()[name]
+  params = gpt_params(shape, dtype)
+  args = registry.nbytes(params) + registry.nbytes(jax.eval_shape(make().init, params)) + 4 * batch * (CONTEXT + 1)
+  if args > TARGETS[target].capacity:  # Params and state alone do not fit: nothing to compile.
+    return {
+      "args_GB": round(args / 1e9, 3),
+      "temp_GB": None,
+      "peak_GB": None,
+      "fits": False,
+      "n_params": shape.n_params,
+      "compile_s": 0.0,
+      "note": "params + state exceed the chip",
+    }
   mem = compile_train_step(name, shape, batch, target).memory_analysis()
   peak = (
     mem.argument_size_in_bytes
@@ -509,51 +561,116 @@ def step_memory(name: str, shape: GPTShape, batch: int, target: str) -> dict[str
     "temp_GB": round(mem.temp_size_in_bytes / 1e9, 3),
     "peak_GB": round(peak / 1e9, 3),
     "fits": peak <= TARGETS[target].capacity,
+    "n_params": shape.n_params,
+    "compile_s": round(time.perf_counter() - t0, 1),
   }
 
 
 def run_memory(targets: list[str], names: list[str], quick: bool) -> dict[str, Any]:
   """Part 3a: ``{target: {model: {batch: {strategy: memory}}}}``."""
   models = {"125M": NAMED_MODELS["125M"]} if quick else NAMED_MODELS
+  calls = [
+    (name, shape, batch, target)
+    for target in targets
+    for shape in models.values()
+    for batch in (1, 8)
+    for name in names
+  ]
+  t0 = time.perf_counter()
+  results = iter(pmap("step_memory", calls))
   out: dict[str, Any] = {}
   for target in targets:
     out[target] = {}
     for model, shape in models.items():
       out[target][model] = {"n_params": shape.n_params, "batches": {}}
       for batch in (1, 8):
-        out[target][model]["batches"][str(batch)] = {name: step_memory(name, shape, batch, target) for name in names}
-      print(f"  memory {target} {model} done", flush=True)
+        out[target][model]["batches"][str(batch)] = {name: next(results) for name in names}
+  print(f"  memory: {len(calls)} training steps in {time.perf_counter() - t0:.0f} s", flush=True)
   return out
 
 
-def largest_fit(name: str, target: str, batch: int = 1, step: int = 256, hi: int = 64) -> dict[str, Any]:
-  """The widest ``family(step·k)``, ``k ≤ hi``, whose training step fits ``target``'s memory (bisection)."""
-  lo_k, hi_k, best = 0, hi + 1, None
-  while hi_k - lo_k > 1:
-    k = (lo_k + hi_k) // 2
-    mem = step_memory(name, family(step * k), batch, target)
-    if mem["fits"]:
-      lo_k, best = k, mem
+def _family_k(n_params: float, step: int) -> int:
+  """The ``k`` whose ``family(step·k)`` has about ``n_params`` params (at least 1)."""
+  k = 1
+  while family(step * (k + 1)).n_params <= n_params:
+    k += 1
+  return k
+
+
+def largest_fit(
+  name: str, target: str, per_param: float | None = None, batch: int = 1, step: int = 256, hi: int = 64
+) -> dict[str, Any]:
+  """The widest ``family(step·k)``, ``k ≤ hi``, whose training step fits ``target``'s memory.
+
+  Each probe compiles the whole training step (``memory_analysis()``). With ``per_param``, the peak bytes per
+  param of a large model of the same strategy (Part 3a), the search starts at the width that fills the chip
+  at that rate and walks to the boundary (two or three compiles when the guess is close); without it, a
+  bisection over ``k`` (six compiles).
+  """
+  probes: dict[int, dict[str, Any]] = {}
+
+  def fits(k: int) -> bool:
+    if k not in probes:
+      probes[k] = step_memory(name, family(step * k), batch, target)
+    return probes[k]["fits"]
+
+  if per_param:
+    k = min(hi, _family_k(TARGETS[target].capacity / per_param, step))
+    if fits(k):
+      while k < hi and fits(k + 1):
+        k += 1
     else:
-      hi_k = k
-  if best is None:
-    return {"width": None, "n_params": 0}
-  shape = family(step * lo_k)
-  return {"width": shape.width, "layers": shape.layers, "n_params": shape.n_params, "peak_GB": best["peak_GB"]}
+      while k > 1 and not fits(k - 1):
+        k -= 1
+      k -= 1
+  else:
+    lo_k, hi_k = 0, hi + 1
+    while hi_k - lo_k > 1:
+      mid = (lo_k + hi_k) // 2
+      lo_k, hi_k = (mid, hi_k) if fits(mid) else (lo_k, mid)
+    k = lo_k
+  tried = {step * j: probes[j]["peak_GB"] for j in sorted(probes)}
+  if k < 1 or not fits(k):
+    return {"width": None, "n_params": 0, "probes": tried}
+  shape = family(step * k)
+  return {
+    "width": shape.width,
+    "layers": shape.layers,
+    "n_params": shape.n_params,
+    "peak_GB": probes[k]["peak_GB"],
+    "probes": tried,
+  }
 
 
-def run_fits(targets: list[str], names: list[str]) -> dict[str, Any]:
+def _per_param(memory: dict[str, Any], target: str, name: str) -> float | None:
+  """Peak bytes per param of the largest batch-1 model of ``memory`` (H100 borrows H200's: same compiler)."""
+  source = memory.get(target) or memory.get("h200" if TARGETS[target].platform == "cuda" else "v5e")
+  if not source:
+    return None
+  rows = [(d["n_params"], d["batches"]["1"].get(name)) for d in source.values()]
+  rows = [(n, r) for n, r in rows if r and r["peak_GB"]]
+  if not rows:
+    return None
+  n, row = max(rows, key=lambda nr: nr[0])
+  return row["peak_GB"] * 1e9 / n
+
+
+def run_fits(targets: list[str], names: list[str], memory: dict[str, Any] | None = None) -> dict[str, Any]:
   """Part 3b: ``{target: {strategy: largest fit}}`` at batch 1."""
+  t0 = time.perf_counter()
+  calls = [(name, target, _per_param(memory or {}, target, name)) for target in targets for name in names]
+  results = iter(pmap("largest_fit", calls))
   out: dict[str, dict[str, Any]] = {}
   for target in targets:
     out[target] = {
       "capacity_GB": round(TARGETS[target].capacity / 1e9, 1),
-      "strategies": {name: largest_fit(name, target) for name in names},
+      "strategies": {name: next(results) for name in names},
     }
     print(
       f"  fits {target}: " + ", ".join(f"{k} {v['n_params'] / 1e9:.2f}B" for k, v in out[target]["strategies"].items()),
       flush=True,
     )
+  print(f"  fits: {time.perf_counter() - t0:.0f} s", flush=True)
   return out
 
 
@@ -599,6 +716,8 @@ def memory_tables(memory: dict[str, Any], fits: dict[str, Any]) -> str:
 
 
 def _fmt_mem(m: dict[str, Any]) -> str:
+  if m["peak_GB"] is None:
+    return f"args {m['args_GB']} (over)"
   return f"{m['peak_GB']}" + ("" if m["fits"] else " (over)")
 
 
@@ -615,13 +734,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--strategies", default=",".join(strategies()))
   parser.add_argument("--parts", default="1,3", help="1: optimizer step (leaf and tree); 3: training-step memory")
   parser.add_argument("--cases", default="leaf,tree", help="part 1's param sets: leaf (one matrix), tree (GPT-like)")
+  parser.add_argument("--memory-strategies", default=",".join(MEMORY_STRATEGIES), help="part 3's strategies")
   parser.add_argument("--no-fits", action="store_true", help="skip the largest-model search")
+  parser.add_argument("--jobs", type=int, default=2, help="worker processes compiling in parallel")
   parser.add_argument("--quick", action="store_true", help="small shapes, 125M model only, no fits search")
   parser.add_argument("--out", default=str(OUT))
   args = parser.parse_args(argv)
   why = unavailable()
   if why:
     raise SystemExit(f"accelerators.py: {why}")
+  global JOBS  # pylint: disable=global-statement
+  JOBS = args.jobs
   targets, names = args.targets.split(","), args.strategies.split(",")
   if BASELINE not in names:
     names.insert(0, BASELINE)
@@ -635,13 +758,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["step"] = run_steps(targets, names, args.quick, args.cases.split(","))
     print(step_tables(result["step"]))
   if "3" in args.parts:
-    result["memory"] = run_memory([t for t in MEMORY_TARGETS if t in targets], names, args.quick)
+    mem_names = [n for n in args.memory_strategies.split(",") if n]
+    result["memory"] = run_memory([t for t in MEMORY_TARGETS if t in targets], mem_names, args.quick)
     fits_targets = [] if args.quick or args.no_fits else [t for t in FITS_TARGETS if t in targets]
-    result["fits"] = run_fits(fits_targets, names)
+    result["fits"] = run_fits(fits_targets, mem_names, result["memory"])
     print(memory_tables(result["memory"], result["fits"]))
   result["wall_s"] = round(time.perf_counter() - t0, 1)
   _common.write_json(result, Path(args.out))
   print(f"wrote {args.out} in {result['wall_s']} s")
+  Path(args.out).with_suffix(".md").write_text(
+    "\n\n".join(
+      t
+      for t in (step_tables(result.get("step", {})), memory_tables(result.get("memory", {}), result.get("fits", {})))
+      if t
+    )
+    + "\n"
+  )
   return result
 
 
