@@ -112,3 +112,17 @@ def cosine_schedule(steps: int, peak: float, warmup: int, final_fraction: float)
   cos = final_fraction * peak + (1 - final_fraction) * peak * 0.5 * (1 + np.cos(np.pi * frac))
   return np.where(t < warmup, warm, cos)
 
+
+
+def grouped(y: np.ndarray, group: int = 32) -> np.ndarray:
+  """``y`` as ``(..., groups, group)`` along its last axis, zero-padded (the grouped formats' layout)."""
+  y = y.reshape(y.shape or (1,))
+  pad = -y.shape[-1] % group
+  y = np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, pad)])
+  return y.reshape(*y.shape[:-1], -1, group)
+
+
+def per_element(s: np.ndarray, shape, group: int = 32) -> np.ndarray:
+  """A per-group array (``(..., groups)``) repeated onto the elements of ``shape``."""
+  n = shape[-1] if shape else 1
+  return np.repeat(s, group, axis=-1)[..., :n].reshape(shape)

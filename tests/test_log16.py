@@ -34,6 +34,7 @@ import ml_dtypes
 import numpy as np
 import optax
 import pytest
+import reference as R
 import strategies as S
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -63,16 +64,6 @@ SHAPES = ((16, 130), (2000,), (8, 8, 32), (3, 7, 50))
 # ---------------------------------------------------------------------------
 
 
-def _grouped(y: np.ndarray) -> np.ndarray:
-  y = y.reshape(y.shape or (1,))
-  pad = -y.shape[-1] % GROUP
-  y = np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, pad)])
-  return y.reshape(*y.shape[:-1], -1, GROUP)
-
-
-def _per_element(s: np.ndarray, shape) -> np.ndarray:
-  n = shape[-1] if shape else 1
-  return np.repeat(s, GROUP, axis=-1)[..., :n].reshape(shape)
 
 
 def mitchell(y: np.ndarray) -> np.ndarray:
@@ -114,8 +105,8 @@ def ref_log16(v) -> tuple[np.ndarray, np.ndarray]:
   """(codes, s) of the documented encode, in float64."""
   v = np.asarray(v, F32)
   y = _positive(v)
-  s = np.max(_grouped(y), axis=-1)
-  se = _per_element(s, v.shape)
+  s = np.max(R.grouped(y), axis=-1)
+  se = R.per_element(s, v.shape)
   with np.errstate(over="ignore"):
     c = np.floor(STEPS_PER_OCTAVE * (mitchell(se) - mitchell(y)) + dither(v))
   c = np.minimum(np.minimum(c, np.floor(STEPS_PER_OCTAVE * (mitchell(se) + 127))), FLOOR)
@@ -126,14 +117,14 @@ def ref_log16(v) -> tuple[np.ndarray, np.ndarray]:
 def ref_decode(codes, s) -> np.ndarray:
   """``M⁻¹(M(s) − c/2048)`` in float64; 0 and NaN at their codes."""
   c = np.asarray(codes, np.int64)
-  se = _per_element(np.asarray(s, F64), c.shape)
+  se = R.per_element(np.asarray(s, F64), c.shape)
   x = mitchell_inverse(np.maximum(mitchell(se) - c / STEPS_PER_OCTAVE, -127))
   return np.where(c == ZERO, 0.0, np.where(c == NAN, np.nan, x))
 
 
 def group_max(v) -> np.ndarray:
   """The group's largest positive finite v (float64), per element."""
-  return _per_element(np.max(_grouped(_positive(v)), axis=-1), np.shape(v))
+  return R.per_element(np.max(R.grouped(_positive(v)), axis=-1), np.shape(v))
 
 
 def fails(ok, what: str, **inputs) -> str:

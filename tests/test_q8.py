@@ -77,17 +77,6 @@ def as_read(x) -> np.ndarray:
   return np.where(DAZ & (np.abs(x) < TINY), np.copysign(F32(0), x), x)
 
 
-def _grouped(y: np.ndarray) -> np.ndarray:
-  y = y.reshape(y.shape or (1,))
-  pad = -y.shape[-1] % GROUP
-  y = np.pad(y, [(0, 0)] * (y.ndim - 1) + [(0, pad)])
-  return y.reshape(*y.shape[:-1], -1, GROUP)
-
-
-def _per_element(s: np.ndarray, shape) -> np.ndarray:
-  """A per-group array (``(..., groups)``) repeated onto the elements of ``shape``."""
-  n = shape[-1] if shape else 1
-  return np.repeat(s, GROUP, axis=-1)[..., :n].reshape(shape)
 
 
 @np.errstate(invalid="ignore")
@@ -102,13 +91,13 @@ def magnitudes(x, second: bool) -> np.ndarray:
 
 def group_max(x, second: bool) -> np.ndarray:
   """The group's largest finite magnitude, exact (float64), per element."""
-  return _per_element(np.max(np.abs(_grouped(magnitudes(x, second))), axis=-1), np.shape(x))
+  return R.per_element(np.max(np.abs(R.grouped(magnitudes(x, second))), axis=-1), np.shape(x))
 
 
 def ref_q8(x, second: bool) -> tuple[np.ndarray, np.ndarray]:
   """(codes, scales) of the documented formulas, in float64."""
   x = np.asarray(x, F32)
-  g = _grouped(magnitudes(x, second))
+  g = R.grouped(magnitudes(x, second))
   s = np.max(np.abs(g), axis=-1).astype(BF16)
   s64 = s.astype(F64)[..., None]
   y = np.where(s64 > 0, g / np.where(s64 > 0, s64, 1.0), 0.0)
@@ -124,7 +113,7 @@ def ref_q8(x, second: bool) -> tuple[np.ndarray, np.ndarray]:
 def ref_decode(codes, scales, second: bool) -> np.ndarray:
   """``s·φ⁻¹(c/127)`` (``φ⁻¹(z) = z/(2 − |z|)``) or ``(c·s/254)²`` (code 0 as 0.5), float64; NaN at the NaN code."""
   c = np.asarray(codes, F64)
-  s = _per_element(np.asarray(scales).astype(F64), np.shape(codes))
+  s = R.per_element(np.asarray(scales).astype(F64), np.shape(codes))
   if second:
     x = (np.where(c == 0, 0.5, c) * s / 254.0) ** 2  # code 0: the middle of [0, s/508)
   else:
@@ -220,7 +209,7 @@ def check_q8(x: np.ndarray, second: bool) -> None:
   # A decoded value below 2**-126 is a float32 subnormal, which FTZ flushes to 0 (a v of ~1e-38:
   # a gradient of ~1e-19, whose g² Adam's own float32 arithmetic flushes too).
   flushed = FTZ & (np.abs(want_d) < TINY) & (d64 == 0)
-  s_el = _per_element(scales.astype(F64), x.shape)
+  s_el = R.per_element(scales.astype(F64), x.shape)
   ok = np.abs(d64 - want_d) <= 4 * R.ulp32(want_d) + (4 * R.ulp32(s_el) * s_el / 127 if second else 4 * R.ulp32(s_el))
   assert np.all(ok | flushed), fails(ok | flushed, "decode != the formula of its codes", x=x, decoded=d, want=want_d)
   s = group_max(x, second)
@@ -252,7 +241,7 @@ def test_v_bound_is_reached_where_the_scale_rounds_down():
   _, scales, d = encode(v, True)
   s = group_max(v, True)
   err = np.abs(np.sqrt(d.astype(F64)) - magnitudes(v, True)) / s
-  down = _per_element(scales.astype(F64), v.shape) < s
+  down = R.per_element(scales.astype(F64), v.shape) < s
   assert 0.3 < down.mean() < 0.7
   assert err[down].max() > 1.5 / 508 and err.max() <= formats.q8_bound(True) * (1 + 2.0**-20)
   assert err[~down].max() <= (1 + 2.0**-8) / 508 + 2.0**-20
