@@ -18,7 +18,7 @@
   and float64's final params, relative to the distance float64 travelled from
   the common start ``θ_0`` (2-norms over all params). Requirements: plus
   <= 1e-3, full <= 5e-4, both at least 100× below naive bfloat16, light below
-  naive bfloat16; exact <= 6e-4; exact_m <= 2e-5 (float32's own precision:
+  naive bfloat16; exact <= 7e-4; exact_m <= 2e-5 (float32's own precision:
   float32 AdamW on the exact master); compact <= 1e-2 is a target it misses
   (a strict xfail, see the test). ``pytest -s`` prints the numbers;
   ``python benchmarks/trajectory.py`` writes them to
@@ -191,9 +191,15 @@ def test_light_beats_naive_bf16(cosine_run):
   assert cosine_run["light"] < cosine_run["bf16"]
 
 
-def test_exact_within_6e4(cosine_run):
-  """The int16 residual holds the float32 master; the bfloat16 first moment is the floor."""
-  assert cosine_run["exact"] <= 6e-4
+def test_lean_within_3e3_and_far_below_light(cosine_run):
+  """lean's 16-bit log-domain ``v`` decays (light's bfloat16 ``v`` stalls at b2 = 0.999) at less memory."""
+  assert cosine_run["lean"] <= 3e-3
+  assert 20 * cosine_run["lean"] <= cosine_run["light"]
+
+
+def test_exact_within_7e4(cosine_run):
+  """The int16 residual holds the float32 master; the bfloat16 first moment (read back rounded) is the floor."""
+  assert cosine_run["exact"] <= 7e-4
   assert 100 * cosine_run["exact"] <= cosine_run["bf16"]
 
 
@@ -229,6 +235,7 @@ def test_compact_param_format_alone_is_within_1e3():
 # ---------------------------------------------------------------------------
 
 Q8 = 1 + 2 / 32  # an 8-bit code, plus a bfloat16 scale per group of 32 along the last axis
+L16 = 2 + 4 / 32  # a 16-bit code, plus a float32 scale per group of 32 along the last axis
 #: strategy -> bytes per param of (the param, its residual, m, v).
 LAYOUT_BYTES = {
     "fp32": (4, 0, 4, 4),       # optax.adamw on float32 params
@@ -239,6 +246,7 @@ LAYOUT_BYTES = {
     "exact": (2, 2, 2, 4),      # bfloat16 θ + int16 residual (a float32 master); float32 v
     "exact_m": (2, 2, 4, 4),    # exact with a float32 m
     "compact": (2, 1, Q8, Q8),  # bfloat16 θ + int8 residual; 8-bit m and v
+    "lean": (2, 1, 2, L16),     # bfloat16 θ + int8 residual; bfloat16 m; 16-bit log-domain v
 }
 
 
@@ -263,7 +271,7 @@ def test_bytes_per_param(name, cosine_run_result):
   # trajectory.py's params: ``mlp/kernel``'s rows of 16 get a q8 scale each.
   n = sum(int(np.prod(v[0])) for v in trajectory.LAYOUT.values())
   groups = sum(int(np.prod(v[0][:-1])) * -(-v[0][-1] // 32) for v in trajectory.LAYOUT.values())
-  total = sum(1 + 2 * groups / n if b == Q8 else b for b in LAYOUT_BYTES[name])
+  total = sum(1 + 2 * groups / n if b == Q8 else 2 + 4 * groups / n if b == L16 else b for b in LAYOUT_BYTES[name])
   table = cosine_run_result["bytes_per_param"]
   assert set(table) == set(trajectory.STRATEGIES) == set(LAYOUT_BYTES)
   assert table[name]["params_plus_state"] == pytest.approx(total, abs=0.01)  # + the step counts
