@@ -87,7 +87,7 @@ FLASH_STRATEGIES = {name: ALL_FLASH_STRATEGIES[name] for name in ("flash_adamw",
 def flash_unavailable() -> str | None:
   """Why ``flashoptim_jax`` cannot be used here, or ``None`` when it can."""
   try:
-    pass  # pylint: disable=import-outside-toplevel,unused-import
+    import flashoptim_jax  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   except Exception as e:  # pylint: disable=broad-except
     return (
       f"flashoptim_jax not importable ({type(e).__name__}: {e}); "

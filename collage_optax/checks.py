@@ -188,7 +188,7 @@ def check_state_type(who: str, state: Any, cls: type, example: str) -> None:
     raise TypeError(
       f"{who}: opt_state is a {type(state).__module__}.{type(state).__name__}, not collage_optax "
       f"{cls.__name__}: it is not the state of {who} but of another optimizer (e.g. {example}); "
-      "call opt_state = tx.init(params) with this optimizer."
+      "call tx.init(params) with this optimizer for a new opt_state."
     )
 
 

@@ -248,10 +248,11 @@ def test_metrics_of_several_tracked_transforms_are_prefixed():
   collage = next(p for p in by_prefix if "edq/gain" in by_prefix[p])
   plain = next(p for p in by_prefix if "edq/w" in by_prefix[p])
   assert {collage, plain} == {"0", "1"}
-  # The intended update of "gain" (AdamW's first step, float64) and where θ + lo
-  # went, read back from the params and adamw's state.
-  p0 = _f64(params["gain"])
-  u = reference.adamw_step(p0, _f64(grads["gain"]), reference.adamw_init(p0), 1e-4, weight_decay=1e-4)[0] - p0
+  # The intended update of "gain" (AdamW's first step in float64 from the stored, bfloat16-rounded
+  # m = 0.1·g, as the step reads it back) and where θ + lo went, read back from the params and state.
+  p0, g0 = _f64(params["gain"]), _f64(grads["gain"])
+  m_hat = reference.bf16(0.1 * g0).astype(np.float64) / 0.1
+  u = -1e-4 * (m_hat / (np.sqrt(1e-3 * g0 * g0 / 1e-3) + 1e-8) + 1e-4 * p0)
   new = _f64(optax.apply_updates(params, updates)["gain"])
   lo = next(s.lo for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, co_alias.AdamWState))
             if isinstance(s, co_alias.AdamWState))
