@@ -566,14 +566,16 @@ def step_memory(name: str, shape: GPTShape, batch: int, target: str) -> dict[str
   }
 
 
-def run_memory(targets: list[str], names: list[str], quick: bool) -> dict[str, Any]:
-  """Part 3a: ``{target: {model: {batch: {strategy: memory}}}}``."""
-  models = {"125M": NAMED_MODELS["125M"]} if quick else NAMED_MODELS
+def run_memory(
+  targets: list[str], names: list[str], models: list[str], batches: tuple[int, ...] = (1, 8)
+) -> dict[str, Any]:
+  """Part 3a: ``{target: {model: {batch: {strategy: memory}}}}`` for ``models`` of :data:`NAMED_MODELS`."""
+  shapes = {m: NAMED_MODELS[m] for m in models}
   calls = [
     (name, shape, batch, target)
     for target in targets
-    for shape in models.values()
-    for batch in (1, 8)
+    for shape in shapes.values()
+    for batch in batches
     for name in names
   ]
   t0 = time.perf_counter()
@@ -581,9 +583,9 @@ def run_memory(targets: list[str], names: list[str], quick: bool) -> dict[str, A
   out: dict[str, Any] = {}
   for target in targets:
     out[target] = {}
-    for model, shape in models.items():
+    for model, shape in shapes.items():
       out[target][model] = {"n_params": shape.n_params, "batches": {}}
-      for batch in (1, 8):
+      for batch in batches:
         out[target][model]["batches"][str(batch)] = {name: next(results) for name in names}
   print(f"  memory: {len(calls)} training steps in {time.perf_counter() - t0:.0f} s", flush=True)
   return out
@@ -735,6 +737,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--parts", default="1,3", help="1: optimizer step (leaf and tree); 3: training-step memory")
   parser.add_argument("--cases", default="leaf,tree", help="part 1's param sets: leaf (one matrix), tree (GPT-like)")
   parser.add_argument("--memory-strategies", default=",".join(MEMORY_STRATEGIES), help="part 3's strategies")
+  parser.add_argument("--models", default=",".join(NAMED_MODELS), help="part 3's GPT-3 shapes")
+  parser.add_argument("--batches", default="1,8", help="part 3's batch sizes")
+  parser.add_argument("--memory-targets", default=",".join(MEMORY_TARGETS), help="part 3's targets")
   parser.add_argument("--no-fits", action="store_true", help="skip the largest-model search")
   parser.add_argument("--jobs", type=int, default=2, help="worker processes compiling in parallel")
   parser.add_argument("--quick", action="store_true", help="small shapes, 125M model only, no fits search")
@@ -759,7 +764,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(step_tables(result["step"]))
   if "3" in args.parts:
     mem_names = [n for n in args.memory_strategies.split(",") if n]
-    result["memory"] = run_memory([t for t in MEMORY_TARGETS if t in targets], mem_names, args.quick)
+    models = ["125M"] if args.quick else args.models.split(",")
+    batches = tuple(int(b) for b in args.batches.split(","))
+    mem_targets = [t for t in args.memory_targets.split(",") if t in targets]
+    result["memory"] = run_memory(mem_targets, mem_names, models, batches)
     fits_targets = [] if args.quick or args.no_fits else [t for t in FITS_TARGETS if t in targets]
     result["fits"] = run_fits(fits_targets, mem_names, result["memory"])
     print(memory_tables(result["memory"], result["fits"]))
