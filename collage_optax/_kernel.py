@@ -9,6 +9,7 @@ formulas (Kingma & Ba 2015; ``optax.tree.update_moment``,
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import chex
@@ -21,7 +22,17 @@ from optax import tree_utils as otu
 
 from collage_optax import _tree, formats
 
-__all__ = ["Adam", "LeafFormats", "adam", "init_leaf", "init_residual", "leaf_formats", "saturate", "store_param"]
+__all__ = [
+  "Adam",
+  "LeafFormats",
+  "adam",
+  "adam_then",
+  "init_leaf",
+  "init_residual",
+  "leaf_formats",
+  "saturate",
+  "store_param",
+]
 
 
 class LeafFormats(NamedTuple):
@@ -147,30 +158,107 @@ def adam(
   return dirs, new_mus, new_nus
 
 
+def grouped(mu: Any, nu: Any) -> bool:
+  """Whether a leaf keeps a grouped moment (``q8``, ``log16``): codes and per-group scales."""
+  return isinstance(mu, formats.GROUPED) or isinstance(nu, formats.GROUPED)
+
+
+def wait(tree: Any, after: chex.Array) -> Any:
+  """``tree``, which on single-device XLA:CPU is read no earlier than ``after`` is computed; elsewhere ``tree``.
+
+  XLA:CPU schedules independent leaves' steps side by side, so that the
+  float32 temporaries of every grouped moment (its decoded values, the group
+  maxima's operands) are live at once: a compact step's scratch grows with
+  the whole model rather than its largest leaf. Each array of ``tree`` is
+  selected against a condition on one element of ``after`` that never holds
+  (:func:`_never`; an ``optimization_barrier`` does not order XLA:CPU's
+  schedule). GPU and TPU fuse each leaf's step into kernels whose scratch
+  does not add up; a sharded ``after`` would need a collective to give up
+  its element, so several CPU devices skip the wait too.
+  """
+  if not _waits():
+    return tree
+
+  def ordered():
+    never = _never(jnp.ravel(after)[0])
+    return jax.tree.map(lambda x: jnp.where(never, jnp.zeros_like(x), x), tree)
+
+  return lax.platform_dependent(cpu=ordered, default=lambda: tree)
+
+
+def _waits() -> bool:
+  """Whether :func:`wait` orders anything: in a process with one CPU device."""
+  return len(jax.devices("cpu")) == 1
+
+
+def adam_then(
+  grads: list[Any],
+  mus: list[Any],
+  nus: list[Any],
+  fmts: list[LeafFormats | None],
+  wides: list[Any],
+  hp: Adam,
+  count_inc: chex.Array,
+  then: Callable[[int, chex.Array | None], Any],
+) -> tuple[list[Any], list[Any], list[Any]]:
+  """:func:`adam`, and ``then(i, direction)`` of each leaf ``i``: ``(outputs of then, new mus, new nus)``.
+
+  Leaves with grouped moments (:func:`grouped`) step one after another,
+  each one's inputs waiting (:func:`wait`) for the previous one's first
+  output, so that on CPU one grouped leaf's temporaries are live at a time;
+  the others step together, as in :func:`adam` (whose arithmetic this is,
+  leaf by leaf). Where nothing waits (several CPU devices) all leaves step
+  together: XLA:CPU contracts ``a·b + c`` into an FMA inside a fusion, so a
+  leaf's step in another fusion could round differently from the same step
+  on a mesh.
+  """
+  n = len(grads)
+  group = [i for i in range(n) if _waits() and fmts[i] is not None and grouped(mus[i], nus[i])]
+  rest = [i for i in range(n) if i not in group]
+  pick = lambda xs: [xs[i] for i in rest]
+  dirs, new_mus, new_nus = adam(pick(grads), pick(mus), pick(nus), pick(fmts), pick(wides), hp, count_inc)
+  outs: list[Any] = [None] * n
+  mus_out, nus_out = list(mus), list(nus)
+  for j, i in enumerate(rest):
+    outs[i], mus_out[i], nus_out[i] = then(i, dirs[j]), new_mus[j], new_nus[j]
+  after = None
+  for i in reversed(group):
+    g, mu = (grads[i], mus[i]) if after is None else wait((grads[i], mus[i]), after)
+    (d,), (mus_out[i],), (nus_out[i],) = adam([g], [mu], [nus[i]], [fmts[i]], [wides[i]], hp, count_inc)
+    outs[i] = then(i, d)
+    leaves = [x for x in jax.tree.leaves(outs[i]) if jnp.size(x)]
+    after = leaves[0] if leaves else after
+  return outs, mus_out, nus_out
+
+
 # ---------------------------------------------------------------------------
 # A param's new value, stored.
 # ---------------------------------------------------------------------------
 
 
+def _never(r: chex.Array) -> chex.Array:
+  """Elementwise ``False``, computed from ``r`` (XLA cannot see that it never holds).
+
+  A float ``r`` with a signalling-NaN bit pattern (no arithmetic produces
+  one), an integer ``r`` whose ``r | 1`` is 0.
+  """
+  if jnp.issubdtype(r.dtype, jnp.integer):
+    return (r | 1) == 0
+  uint = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[r.dtype.itemsize]
+  pattern = {"bfloat16": 0x7F81, "float16": 0x7C01, "float32": 0x7F800001, "float64": 0x7FF0000000000001}
+  return lax.bitcast_convert_type(r, uint) == np.array(pattern[r.dtype.name], uint)
+
+
 def _after(u: chex.Array, r: chex.Array) -> chex.Array:
-  """``u``, made to depend on ``r`` (XLA cannot see that it does not).
+  """``u``, made to depend on ``r``: ``−u`` where :func:`_never` of ``r`` holds, which it never does.
 
   ``optax.apply_updates(p, u)`` overwrites the donated param, which the loop
   computing the residual ``r`` reads too. XLA:CPU copies a donated input
   unless every other reader of it is an ancestor of the loop that overwrites
   it; this dependence makes the residual's loop one (an
-  ``optimization_barrier`` does not survive to copy insertion). ``u`` is
-  replaced by ``−u`` where the select's condition holds, which it never does:
-  a float residual with a signalling-NaN bit pattern (no arithmetic produces
-  one), an integer residual whose ``r | 1`` is 0.
+  ``optimization_barrier`` does not survive to copy insertion).
   """
-  if jnp.issubdtype(r.dtype, jnp.integer):
-    never = (r | 1) == 0
-  else:
-    bits = lax.bitcast_convert_type(r, jnp.uint16 if r.dtype.itemsize == 2 else jnp.uint32)
-    pattern = 0x7F81 if r.dtype == jnp.bfloat16 else 0x7C01 if r.dtype.itemsize == 2 else 0x7F800001
-    never = bits == np.array(pattern, bits.dtype)
-  return jnp.where(never, -u, u)
+  return jnp.where(_never(r), -u, u)
 
 
 def store_param(

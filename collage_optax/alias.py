@@ -307,14 +307,10 @@ def adamw(
     count_inc = optax.safe_increment(state.count)
     wides = [wide_dtype(p.dtype) if f is not None else None for (_, p), f in zip(p_flat, fmts)]
     mu, nu = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-    dirs, mus, nus = _kernel.adam(g_flat, mu, nu, fmts, wides, hp, count_inc)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    steps = [
-      param_step(p, g, lo, d, lr, decay, f)
-      for (_, p), g, lo, d, decay, f in zip(
-        p_flat, g_flat, treedef.flatten_up_to(state.lo), dirs, _decay_mask(mask, params), fmts
-      )
-    ]
+    lo, decays = treedef.flatten_up_to(state.lo), _decay_mask(mask, params)
+    then = lambda i, d: param_step(p_flat[i][1], g_flat[i], lo[i], d, lr, decays[i], fmts[i])
+    steps, mus, nus = _kernel.adam_then(g_flat, mu, nu, fmts, wides, hp, count_inc, then)
     new_u, new_lo = (treedef.unflatten([s[i] for s in steps]) for i in (0, 1))
     tracked = precision.compute_metrics(params, [s[2] for s in steps], state.metrics) if track_metrics else None
     return new_u, AdamWState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus), new_lo, tracked)

@@ -354,8 +354,8 @@ def scale_by_adam(
     count_inc = optax.safe_increment(state.count)
     wides = [None if f is None or _tree.is_empty(g) else wide_dtype(g.dtype) for f, g in zip(fmts, g_flat)]
     mu, nu = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-    dirs, mus, nus = _kernel.adam(g_flat, mu, nu, fmts, wides, hp, count_inc)
-    out = [g if d is None else _emitted(d, g) for g, d in zip(g_flat, dirs)]
+    then = lambda i, d: g_flat[i] if d is None else _emitted(d, g_flat[i])
+    out, mus, nus = _kernel.adam_then(g_flat, mu, nu, fmts, wides, hp, count_inc, then)
     return treedef.unflatten(out), ScaleByAdamState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus))
 
   return optax.GradientTransformation(init_fn, update_fn)

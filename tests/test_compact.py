@@ -430,3 +430,29 @@ def test_compact_under_xla_allow_excess_precision(excess, run_with_excess_precis
       gd = got[f"{key}_d"].view(F32)
       assert np.array_equal(np.isnan(gd), nan), key
       assert np.array_equal(gd[~nan].view(np.uint32), d[~nan].view(np.uint32)), key
+
+
+def _update_temporaries(mode: str, leaves: int, shape=(256, 1024)) -> int:
+  """Temporaries of a compiled, donated ``adamw`` step over ``leaves`` equal bf16 leaves (CPU)."""
+  params = {f"w{i}": jax.ShapeDtypeStruct(shape, jnp.bfloat16) for i in range(leaves)}
+  tx = co.adamw(1e-3, mode=mode)
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  state = jax.eval_shape(tx.init, params)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+@pytest.mark.parametrize("mode", ["compact", "lean"])
+def test_grouped_moments_scratch_is_one_leaf_at_a_time(mode):
+  """The float32 scratch of a grouped moment (decoded values, group maxima)
+  is live for one leaf at a time (``_kernel.adam_then``): eight leaves need
+  at most two leaves' scratch plus the seven other bf16 updates that wait for
+  ``apply_updates``, not eight leaves' scratch (XLA:CPU would otherwise run
+  the leaves side by side: 8x)."""
+  one, eight = _update_temporaries(mode, 1), _update_temporaries(mode, 8)
+  updates = 256 * 1024 * 2
+  assert eight <= 2 * one + 7 * updates, (one, eight)
