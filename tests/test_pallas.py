@@ -1,0 +1,147 @@
+"""The compact step's Pallas kernel, in interpret mode on CPU: bit for bit the jnp path of ``adamw(mode="compact")``.
+
+Every output is compared exactly: the update, the int8 residual, both
+moments' codes and scales. Inputs: random states (hypothesis, small shapes)
+and adversarial ones: NaN/±inf/zero/huge/tiny gradients, NaN-coded and
+saturated moments, huge and tiny scales, rows not a multiple of 32 (a group
+cut by the row's end), scalars and 1-D leaves. Both block policies (the TPU's
+and Triton's) run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import collage_optax
+from collage_optax import _pallas
+from collage_optax.alias import AdamWState
+from collage_optax.formats._moments import Q8
+
+BF16 = jnp.bfloat16
+
+
+def _state(rng: np.random.Generator, shape, *, scale_exp=(-30, 30), nan_codes=False):
+  """A random compact state for a leaf of ``shape``: ``(p, lo, mu, nu)``."""
+  shape = tuple(shape)
+  n = shape[-1] if shape else 1
+  sshape = (shape[:-1] if shape else ()) + (-(-n // 32),)
+  if not shape:
+    sshape = (1,)
+  p = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 3, shape)).astype(np.float32)
+  lo = rng.integers(-127, 128, shape).astype(np.int8)
+  mc = rng.integers(-127 if not nan_codes else -128, 128, shape).astype(np.int8)
+  vc = rng.integers(0, 255 if not nan_codes else 256, shape).astype(np.uint8)
+  sc = lambda: (rng.uniform(0.5, 1.0, sshape) * 2.0 ** rng.integers(*scale_exp, sshape)).astype(np.float32)
+  ms, vs = sc(), sc()
+  if shape:
+    mc[..., : min(n, 3)] = 0  # zero codes (v: decoded at half a step)
+  return (
+    jnp.asarray(p, BF16),
+    jnp.asarray(lo),
+    Q8(jnp.asarray(mc), jnp.asarray(ms, BF16)),
+    Q8(jnp.asarray(vc), jnp.asarray(vs, BF16)),
+  )
+
+
+def _grads(rng: np.random.Generator, shape, dtype=BF16, adversarial=False):
+  g = (rng.standard_normal(shape) * 10.0 ** rng.integers(-8, 2, shape)).astype(np.float32)
+  if adversarial and g.size:
+    flat = g.reshape(-1)
+    k = rng.integers(0, flat.size, 12)
+    flat[k[:2]] = np.nan
+    flat[k[2:4]] = np.inf
+    flat[k[4]] = -np.inf
+    flat[k[5:7]] = 0.0
+    flat[k[7]] = 3e38
+    flat[k[8]] = -1e25
+    flat[k[9]] = 1e-30
+    flat[k[10]] = -1e-38
+  return jnp.asarray(g, dtype)
+
+
+def _reference(p, g, lo, mu, nu, count, hp):
+  tx = collage_optax.adamw(mode="compact", **hp)
+  state = AdamWState(jnp.asarray(count, jnp.int32), {"w": mu}, {"w": nu}, {"w": lo}, None)
+  u, s = jax.jit(tx.update)({"w": g}, state, {"w": p})
+  return u["w"], s.lo["w"], s.mu["w"], s.nu["w"]
+
+
+def _kernel(p, g, lo, mu, nu, count, hp, policy):
+  def step(p, g, lo, mu, nu, count):
+    sc = _pallas.scalars(
+      hp["b1"], hp["b2"], hp["eps"], hp["eps_root"], optax.safe_increment(count),
+      lr(count) if callable(lr := hp["learning_rate"]) else lr, hp["weight_decay"], hp["nesterov"],
+    )  # fmt: skip
+    blocks = _pallas._blocks(tuple(p.shape) or (1,), policy)
+    return _pallas.compact_step(
+      p, g, lo, mu, nu, sc, nesterov=hp["nesterov"], decay=hp["weight_decay"] != 0, blocks=blocks
+    )
+
+  return jax.jit(step)(p, g, lo, mu, nu, jnp.asarray(count, jnp.int32))
+
+
+HP = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=1e-4, nesterov=False)
+
+
+def _check(shape, seed, *, dtype=BF16, adversarial=False, count=0, policy="mosaic", hp=None, **state_kw):
+  hp = {**HP, **(hp or {})}
+  rng = np.random.default_rng(seed)
+  p, lo, mu, nu = _state(rng, shape, **state_kw)
+  g = _grads(rng, shape, dtype, adversarial)
+  want = _reference(p, g, lo, mu, nu, count, hp)
+  got = _kernel(p, g, lo, mu, nu, count, hp, policy)
+  names = ("update", "residual", "mu codes", "mu scales", "nu codes", "nu scales")
+  flat = lambda t: [t[0], t[1], t[2].codes, t[2].scales, t[3].codes, t[3].scales]
+  for name, w, k in zip(names, flat(want), flat(got)):
+    assert w.dtype == k.dtype and w.shape == k.shape, name
+    # Bit for bit (NaNs compared as bit patterns too, except the payload of a NaN update).
+    w, k = np.asarray(w), np.asarray(k)
+    if np.issubdtype(w.dtype, np.integer):
+      np.testing.assert_array_equal(k, w, err_msg=name)
+    else:
+      np.testing.assert_array_equal(np.isnan(k), np.isnan(w), err_msg=name)
+      bits = lambda a: a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)[~np.isnan(a)]
+      np.testing.assert_array_equal(bits(k), bits(w), err_msg=name)
+
+
+@pytest.mark.parametrize("policy", ["mosaic", "triton"])
+@pytest.mark.parametrize(
+  "shape", [(8, 256), (40, 96), (3, 40), (5,), (), (2, 3, 33), (4096,), (16, 31), (70, 64)], ids=str
+)
+def test_bit_for_bit_adversarial(shape, policy):
+  _check(shape, 0, adversarial=True, count=3, policy=policy, nan_codes=True)
+
+
+@pytest.mark.parametrize(
+  "case",
+  [
+    dict(scale_exp=(100, 126)),  # huge moments (saturation at 1e38, v's square)
+    dict(scale_exp=(-133, -110)),  # tiny moments (subnormal scales)
+    dict(dtype=jnp.float32, adversarial=True),  # float32 gradients: a float32 update
+    dict(hp=dict(nesterov=True), count=7),
+    dict(hp=dict(weight_decay=0.0, learning_rate=lambda count: -1.0 + 0.0 * count)),  # no decay; a negative lr acts as 0
+    dict(hp=dict(learning_rate=10.0, b1=0.5, b2=0.5, eps=1e-30, eps_root=1e-12), adversarial=True),
+  ],
+  ids=["huge", "tiny", "f32_grads", "nesterov", "no_decay_lr0", "wild_hp"],
+)
+def test_bit_for_bit_cases(case):
+  _check((12, 80), 1, **case)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+  rows=st.integers(1, 9),
+  cols=st.integers(1, 100),
+  seed=st.integers(0, 2**31 - 1),
+  count=st.integers(0, 2000),
+  adversarial=st.booleans(),
+  policy=st.sampled_from(["mosaic", "triton"]),
+)
+def test_bit_for_bit_random(rows, cols, seed, count, adversarial, policy):
+  _check((rows, cols), seed, count=count, adversarial=adversarial, policy=policy)
