@@ -201,7 +201,7 @@ def _landed(p, u, narrow_u: bool):
 
 
 def _compact_encode(x, p, u_big: float, narrow_u: bool):
-  """``formats._params._compact_param_encode`` (with ``formats._arith.emit``): ``(update, residual)``.
+  """``formats._params._compact_param_encode`` (with ``formats._arith.emit``): ``(update, landed, residual)``.
 
   ``p`` is the old param widened; the update comes back as a float32 holding a
   value of the gradients' dtype (bfloat16 when ``narrow_u``, else float32).
@@ -218,7 +218,7 @@ def _compact_encode(x, p, u_big: float, narrow_u: bool):
   s = jnp.where(k < -64, 64, 0)
   r = _rint((x * _pow2(s) - at * _pow2(s)) * _LEVELS * _pow2(-k - s))
   r = jnp.where(jnp.isfinite(at) & ~jnp.isnan(r), jnp.clip(r, -_LEVELS, _LEVELS), 0.0)
-  return u, r.astype(jnp.int8)
+  return u, at, r.astype(jnp.int8)
 
 
 # ---------------------------------------------------------------------------
@@ -229,7 +229,7 @@ def _compact_encode(x, p, u_big: float, narrow_u: bool):
 def _body(
   sc_ref, p_ref, g_ref, lo_ref, mc_ref, ms_ref, vc_ref, vs_ref,
   u_ref, lo_out, mc_out, ms_out, vc_out, vs_out,
-  *, nesterov: bool, decay: bool, narrow_u: bool,
+  *, nesterov: bool, decay: bool, narrow_u: bool, emit_param: bool,
 ):  # fmt: skip
   """One block: the jnp path's ``_kernel.adam`` + ``alias.adamw``'s ``param_step`` for a compact/q8/q8 leaf."""
   s = {n: sc_ref[i] for i, n in enumerate(_NAMES)}
@@ -256,8 +256,9 @@ def _body(
   if decay:
     d = d + s["wd"] * x
   d = s["nlr"] * d
-  u, r = _compact_encode(x + d, p, float(jnp.finfo(u_ref.dtype).max), narrow_u)
-  u_ref[...] = u.astype(u_ref.dtype)
+  u, at, r = _compact_encode(x + d, p, float(jnp.finfo(jnp.float32 if not narrow_u else _BF16).max), narrow_u)
+  # The update, or (emit_param) where optax.apply_updates(p, update) lands: the new bfloat16 param.
+  u_ref[...] = (at if emit_param else u).astype(u_ref.dtype)
   lo_out[...] = r
 
 
@@ -301,7 +302,13 @@ def _blocks(shape: tuple[int, ...], backend: str) -> _Blocks:
 
 
 def _call(
-  shape: tuple[int, ...], g_dtype: Any, backend: str, nesterov: bool, decay: bool, blocks: _Blocks | None = None
+  shape: tuple[int, ...],
+  g_dtype: Any,
+  backend: str,
+  nesterov: bool,
+  decay: bool,
+  blocks: _Blocks | None = None,
+  emit_param: bool = False,
 ):
   """The ``pallas_call`` over the 2-D views, for ``backend`` ("interpret", "triton" or "mosaic")."""
   rows, cols, br, bc = blocks or _blocks(shape, "triton" if backend == "triton" else "mosaic")
@@ -322,7 +329,7 @@ def _call(
       params = pltriton.CompilerParams(num_warps=4, num_stages=1)
   sds = lambda w, dt: jax.ShapeDtypeStruct((rows, w), dt)
   out_shape = (
-    sds(cols, g_dtype),
+    sds(cols, _BF16 if emit_param else g_dtype),
     sds(cols, jnp.int8),
     sds(cols, jnp.int8),
     sds(cols // GROUP, _BF16),
@@ -330,12 +337,14 @@ def _call(
     sds(cols // GROUP, _BF16),
   )
   return pl.pallas_call(
-    functools.partial(_body, nesterov=nesterov, decay=decay, narrow_u=jnp.dtype(g_dtype) != jnp.float32),
+    functools.partial(
+      _body, nesterov=nesterov, decay=decay, narrow_u=jnp.dtype(g_dtype) != jnp.float32, emit_param=emit_param
+    ),
     out_shape=out_shape,
     grid=grid,
     in_specs=[scalar, data, data, data, data, scale, data, scale],
     out_specs=(data, data, data, scale, data, scale),
-    input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4, 7: 5},
+    input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4, 7: 5, **({1: 0} if emit_param else {})},
     compiler_params=params,
     interpret=backend == "interpret",
     name="collage_compact_adamw",
@@ -359,6 +368,7 @@ def compact_step(
   decay: bool = True,
   backend: str = "interpret",
   blocks: _Blocks | None = None,
+  emit_param: bool = False,
 ) -> tuple[jax.Array, jax.Array, Q8, Q8]:
   """One compact leaf's AdamW step: ``(update, new residual, new mu, new nu)``, as the jnp path.
 
@@ -366,7 +376,9 @@ def compact_step(
   the int8 residual, ``mu``/``nu`` the ``q8`` storages, ``sc`` from
   :func:`scalars`; ``decay``: whether weight decay applies to this leaf.
   ``backend``: ``"interpret"`` (any platform; the CPU tests), ``"triton"``
-  (GPU) or ``"mosaic"`` (TPU).
+  (GPU) or ``"mosaic"`` (TPU). ``emit_param``: the first output is the new
+  bfloat16 param instead (``optax.apply_updates(p, update)``, bit for bit),
+  written over ``p``: a step that needs no second pass to apply the update.
   """
   shape = tuple(p.shape) or (1,)
   n = shape[-1]
@@ -381,7 +393,7 @@ def compact_step(
 
   sv = jnp.stack([jnp.asarray(getattr(sc, k), jnp.float32) for k in _NAMES])
   scales = lambda s: s.reshape(rows, cols // GROUP)
-  outs = _call(shape, g.dtype, backend, nesterov, decay, b)(
+  outs = _call(shape, g.dtype, backend, nesterov, decay, b, emit_param)(
     sv, view(p), view(g), view(lo), view(mu.codes), scales(mu.scales), view(nu.codes, 255), scales(nu.scales)
   )
   u, r, mc, ms, vc, vs = outs

@@ -72,7 +72,7 @@ def _reference(p, g, lo, mu, nu, count, hp):
   return u["w"], s.lo["w"], s.mu["w"], s.nu["w"]
 
 
-def _kernel(p, g, lo, mu, nu, count, hp, policy):
+def _kernel(p, g, lo, mu, nu, count, hp, policy, emit_param=False):
   def step(p, g, lo, mu, nu, count):
     sc = _pallas.scalars(
       hp["b1"], hp["b2"], hp["eps"], hp["eps_root"], optax.safe_increment(count),
@@ -80,8 +80,9 @@ def _kernel(p, g, lo, mu, nu, count, hp, policy):
     )  # fmt: skip
     blocks = _pallas._blocks(tuple(p.shape) or (1,), policy)
     return _pallas.compact_step(
-      p, g, lo, mu, nu, sc, nesterov=hp["nesterov"], decay=hp["weight_decay"] != 0, blocks=blocks
-    )
+      p, g, lo, mu, nu, sc, nesterov=hp["nesterov"], decay=hp["weight_decay"] != 0, blocks=blocks,
+      emit_param=emit_param,
+    )  # fmt: skip
 
   return jax.jit(step)(p, g, lo, mu, nu, jnp.asarray(count, jnp.int32))
 
@@ -89,7 +90,21 @@ def _kernel(p, g, lo, mu, nu, count, hp, policy):
 HP = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=1e-4, nesterov=False)
 
 
-def _check(shape, seed, *, dtype=BF16, adversarial=False, count=0, policy="mosaic", hp=None, **state_kw):
+def _bits_equal(k, w, name):
+  """Bit for bit (NaNs compared as positions: a NaN's payload is not part of the contract)."""
+  w, k = np.asarray(w), np.asarray(k)
+  assert w.dtype == k.dtype and w.shape == k.shape, name
+  if np.issubdtype(w.dtype, np.integer):
+    np.testing.assert_array_equal(k, w, err_msg=name)
+  else:
+    np.testing.assert_array_equal(np.isnan(k), np.isnan(w), err_msg=name)
+    bits = lambda a: a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)[~np.isnan(a)]
+    np.testing.assert_array_equal(bits(k), bits(w), err_msg=name)
+
+
+def _check(
+  shape, seed, *, dtype=BF16, adversarial=False, count=0, policy="mosaic", hp=None, emit_param=False, **state_kw
+):
   hp = {**HP, **(hp or {})}
   rng = np.random.default_rng(seed)
   p, lo, mu, nu = _state(rng, shape, **state_kw)
@@ -99,15 +114,12 @@ def _check(shape, seed, *, dtype=BF16, adversarial=False, count=0, policy="mosai
   names = ("update", "residual", "mu codes", "mu scales", "nu codes", "nu scales")
   flat = lambda t: [t[0], t[1], t[2].codes, t[2].scales, t[3].codes, t[3].scales]
   for name, w, k in zip(names, flat(want), flat(got)):
-    assert w.dtype == k.dtype and w.shape == k.shape, name
-    # Bit for bit (NaNs compared as bit patterns too, except the payload of a NaN update).
-    w, k = np.asarray(w), np.asarray(k)
-    if np.issubdtype(w.dtype, np.integer):
-      np.testing.assert_array_equal(k, w, err_msg=name)
-    else:
-      np.testing.assert_array_equal(np.isnan(k), np.isnan(w), err_msg=name)
-      bits = lambda a: a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)[~np.isnan(a)]
-      np.testing.assert_array_equal(bits(k), bits(w), err_msg=name)
+    _bits_equal(k, w, name)
+  if emit_param:  # the new param in place of the update: where optax.apply_updates lands
+    got = _kernel(p, g, lo, mu, nu, count, hp, policy, emit_param=True)
+    _bits_equal(got[0], jax.jit(optax.apply_updates)(p, want[0]), "param")
+    for name, w, k in zip(names[1:], flat(want)[1:], flat(got)[1:]):
+      _bits_equal(k, w, name)
 
 
 @pytest.mark.parametrize("policy", ["mosaic", "triton"])
@@ -115,7 +127,7 @@ def _check(shape, seed, *, dtype=BF16, adversarial=False, count=0, policy="mosai
   "shape", [(8, 256), (40, 96), (3, 40), (5,), (), (2, 3, 33), (4096,), (16, 31), (70, 64)], ids=str
 )
 def test_bit_for_bit_adversarial(shape, policy):
-  _check(shape, 0, adversarial=True, count=3, policy=policy, nan_codes=True)
+  _check(shape, 0, adversarial=True, count=3, policy=policy, nan_codes=True, emit_param=policy == "mosaic")
 
 
 @pytest.mark.parametrize(
@@ -123,7 +135,7 @@ def test_bit_for_bit_adversarial(shape, policy):
   [
     dict(scale_exp=(100, 126)),  # huge moments (saturation at 1e38, v's square)
     dict(scale_exp=(-133, -110)),  # tiny moments (subnormal scales)
-    dict(dtype=jnp.float32, adversarial=True),  # float32 gradients: a float32 update
+    dict(dtype=jnp.float32, adversarial=True, emit_param=True),  # float32 gradients: a float32 update
     dict(hp=dict(nesterov=True), count=7),
     dict(hp=dict(weight_decay=0.0, learning_rate=lambda count: -1.0 + 0.0 * count)),  # no decay; a negative lr acts as 0
     dict(hp=dict(learning_rate=10.0, b1=0.5, b2=0.5, eps=1e-30, eps_root=1e-12), adversarial=True),
