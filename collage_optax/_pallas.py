@@ -336,6 +336,12 @@ def _call(
     sds(cols, jnp.uint8),
     sds(cols // GROUP, _BF16),
   )
+  # What XLA's cost model cannot see inside the kernel: every operand and result read or written once.
+  nbytes = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+  in_bytes = rows * cols * (2 + jnp.dtype(g_dtype).itemsize + 3) + 2 * nbytes(out_shape[3]) + 4 * len(_NAMES)
+  cost = pl.CostEstimate(
+    flops=80 * rows * cols, transcendentals=2 * rows * cols, bytes_accessed=in_bytes + sum(map(nbytes, out_shape))
+  )
   return pl.pallas_call(
     functools.partial(
       _body, nesterov=nesterov, decay=decay, narrow_u=jnp.dtype(g_dtype) != jnp.float32, emit_param=emit_param
@@ -348,6 +354,7 @@ def _call(
     compiler_params=params,
     interpret=backend == "interpret",
     name="collage_compact_adamw",
+    cost_estimate=cost,
   )
 
 
