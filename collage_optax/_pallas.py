@@ -269,24 +269,30 @@ class _Blocks(NamedTuple):
   bc: int
 
 
-def _view_cols(shape: tuple[int, ...]) -> tuple[int, int]:
-  """``(rows, cols)`` of the 2-D view of a leaf of ``shape`` (``cols`` a multiple of 32, padded if need be)."""
+def _view_cols(shape: tuple[int, ...], widths: tuple[int, ...]) -> tuple[int, int]:
+  """``(rows, cols)`` of the 2-D view of a leaf of ``shape`` (``cols`` a multiple of 32, padded if need be).
+
+  A 1-D leaf, or one with rows under 128, is seen as ``(n/W, W)`` with ``W`` the first of ``widths`` that
+  divides its size (its groups are consecutive in the flat order).
+  """
   shape = shape or (1,)
   n = shape[-1]
   rows = math.prod(shape[:-1])
   if n % GROUP:
     return rows, n + (-n % GROUP)
   if len(shape) == 1 or n < 128:
-    # Groups are consecutive in the flat order: any width that is a multiple of 32 and divides the size.
     total = rows * n
-    for w in (4096, 2048, 1024, 512, 256, 128, 64, 32):
+    for w in widths:
       if total % w == 0:
         return total // w, w
   return rows, n
 
 
 def _blocks(shape: tuple[int, ...], backend: str) -> _Blocks:
-  rows, cols = _view_cols(tuple(shape))
+  # On TPU a 1-D array is laid out in runs of 1024 (float32) elements: its (n/128, 128) view, in (8, 128) tiles,
+  # is the same memory (a bitcast); a wider view is a relayout (a copy of the leaf each way).
+  widths = (1024, 512, 256, 128, 64, 32) if backend == "triton" else (128, 64, 32)
+  rows, cols = _view_cols(tuple(shape), widths)
   if backend == "triton":
     # Power-of-two blocks of about 4096 elements (Triton's tensors are powers of two).
     bc = next(w for w in (1024, 512, 256, 128, 64, 32) if cols % w == 0)
