@@ -139,6 +139,39 @@ def _saturate(x, finite, big):
   return jnp.clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
 
 
+class _Plain:
+  """The float32 operations of the body that a compiler may round differently: here plain ``lax`` ops."""
+
+  mul = staticmethod(lambda a, b: a * b)
+  div = staticmethod(lambda a, b: a / b)
+  sqrt = staticmethod(jnp.sqrt)
+
+
+class _Ptx:
+  """:class:`_Plain` in PTX with explicit rounding (Triton): correctly rounded ``div.rn``/``sqrt.rn``
+  (Triton's own ``/`` is the approximate ``div.full``), and a ``mul.rn`` that is never contracted with the
+  add that consumes it into an FMA (XLA:CPU rounds the product first)."""
+
+  @staticmethod
+  def _asm(op: str, *args):
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+
+    args = jnp.broadcast_arrays(*[jnp.asarray(a, jnp.float32) for a in args])
+    regs = ", ".join(f"${i}" for i in range(len(args) + 1))
+    (out,) = pltriton.elementwise_inline_asm(
+      f"{op}.rn.f32 {regs};",
+      args=args,
+      constraints=",".join(["=r"] + ["r"] * len(args)),
+      pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)],
+    )
+    return out
+
+  mul = staticmethod(lambda a, b: _Ptx._asm("mul", a, b))
+  div = staticmethod(lambda a, b: _Ptx._asm("div", a, b))
+  sqrt = staticmethod(lambda a: _Ptx._asm("sqrt", a))
+
+
 # ---------------------------------------------------------------------------
 # The formats, on a block (rows of whole groups of 32).
 # ---------------------------------------------------------------------------
@@ -152,12 +185,12 @@ def _ungrouped(x):
   return x.reshape(x.shape[0], x.shape[1] * GROUP)
 
 
-def _q8_decode(codes, scales, signed: bool):
+def _q8_decode(codes, scales, signed: bool, o=_Plain):
   """``formats._moments._q8_decode``."""
   c = codes.astype(jnp.float32)
   if signed:
     z = c * (1.0 / 127.0)
-    c = z / (2.0 - jnp.abs(z))
+    c = o.div(z, 2.0 - jnp.abs(z))
     s = scales.astype(jnp.float32)  # (× 1.0: XLA drops it)
   else:
     c = jnp.where(codes == 0, 0.5, c)
@@ -168,17 +201,17 @@ def _q8_decode(codes, scales, signed: bool):
   return jnp.where(codes == (-128 if signed else 255), jnp.nan, x)
 
 
-def _q8_encode(x, signed: bool):
+def _q8_encode(x, signed: bool, o=_Plain):
   """``formats._moments._q8_encoder``: ``(codes, scales)`` of float32 ``x``."""
   levels = 127.0 if signed else 254.0
   finite = jnp.isfinite(x)
-  y = jnp.where(finite, x if signed else jnp.sqrt(jnp.maximum(x, 0.0)), 0.0)
+  y = jnp.where(finite, x if signed else o.sqrt(jnp.maximum(x, 0.0)), 0.0)
   groups = _grouped(y)
   s = _round_bf16(jnp.max(jnp.abs(groups), axis=-1))
-  inv = jnp.where(s > 0, 1.0 / jnp.where(s > 0, s, 1.0), 0.0)
+  inv = jnp.where(s > 0, o.div(1.0, jnp.where(s > 0, s, 1.0)), 0.0)
   y = _ungrouped(groups * inv[:, :, None])
   if signed:
-    y = 2.0 * y / (1.0 + jnp.abs(y))
+    y = o.div(2.0 * y, 1.0 + jnp.abs(y))
   c = jnp.clip(_rint(levels * y), -levels if signed else 0.0, levels)
   c = jnp.where(finite, c, -128.0 if signed else 255.0)
   if signed:
@@ -187,11 +220,11 @@ def _q8_encode(x, signed: bool):
   return c.astype(jnp.int32).astype(jnp.uint8), s.astype(_BF16)
 
 
-def _compact_decode(hi, r):
+def _compact_decode(hi, r, o=_Plain):
   """``formats._params._compact_decode`` of ``hi`` (the bfloat16 param, widened) and the int8 residual ``r``."""
   k = _half_ulp_exponent(hi)
   s = jnp.where(k < -64, 64, 0)
-  return (hi * _pow2(s) + r.astype(jnp.float32) * (_pow2(k + s) * (1.0 / _LEVELS))) * _pow2(-s)
+  return (o.mul(hi, _pow2(s)) + o.mul(r.astype(jnp.float32), _pow2(k + s) * (1.0 / _LEVELS))) * _pow2(-s)
 
 
 def _landed(p, u, narrow_u: bool):
@@ -200,7 +233,7 @@ def _landed(p, u, narrow_u: bool):
   return _round_bf16(p + u)
 
 
-def _compact_encode(x, p, u_big: float, narrow_u: bool):
+def _compact_encode(x, p, u_big: float, narrow_u: bool, o=_Plain):
   """``formats._params._compact_param_encode`` (with ``formats._arith.emit``): ``(update, landed, residual)``.
 
   ``p`` is the old param widened; the update comes back as a float32 holding a
@@ -216,7 +249,7 @@ def _compact_encode(x, p, u_big: float, narrow_u: bool):
   at = _landed(p, u, narrow_u)
   k = _half_ulp_exponent(at)
   s = jnp.where(k < -64, 64, 0)
-  r = _rint((x * _pow2(s) - at * _pow2(s)) * _LEVELS * _pow2(-k - s))
+  r = _rint((o.mul(x, _pow2(s)) - o.mul(at, _pow2(s))) * _LEVELS * _pow2(-k - s))
   r = jnp.where(jnp.isfinite(at) & ~jnp.isnan(r), jnp.clip(r, -_LEVELS, _LEVELS), 0.0)
   return u, at, r.astype(jnp.int8)
 
@@ -229,34 +262,34 @@ def _compact_encode(x, p, u_big: float, narrow_u: bool):
 def _body(
   sc_ref, p_ref, g_ref, lo_ref, mc_ref, ms_ref, vc_ref, vs_ref,
   u_ref, lo_out, mc_out, ms_out, vc_out, vs_out,
-  *, nesterov: bool, decay: bool, narrow_u: bool, emit_param: bool,
+  *, nesterov: bool, decay: bool, narrow_u: bool, emit_param: bool, o: Any = _Plain,
 ):  # fmt: skip
   """One block: the jnp path's ``_kernel.adam`` + ``alias.adamw``'s ``param_step`` for a compact/q8/q8 leaf."""
   s = {n: sc_ref[i] for i, n in enumerate(_NAMES)}
   g = g_ref[...].astype(jnp.float32)
   finite = jnp.isfinite(g)
   # _kernel._moment, for m and v (q8: saturate at 1e38; the step uses the value before its rounding).
-  m = s["c1"] * g + s["b1"] * _q8_decode(mc_ref[...], ms_ref[...], True)
+  m = o.mul(s["c1"], g) + o.mul(s["b1"], _q8_decode(mc_ref[...], ms_ref[...], True, o))
   m = _saturate(m, finite, _Q8_MAX)
-  v = s["c2"] * (g * g) + s["b2"] * _q8_decode(vc_ref[...], vs_ref[...], False)
+  v = o.mul(s["c2"], g * g) + o.mul(s["b2"], _q8_decode(vc_ref[...], vs_ref[...], False, o))
   v = _saturate(v, finite, _Q8_MAX)
-  mc_out[...], ms_out[...] = _q8_encode(m, True)
-  vc_out[...], vs_out[...] = _q8_encode(v, False)
+  mc_out[...], ms_out[...] = _q8_encode(m, True, o)
+  vc_out[...], vs_out[...] = _q8_encode(v, False, o)
   # The bias corrections (optax.tree_utils.tree_bias_correction) and _kernel._direction.
   if nesterov:
-    m_hat = s["nb1"] * (m * s["bc1n"]) + s["nc1"] * (g * s["bc1"])
+    m_hat = o.mul(s["nb1"], m * s["bc1n"]) + o.mul(s["nc1"], g * s["bc1"])
   else:
     m_hat = m * s["bc1"]
   v_hat = v * s["bc2"]
   m_hat, v_hat = _saturate(m_hat, finite, _F32_MAX), _saturate(v_hat, finite, _F32_MAX)
-  d = _saturate(m_hat / (jnp.sqrt(v_hat + s["eps_root"]) + s["eps"]), finite, _F32_MAX)
+  d = _saturate(o.div(m_hat, o.sqrt(v_hat + s["eps_root"]) + s["eps"]), finite, _F32_MAX)
   # alias.adamw's param_step: decoupled weight decay on the decoded param, the learning rate, the store.
   p = p_ref[...].astype(jnp.float32)
-  x = _compact_decode(p, lo_ref[...])
+  x = _compact_decode(p, lo_ref[...], o)
   if decay:
-    d = d + s["wd"] * x
-  d = s["nlr"] * d
-  u, at, r = _compact_encode(x + d, p, float(jnp.finfo(jnp.float32 if not narrow_u else _BF16).max), narrow_u)
+    d = d + o.mul(s["wd"], x)
+  d = o.mul(s["nlr"], d)
+  u, at, r = _compact_encode(x + d, p, float(jnp.finfo(jnp.float32 if not narrow_u else _BF16).max), narrow_u, o)
   # The update, or (emit_param) where optax.apply_updates(p, update) lands: the new bfloat16 param.
   u_ref[...] = (at if emit_param else u).astype(u_ref.dtype)
   lo_out[...] = r
@@ -350,7 +383,12 @@ def _call(
   )
   return pl.pallas_call(
     functools.partial(
-      _body, nesterov=nesterov, decay=decay, narrow_u=jnp.dtype(g_dtype) != jnp.float32, emit_param=emit_param
+      _body,
+      nesterov=nesterov,
+      decay=decay,
+      narrow_u=jnp.dtype(g_dtype) != jnp.float32,
+      emit_param=emit_param,
+      o=_Ptx if backend == "triton" else _Plain,
     ),
     out_shape=out_shape,
     grid=grid,
