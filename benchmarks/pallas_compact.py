@@ -1,12 +1,14 @@
 """The compact step's Pallas kernel compiled deviceless for GPUs and TPUs: sweeps and bytes per param.
 
-Three steps over one leaf, each ``(params, state, grads) -> (params, state)``
+Four steps over one leaf, each ``(params, state, grads) -> (params, state)``
 donated, compiled as ``benchmarks/accelerators.py`` compiles (its topologies,
 ``kernel_stats`` and ``cost_model_bytes``):
 
-* ``jnp``: ``apply_updates(params, adamw(mode="compact").update(...))``, today's path;
-* ``pallas``: the same with the leaf's update from the Pallas kernel
-  (``collage_optax._pallas.compact_step``), then ``optax.apply_updates``;
+* ``jnp``: ``apply_updates(params, adamw(mode="compact").update(...))`` with the
+  kernel turned off (``_pallas.ENABLED = False``): the jnp path;
+* ``adamw``: the same as users get it, the kernel chosen per platform inside ``adamw``;
+* ``pallas``: the kernel called directly (``collage_optax._pallas.compact_step``),
+  then ``optax.apply_updates``;
 * ``pallas_fused``: the kernel writes the new param itself (``emit_param``):
   what a step that owns the params (FlashOptim's ``step``) costs.
 
@@ -18,12 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import accelerators  # sets JAX_PLATFORMS=cpu before jax starts
+# As accelerators.py: compile-only, before jax starts.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +36,9 @@ import optax
 
 import collage_optax
 from collage_optax import _pallas
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accelerators
 
 LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-4
 BACKEND = {"cuda": "triton", "tpu": "mosaic"}
@@ -41,17 +49,21 @@ def _tx():
 
 
 def step_fn(kind: str, backend: str):
-  """The donated step of ``kind`` (``jnp``, ``pallas``, ``pallas_fused``) over ``{"w": leaf}``."""
+  """The donated step of ``kind`` (``jnp``, ``adamw``, ``pallas``, ``pallas_fused``) over ``{"w": leaf}``."""
   tx = _tx()
-  if kind == "jnp":
+  if kind in ("jnp", "adamw"):
 
     def step(params, state, grads):
-      u, state = tx.update(grads, state, params)
+      _pallas.ENABLED = kind == "adamw"
+      try:
+        u, state = tx.update(grads, state, params)
+      finally:
+        _pallas.ENABLED = True
       return optax.apply_updates(params, u), state
 
     return step
 
-  def step(params, state, grads):
+  def kernel_step(params, state, grads):
     count = optax.safe_increment(state.count)
     sc = _pallas.scalars(B1, B2, EPS, 0.0, count, LR, WD, False)
     p, g = params["w"], grads["w"]
@@ -61,7 +73,7 @@ def step_fn(kind: str, backend: str):
     new_p = out if kind == "pallas_fused" else optax.apply_updates(p, out)
     return {"w": new_p}, state._replace(count=count, mu={"w": mu}, nu={"w": nu}, lo={"w": lo})
 
-  return step
+  return kernel_step
 
 
 def measure(kind: str, shape: tuple[int, ...], target: str) -> dict:
@@ -88,7 +100,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--targets", default="h200,v5e")
   ap.add_argument("--shapes", default="4096x4096,16777216")
-  ap.add_argument("--kinds", default="jnp,pallas,pallas_fused")
+  ap.add_argument("--kinds", default="jnp,adamw,pallas,pallas_fused")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   rows = {}

@@ -86,8 +86,19 @@ def scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov: bool) 
   bc = lambda decay, count: 1.0 / f(1 - decay**count)
   bc1n = bc(b1, optax.safe_increment(count_inc)) if nesterov else f(1.0)
   return Scalars(
-    f(1 - b1), f(b1), f(1 - b2), f(b2), bc(b1, count_inc), bc(b2, count_inc), f(eps), f(eps_root),
-    f(weight_decay), -jnp.maximum(f(lr), 0), bc1n, f(b1), f(1 - b1),
+    f(1 - b1),
+    f(b1),
+    f(1 - b2),
+    f(b2),
+    bc(b1, count_inc),
+    bc(b2, count_inc),
+    f(eps),
+    f(eps_root),
+    f(weight_decay),
+    -jnp.maximum(f(lr), 0),
+    bc1n,
+    f(b1),
+    f(1 - b1),
   )
 
 
@@ -156,14 +167,14 @@ class _Ptx:
   def _asm(op: str, *args):
     from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
 
-    args = jnp.broadcast_arrays(*[jnp.asarray(a, jnp.float32) for a in args])
-    regs = ", ".join(f"${i}" for i in range(len(args) + 1))
+    xs = list(jnp.broadcast_arrays(*[jnp.asarray(a, jnp.float32) for a in args]))
+    regs = ", ".join(f"${i}" for i in range(len(xs) + 1))
     (out,) = pltriton.elementwise_inline_asm(
       f"{op}.rn.f32 {regs};",
-      args=args,
-      constraints=",".join(["=r"] + ["r"] * len(args)),
+      args=xs,
+      constraints=",".join(["=r"] + ["r"] * len(xs)),
       pack=1,
-      result_shape_dtypes=[jax.ShapeDtypeStruct(args[0].shape, jnp.float32)],
+      result_shape_dtypes=[jax.ShapeDtypeStruct(xs[0].shape, jnp.float32)],
     )
     return out
 
@@ -358,7 +369,7 @@ def _call(
     from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
 
     scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
-    params = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=64 * 2**20)
+    params: Any = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=64 * 2**20)
   else:
     scalar = pl.BlockSpec((len(_NAMES),), lambda i, j: (0,))
     params = None
@@ -460,3 +471,47 @@ def compact_step(
     Q8(back(mc), ms.reshape(mu.scales.shape)),
     Q8(back(vc), vs.reshape(nu.scales.shape)),
   )
+
+
+# ---------------------------------------------------------------------------
+# The choice per lowering platform.
+# ---------------------------------------------------------------------------
+
+
+#: Whether :func:`takes` hands leaves to the kernel at all (read when a step is traced; benchmarks turn it off
+#: to compile today's jnp path for the accelerators).
+ENABLED = True
+
+
+def takes(p: Any, g: Any, fmts: Any) -> bool:
+  """Whether a leaf with formats ``fmts`` (a ``_kernel.LeafFormats``) gets the kernel on GPU and TPU.
+
+  A bfloat16 param in the ``compact`` mode's formats (``compact`` params,
+  ``q8`` moments) with bfloat16 or float32 gradients.
+  """
+  from collage_optax import formats  # pylint: disable=import-outside-toplevel
+
+  return (
+    ENABLED
+    and fmts is not None
+    and fmts.param is formats.COMPACT
+    and fmts.mu is formats.Q8_M
+    and fmts.nu is formats.Q8_V
+    and hasattr(p, "dtype")
+    and hasattr(g, "dtype")
+    and supported(p, g)
+  )
+
+
+def platform_step(jnp_step, p, g, lo, mu: Q8, nu: Q8, sc: Scalars, *, nesterov: bool, decay: bool):
+  """``jnp_step(p, g, lo, mu, nu)`` on CPU (and any platform but these), the kernel on CUDA (Triton) and TPU (Mosaic).
+
+  The choice is made when the step is lowered (``lax.platform_dependent``),
+  so a step compiled deviceless for a GPU or TPU gets the kernel too; on CPU
+  only ``jnp_step`` is compiled.
+  """
+
+  def kernel(backend):
+    return lambda p, g, lo, mu, nu: compact_step(p, g, lo, mu, nu, sc, nesterov=nesterov, decay=decay, backend=backend)
+
+  return jax.lax.platform_dependent(p, g, lo, mu, nu, default=jnp_step, cuda=kernel("triton"), tpu=kernel("mosaic"))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from collage_optax import _kernel, _tree, checks, formats, precision
+from collage_optax import _kernel, _pallas, _tree, checks, formats, precision
 from collage_optax._bits import wide_dtype
 
 __all__ = ["MODES", "PRESETS", "AdamWState", "adamw", "precise_small_leaves"]
@@ -307,17 +307,37 @@ def adamw(
     count_inc = optax.safe_increment(state.count)
     wides = [wide_dtype(p.dtype) if f is not None else None for (_, p), f in zip(p_flat, fmts)]
     mu, nu = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-    dirs, mus, nus = _kernel.adam(g_flat, mu, nu, fmts, wides, hp, count_inc)
-    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    steps = [
-      param_step(p, g, lo, d, lr, decay, f)
-      for (_, p), g, lo, d, decay, f in zip(
-        p_flat, g_flat, treedef.flatten_up_to(state.lo), dirs, _decay_mask(mask, params), fmts
-      )
+    # compact leaves: one Pallas kernel each on GPU and TPU (this jnp path on CPU); not with metrics,
+    # which need the step's intermediate values.
+    fused = [
+      not track_metrics and not _tree.is_empty(g) and _pallas.takes(p, g, f)
+      for (_, p), g, f in zip(p_flat, g_flat, fmts)
     ]
+    rest = [None if k else f for f, k in zip(fmts, fused)]
+    dirs, mus, nus = _kernel.adam(g_flat, mu, nu, rest, wides, hp, count_inc)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    los, decays = treedef.flatten_up_to(state.lo), _decay_mask(mask, params)
+    steps = []
+    for i, ((_, p), g, lo, d, decay, f) in enumerate(zip(p_flat, g_flat, los, dirs, decays, fmts)):
+      if not fused[i]:
+        steps.append(param_step(p, g, lo, d, lr, decay, f))
+        continue
+      u, lo_new, mus[i], nus[i] = fused_step(p, g, lo, mu[i], nu[i], lr, decay, f, wides[i], count_inc)
+      steps.append((u, lo_new, None))
     new_u, new_lo = (treedef.unflatten([s[i] for s in steps]) for i in (0, 1))
     tracked = precision.compute_metrics(params, [s[2] for s in steps], state.metrics) if track_metrics else None
     return new_u, AdamWState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus), new_lo, tracked)
+
+  def fused_step(p, g, lo, mu, nu, lr, decay, fmts, wide, count_inc):
+    """``(update, residual, mu, nu)`` of a compact leaf: :func:`_pallas.platform_step` around this jnp path."""
+
+    def jnp_step(p, g, lo, mu, nu):
+      dirs, mus, nus = _kernel.adam([g], [mu], [nu], [fmts], [wide], hp, count_inc)
+      u, lo_new, _ = param_step(p, g, lo, dirs[0], lr, decay, fmts)
+      return u, lo_new, mus[0], nus[0]
+
+    sc = _pallas.scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov)
+    return _pallas.platform_step(jnp_step, p, g, lo, mu, nu, sc, nesterov=nesterov, decay=decay and not no_decay)
 
   def param_step(p, g, lo, u, lr, decay, fmts):
     """``(update, residual, metric sums)`` of one leaf, given Adam's direction ``u``."""
