@@ -487,12 +487,16 @@ def takes(p: Any, g: Any, fmts: Any) -> bool:
   """Whether a leaf with formats ``fmts`` (a ``_kernel.LeafFormats``) gets the kernel on GPU and TPU.
 
   A bfloat16 param in the ``compact`` mode's formats (``compact`` params,
-  ``q8`` moments) with bfloat16 or float32 gradients.
+  ``q8`` moments) with bfloat16 or float32 gradients, in a process that sees
+  one device (deviceless compiles included: they run on the CPU's).
   """
   from collage_optax import formats  # pylint: disable=import-outside-toplevel
 
   return (
     ENABLED
+    # A Pallas kernel is one custom call: XLA's SPMD partitioner cannot split it (Mosaic refuses a sharded
+    # operand, "wrap the call in a shard_map"), and adamw does not know the mesh. One device only, for now.
+    and jax.device_count() == 1
     and fmts is not None
     and fmts.param is formats.COMPACT
     and fmts.mu is formats.Q8_M
