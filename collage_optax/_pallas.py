@@ -478,6 +478,10 @@ def compact_step(
 # ---------------------------------------------------------------------------
 
 
+#: Tests: the kernel in interpret mode in place of the jnp path on CPU (read when a step is traced), so that
+#: adamw's plumbing around it runs on this machine.
+INTERPRET_ON_CPU = False
+
 #: Whether :func:`takes` hands leaves to the kernel at all (read when a step is traced; benchmarks turn it off
 #: to compile today's jnp path for the accelerators).
 ENABLED = True
@@ -518,4 +522,5 @@ def platform_step(jnp_step, p, g, lo, mu: Q8, nu: Q8, sc: Scalars, *, nesterov: 
   def kernel(backend):
     return lambda p, g, lo, mu, nu: compact_step(p, g, lo, mu, nu, sc, nesterov=nesterov, decay=decay, backend=backend)
 
-  return jax.lax.platform_dependent(p, g, lo, mu, nu, default=jnp_step, cuda=kernel("triton"), tpu=kernel("mosaic"))
+  default = kernel("interpret") if INTERPRET_ON_CPU else jnp_step
+  return jax.lax.platform_dependent(p, g, lo, mu, nu, default=default, cuda=kernel("triton"), tpu=kernel("mosaic"))
