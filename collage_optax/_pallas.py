@@ -136,7 +136,8 @@ def _rint(x):
 
 def _pow2(k):
   """``collage_optax._bits.pow2`` with int32 bits: ``2.0**k`` for integer ``k`` in ``[−126, 127]``."""
-  return jax.lax.bitcast_convert_type((k + 127) << 23, jnp.float32)
+  # int32 first: under jax_enable_x64 a where() of Python ints is int64, whose bitcast would add an axis.
+  return jax.lax.bitcast_convert_type((k + 127).astype(jnp.int32) << 23, jnp.float32)
 
 
 def _half_ulp_exponent(hi):

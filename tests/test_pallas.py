@@ -207,8 +207,8 @@ def test_not_with_metrics():
   assert u["w"].dtype == BF16
 
 
-@pytest.mark.parametrize("nesterov", [False, True])
-def test_adamw_plumbing(monkeypatch, nesterov):
+@pytest.mark.parametrize("nesterov, x64", [(False, False), (True, False), (False, True)])
+def test_adamw_plumbing(monkeypatch, nesterov, x64):
   """``adamw(mode="compact")`` with the kernel (interpret mode) in place of the jnp path: the same bits.
 
   Runs adamw's own wiring (scalars, schedule, weight-decay mask, per-leaf
@@ -240,9 +240,10 @@ def test_adamw_plumbing(monkeypatch, nesterov):
       out.append((u, s))
     return out
 
-  want = run()
-  monkeypatch.setattr(_pallas, "INTERPRET_ON_CPU", True)
-  got = run()
+  with jax.enable_x64(x64):  # x64: Python ints and floats default to 64 bits inside the step
+    want = run()
+    monkeypatch.setattr(_pallas, "INTERPRET_ON_CPU", True)
+    got = run()
   for (uw, sw), (ug, sg) in zip(want, got):
     for w, k in zip(jax.tree.leaves((uw, sw)), jax.tree.leaves((ug, sg))):
       _bits_equal(k, w, "adamw")
