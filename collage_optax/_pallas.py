@@ -344,10 +344,12 @@ def _blocks(shape: tuple[int, ...], backend: str) -> _Blocks:
     br = min(max(1, 4096 // bc), 1 << max(0, (rows - 1).bit_length()))
   else:
     # TPU: a block's last dimension is the whole row or a multiple of 128 (the scales': of 128·32), the
-    # one before a multiple of 32 (int8 tiles) or the whole column.
+    # one before a multiple of 32 (int8 tiles) or the whole column. Rows wider than 8192 are cut in blocks
+    # of 4096 or 8192, the last one partly past the row's end (whole groups of garbage, never written):
+    # a (32, 50304) block does not fit v5e's VMEM.
     bc = cols
     if cols > 8192:
-      bc = next((w for w in (8192, 4096) if cols % w == 0), cols)
+      bc = 8192 if cols % 8192 == 0 else 4096
     br = rows if rows <= 32 else 32
   return _Blocks(rows, cols, br, bc)
 
@@ -363,7 +365,7 @@ def _call(
 ):
   """The ``pallas_call`` over the 2-D views, for ``backend`` ("interpret", "triton" or "mosaic")."""
   rows, cols, br, bc = blocks or _blocks(shape, "triton" if backend == "triton" else "mosaic")
-  grid = (pl.cdiv(rows, br), cols // bc)
+  grid = (pl.cdiv(rows, br), pl.cdiv(cols, bc))
   data = pl.BlockSpec((br, bc), lambda i, j: (i, j))
   scale = pl.BlockSpec((br, bc // GROUP), lambda i, j: (i, j))
   if backend == "mosaic":

@@ -84,7 +84,7 @@ def _kernel(p, g, lo, mu, nu, count, hp, policy, emit_param=False):
       hp["b1"], hp["b2"], hp["eps"], hp["eps_root"], optax.safe_increment(count),
       lr(count) if callable(lr := hp["learning_rate"]) else lr, hp["weight_decay"], hp["nesterov"],
     )  # fmt: skip
-    blocks = _pallas._blocks(tuple(p.shape) or (1,), policy)
+    blocks = policy if isinstance(policy, _pallas._Blocks) else _pallas._blocks(tuple(p.shape) or (1,), policy)
     return _pallas.compact_step(
       p, g, lo, mu, nu, sc, nesterov=hp["nesterov"], decay=hp["weight_decay"] != 0, blocks=blocks,
       emit_param=emit_param,
@@ -150,6 +150,12 @@ def test_bit_for_bit_adversarial(shape, policy):
 )
 def test_bit_for_bit_cases(case):
   _check((12, 80), 1, **case)
+
+
+@pytest.mark.parametrize("shape, blocks", [((5, 96), (5, 96, 2, 64)), ((7, 200), (7, 224, 4, 128))], ids=str)
+def test_bit_for_bit_partial_blocks(shape, blocks):
+  """Blocks partly past the rows' ends and the columns' (as TPU's 4096-wide blocks of a 50304-wide row)."""
+  _check(shape, 2, adversarial=True, count=5, policy=_pallas._Blocks(*blocks), emit_param=True)
 
 
 @settings(max_examples=10, deadline=None)
