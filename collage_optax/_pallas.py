@@ -12,18 +12,28 @@ The kernel body mirrors the jnp path (:mod:`collage_optax._kernel`,
 :mod:`collage_optax.formats`) operation for operation, so that in Pallas'
 interpret mode on CPU it is bit for bit that path (``tests/test_pallas.py``).
 Where the jnp path uses a primitive that Mosaic (TPU) or Triton (GPU) does
-not lower, the body uses an integer equivalent with the same bits:
+not lower, the body uses an equivalent with the same bits:
 ``reduce_precision`` to bfloat16 becomes a round-to-nearest-even on the bits
-(:func:`_round_bf16`), ``round`` a ``2**23`` addition (:func:`_rint`), the
-bfloat16 bit-shift widening a convert (exact).
+(:func:`_round_bf16`), ``round`` an integer truncation and its exact
+fraction (:func:`_rint`), the bfloat16 bit-shift widening a convert (exact).
+The bias corrections multiply by their reciprocals, as XLA compiles the jnp
+path's division by a broadcast scalar. On Triton, divisions and square roots
+are PTX's correctly rounded ones and no product is contracted into an FMA
+(:class:`_Ptx`); whether Mosaic's division and square root round as XLA's
+do is not checked here (no TPU).
 
 Layout: the leaf is seen as a 2-D array ``(rows, cols)`` whose rows hold
 whole groups of 32: its own ``(prod(shape[:-1]), shape[-1])`` when the last
-axis is a multiple of 32 (a 1-D leaf: ``(n/W, W)``), else the last axis
-padded to one (a copy, outside the kernel; the padding's ``v`` codes are the
-NaN code, so that it never raises a group's maximum). The scales are
+axis is a multiple of 32 (a 1-D leaf, or rows under 128: ``(n/W, W)``, on
+TPU ``W = 128``, the 1-D layout's own memory), else the last axis padded to
+one (a copy, outside the kernel; the padding's ``v`` codes are the NaN code,
+so that it never raises a group's maximum). The scales are
 ``(rows, cols/32)``. A block is ``(br, bc)`` with ``bc`` a multiple of 32, so
 a group never straddles blocks.
+
+Where it runs: :func:`platform_step` (``adamw`` calls it for compact leaves)
+picks the kernel when the step is lowered for CUDA or TPU, the jnp path on
+CPU; one device only (:func:`takes`).
 """
 
 from __future__ import annotations
