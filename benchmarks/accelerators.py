@@ -213,6 +213,7 @@ _NOT_KERNELS = {
   "tuple",
   "bitcast",
   "copy-done",
+  "slice-done",  # its slice-start counts the transfer
   "after-all",
   "partition-id",
   "replica-id",
@@ -303,6 +304,11 @@ def kernels(hlo_text: str) -> list[dict[str, Any]]:
     if opcode == "copy-start":  # (destination, source alias, context): the destination is written.
       results = results[:1]
     reads = [a for o in dict.fromkeys(operands) if o in shapes for a in _arrays(shapes[o])]
+    if opcode == "slice-start" and len(results) >= 2 and reads:
+      # (source alias, slice, context): XLA:TPU's prefetch of one slice of the source reads that slice of it
+      # (in the source's memory space) and writes the slice, not the whole source.
+      reads = [dataclasses.replace(results[1], space=reads[0].space)]
+      results = results[1:2]
     out.append({"name": name, "opcode": opcode, "reads": reads, "writes": results})
   return out
 

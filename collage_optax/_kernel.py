@@ -9,7 +9,7 @@ formulas (Kingma & Ba 2015; ``optax.tree.update_moment``,
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import chex
@@ -200,21 +200,25 @@ def adam_then(
   hp: Adam,
   count_inc: chex.Array,
   then: Callable[[int, chex.Array | None], Any],
+  own: Mapping[int, Callable[[Any, Any], tuple[Any, Any, Any]]] | None = None,
 ) -> tuple[list[Any], list[Any], list[Any]]:
   """:func:`adam`, and ``then(i, direction)`` of each leaf ``i``: ``(outputs of then, new mus, new nus)``.
 
-  Leaves with grouped moments (:func:`grouped`) step one after another,
-  each one's inputs waiting (:func:`wait`) for the previous one's first
-  output, so that on CPU one grouped leaf's temporaries are live at a time;
-  the others step together, as in :func:`adam` (whose arithmetic this is,
-  leaf by leaf). Where nothing waits (several CPU devices) all leaves step
-  together: XLA:CPU contracts ``a·b + c`` into an FMA inside a fusion, so a
-  leaf's step in another fusion could round differently from the same step
-  on a mesh.
+  A leaf ``i`` in ``own`` takes its whole step by itself instead:
+  ``own[i](grad, mu)`` gives ``(output, new mu, new nu)`` (``adamw``'s
+  compact leaves: a Pallas kernel on GPU and TPU). Leaves with grouped
+  moments (:func:`grouped`) and those in ``own`` step one after another, each
+  one's inputs waiting (:func:`wait`) for the previous one's first output,
+  so that on CPU one grouped leaf's temporaries are live at a time; the
+  others step together, as in :func:`adam` (whose arithmetic this is, leaf
+  by leaf). Where nothing waits (several CPU devices) all leaves not in
+  ``own`` step together: XLA:CPU contracts ``a·b + c`` into an FMA inside a
+  fusion, so a leaf's step in another fusion could round differently from
+  the same step on a mesh.
   """
-  n = len(grads)
-  group = [i for i in range(n) if _waits() and fmts[i] is not None and grouped(mus[i], nus[i])]
-  rest = [i for i in range(n) if i not in group]
+  n, own = len(grads), own or {}
+  seq = [i for i in range(n) if i in own or (_waits() and fmts[i] is not None and grouped(mus[i], nus[i]))]
+  rest = [i for i in range(n) if i not in seq]
   pick = lambda xs: [xs[i] for i in rest]
   dirs, new_mus, new_nus = adam(pick(grads), pick(mus), pick(nus), pick(fmts), pick(wides), hp, count_inc)
   outs: list[Any] = [None] * n
@@ -222,10 +226,13 @@ def adam_then(
   for j, i in enumerate(rest):
     outs[i], mus_out[i], nus_out[i] = then(i, dirs[j]), new_mus[j], new_nus[j]
   after = None
-  for i in reversed(group):
+  for i in reversed(seq):
     g, mu = (grads[i], mus[i]) if after is None else wait((grads[i], mus[i]), after)
-    (d,), (mus_out[i],), (nus_out[i],) = adam([g], [mu], [nus[i]], [fmts[i]], [wides[i]], hp, count_inc)
-    outs[i] = then(i, d)
+    if i in own:
+      outs[i], mus_out[i], nus_out[i] = own[i](g, mu)
+    else:
+      (d,), (mus_out[i],), (nus_out[i],) = adam([g], [mu], [nus[i]], [fmts[i]], [wides[i]], hp, count_inc)
+      outs[i] = then(i, d)
     leaves = [x for x in jax.tree.leaves(outs[i]) if jnp.size(x)]
     after = leaves[0] if leaves else after
   return outs, mus_out, nus_out

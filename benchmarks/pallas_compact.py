@@ -1,0 +1,120 @@
+"""The compact step's Pallas kernel compiled deviceless for GPUs and TPUs: sweeps and bytes per param.
+
+Four steps over one leaf, each ``(params, state, grads) -> (params, state)``
+donated, compiled as ``benchmarks/accelerators.py`` compiles (its topologies,
+``kernel_stats`` and ``cost_model_bytes``):
+
+* ``jnp``: ``apply_updates(params, adamw(mode="compact").update(...))`` with the
+  kernel turned off (``_pallas.ENABLED = False``): the jnp path;
+* ``adamw``: the same as users get it, the kernel chosen per platform inside ``adamw``;
+* ``pallas``: the kernel called directly (``collage_optax._pallas.compact_step``),
+  then ``optax.apply_updates``;
+* ``pallas_fused``: the kernel writes the new param itself (``emit_param``):
+  what a step that owns the params (FlashOptim's ``step``) costs.
+
+Run: ``python benchmarks/pallas_compact.py [--targets h200,v5e] [--shapes 4096x4096,16777216]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+# As accelerators.py: compile-only, before jax starts.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import collage_optax
+from collage_optax import _pallas
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import accelerators
+
+LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-4
+BACKEND = {"cuda": "triton", "tpu": "mosaic"}
+
+
+def _tx():
+  return collage_optax.adamw(LR, B1, B2, EPS, 0.0, WD, mode="compact")
+
+
+def step_fn(kind: str, backend: str):
+  """The donated step of ``kind`` (``jnp``, ``adamw``, ``pallas``, ``pallas_fused``) over ``{"w": leaf}``."""
+  tx = _tx()
+  if kind in ("jnp", "adamw"):
+
+    def step(params, state, grads):
+      _pallas.ENABLED = kind == "adamw"
+      try:
+        u, state = tx.update(grads, state, params)
+      finally:
+        _pallas.ENABLED = True
+      return optax.apply_updates(params, u), state
+
+    return step
+
+  def kernel_step(params, state, grads):
+    count = optax.safe_increment(state.count)
+    sc = _pallas.scalars(B1, B2, EPS, 0.0, count, LR, WD, False)
+    p, g = params["w"], grads["w"]
+    out, lo, mu, nu = _pallas.compact_step(
+      p, g, state.lo["w"], state.mu["w"], state.nu["w"], sc, backend=backend, emit_param=kind == "pallas_fused"
+    )
+    new_p = out if kind == "pallas_fused" else optax.apply_updates(p, out)
+    return {"w": new_p}, state._replace(count=count, mu={"w": mu}, nu={"w": nu}, lo={"w": lo})
+
+  return kernel_step
+
+
+def measure(kind: str, shape: tuple[int, ...], target: str) -> dict:
+  t = accelerators.TARGETS[target]
+  params = {"w": jax.ShapeDtypeStruct(shape, jnp.bfloat16)}
+  state = jax.eval_shape(_tx().init, params)
+  p, s = accelerators.on_chip(params, target), accelerators.on_chip(state, target)
+  n = math.prod(shape)
+  t0 = time.perf_counter()
+  try:
+    compiled = jax.jit(step_fn(kind, BACKEND[t.platform]), donate_argnums=(0, 1)).lower(p, s, p).compile()
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"}
+  stats = accelerators.kernel_stats(compiled, n)
+  return {
+    **stats,
+    "cost_model_B": round(accelerators.cost_model_bytes(compiled) / n, 2),
+    "ideal_B": round(accelerators.ideal_bytes(_tx(), params) / n, 2),
+    "compile_s": round(time.perf_counter() - t0, 1),
+  }
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--targets", default="h200,v5e")
+  ap.add_argument("--shapes", default="4096x4096,16777216")
+  ap.add_argument("--kinds", default="jnp,adamw,pallas,pallas_fused")
+  ap.add_argument("--out", default=None)
+  args = ap.parse_args(argv)
+  rows = {}
+  for shape_text in args.shapes.split(","):
+    shape = tuple(int(d) for d in shape_text.split("x"))
+    for target in args.targets.split(","):
+      for kind in args.kinds.split(","):
+        r = measure(kind, shape, target)
+        rows[f"{shape_text} {target} {kind}"] = r
+        print(f"{shape_text:>12} {target:>5} {kind:>13}: {json.dumps(r)}", flush=True)
+  if args.out:
+    Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+  return rows
+
+
+if __name__ == "__main__":
+  main()

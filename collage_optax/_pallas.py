@@ -1,0 +1,539 @@
+"""The ``compact`` mode's per-leaf AdamW step as one Pallas kernel (one sweep over the params).
+
+One leaf of ``adamw(mode="compact")`` (``compact`` params, ``q8`` ``m`` and
+``v``) in one pass: decode the bfloat16 param and its int8 residual, the
+8-bit moments and their per-32 bfloat16 scales; Adam in float32 (optax's
+formulas, as :func:`collage_optax._kernel.adam`); decoupled weight decay and
+the learning rate; encode. XLA's own fusions cannot do it in one pass (a
+group's maximum is a reduction broadcast back to its 32 elements); a kernel
+whose block holds whole groups can.
+
+The kernel body mirrors the jnp path (:mod:`collage_optax._kernel`,
+:mod:`collage_optax.formats`) operation for operation, so that in Pallas'
+interpret mode on CPU it is bit for bit that path (``tests/test_pallas.py``).
+Where the jnp path uses a primitive that Mosaic (TPU) or Triton (GPU) does
+not lower, the body uses an equivalent with the same bits:
+``reduce_precision`` to bfloat16 becomes a round-to-nearest-even on the bits
+(:func:`_round_bf16`), ``round`` an integer truncation and its exact
+fraction (:func:`_rint`), the bfloat16 bit-shift widening a convert (exact).
+The bias corrections multiply by their reciprocals, as XLA compiles the jnp
+path's division by a broadcast scalar. On Triton, divisions and square roots
+are PTX's correctly rounded ones and no product is contracted into an FMA
+(:class:`_Ptx`); whether Mosaic's division and square root round as XLA's
+do is not checked here (no TPU).
+
+Layout: the leaf is seen as a 2-D array ``(rows, cols)`` whose rows hold
+whole groups of 32: its own ``(prod(shape[:-1]), shape[-1])`` when the last
+axis is a multiple of 32 (a 1-D leaf, or rows under 128: ``(n/W, W)``, on
+TPU ``W = 128``, the 1-D layout's own memory), else the last axis padded to
+one (a copy, outside the kernel; the padding's ``v`` codes are the NaN code,
+so that it never raises a group's maximum). The scales are
+``(rows, cols/32)``. A block is ``(br, bc)`` with ``bc`` a multiple of 32, so
+a group never straddles blocks.
+
+Where it runs: :func:`platform_step` (``adamw`` calls it for compact leaves)
+picks the kernel when the step is lowered for CUDA or TPU, the jnp path on
+CPU; one device only (:func:`takes`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from collage_optax.formats._moments import GROUP, Q8
+
+__all__ = ["Scalars", "compact_step", "scalars"]
+
+_BF16 = jnp.dtype(jnp.bfloat16)
+_F32_MAX = float(jnp.finfo(jnp.float32).max)
+_Q8_MAX = 1e38  # formats._moments._Q8_MAX: the largest magnitude a q8 moment holds
+_LEVELS = 127.0  # formats._params._COMPACT_LEVELS
+
+# The order of the scalars in the kernel's scalar operand.
+_NAMES = ("c1", "b1", "c2", "b2", "bc1", "bc2", "eps", "eps_root", "wd", "nlr", "bc1n", "nb1", "nc1")
+
+
+class Scalars(NamedTuple):
+  """The float32 scalars of one step, computed outside the kernel as the jnp path computes them.
+
+  ``c1 = 1 − b1``, ``c2 = 1 − b2`` (Python floats rounded once, as optax's
+  weakly typed ``1 − decay``), ``bc1``, ``bc2`` the reciprocals of optax's
+  bias corrections ``1 − b**count`` (the jnp path divides by them, which XLA
+  compiles to a multiplication by the reciprocal), ``wd`` the weight decay
+  (0: none), ``nlr = −max(lr, 0)``; for Nesterov ``bc1n`` (at ``count + 1``,
+  a reciprocal too), ``nb1 = b1`` and ``nc1 = 1 − b1``.
+  """
+
+  c1: Any
+  b1: Any
+  c2: Any
+  b2: Any
+  bc1: Any
+  bc2: Any
+  eps: Any
+  eps_root: Any
+  wd: Any
+  nlr: Any
+  bc1n: Any
+  nb1: Any
+  nc1: Any
+
+
+def scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov: bool) -> Scalars:
+  """The :class:`Scalars` of a step, by the jnp path's own expressions (optax's bias correction, ``safe_increment``)."""
+  import optax  # pylint: disable=import-outside-toplevel
+
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  # optax.tree_utils.tree_bias_correction divides by 1 − decay**count; XLA rewrites a division by a broadcast
+  # scalar as a multiplication by its reciprocal (the jnp path's bits on XLA:CPU), so the kernel multiplies.
+  bc = lambda decay, count: 1.0 / f(1 - decay**count)
+  bc1n = bc(b1, optax.safe_increment(count_inc)) if nesterov else f(1.0)
+  return Scalars(
+    f(1 - b1),
+    f(b1),
+    f(1 - b2),
+    f(b2),
+    bc(b1, count_inc),
+    bc(b2, count_inc),
+    f(eps),
+    f(eps_root),
+    f(weight_decay),
+    -jnp.maximum(f(lr), 0),
+    bc1n,
+    f(b1),
+    f(1 - b1),
+  )
+
+
+# ---------------------------------------------------------------------------
+# Bit-exact stand-ins for the primitives the kernels cannot lower.
+# ---------------------------------------------------------------------------
+
+
+def _round_bf16(x):
+  """``mcf.round_to(x, bfloat16)`` (``reduce_precision``) on float32 ``x``, by integer ops on its bits.
+
+  Round to nearest even on the upper 16 bits; overflow carries into the
+  exponent and gives ±inf, as ``reduce_precision`` does; a NaN stays a NaN.
+  """
+  b = jax.lax.bitcast_convert_type(x, jnp.int32)
+  r = (b + (0x7FFF + ((b >> 16) & 1))) & np.int32(-65536)
+  return jnp.where(jnp.isnan(x), x, jax.lax.bitcast_convert_type(r, jnp.float32))
+
+
+def _rint(x):
+  """``jnp.round(x)`` (nearest, ties to even) of float32 ``x`` by integer truncation (up to the sign of 0).
+
+  ``(|x| + 2**23) − 2**23`` would do it in float arithmetic, but XLA folds
+  that to ``|x|``; the truncation and the exact fraction it leaves cannot be
+  folded.
+  """
+  a = jnp.abs(x)
+  small = a < 8388608.0
+  t = jnp.where(small, a, 0.0).astype(jnp.int32)
+  f = a - t.astype(jnp.float32)  # exact: the fraction of |x|
+  t = t + ((f > 0.5) | ((f == 0.5) & ((t & 1) == 1))).astype(jnp.int32)
+  r = t.astype(jnp.float32)
+  return jnp.where(small, jnp.where(x < 0, -r, r), x)
+
+
+def _pow2(k):
+  """``collage_optax._bits.pow2`` with int32 bits: ``2.0**k`` for integer ``k`` in ``[−126, 127]``."""
+  # int32 first: under jax_enable_x64 a where() of Python ints is int64, whose bitcast would add an axis.
+  return jax.lax.bitcast_convert_type((k + 127).astype(jnp.int32) << 23, jnp.float32)
+
+
+def _half_ulp_exponent(hi):
+  """``formats._params._half_ulp_exponent``: ``k`` with ``2**k = ulp(hi)/2``, at least −126."""
+  e = (jax.lax.bitcast_convert_type(hi, jnp.int32) >> 23) & 0xFF
+  return jnp.maximum(e - 127 - 8, -126)
+
+
+def _saturate(x, finite, big):
+  """``collage_optax._kernel.saturate``."""
+  return jnp.clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
+
+
+class _Plain:
+  """The float32 operations of the body that a compiler may round differently: here plain ``lax`` ops."""
+
+  mul = staticmethod(lambda a, b: a * b)
+  div = staticmethod(lambda a, b: a / b)
+  sqrt = staticmethod(jnp.sqrt)
+
+
+class _Ptx:
+  """:class:`_Plain` in PTX with explicit rounding (Triton): correctly rounded ``div.rn``/``sqrt.rn``
+  (Triton's own ``/`` is the approximate ``div.full``), and a ``mul.rn`` that is never contracted with the
+  add that consumes it into an FMA (XLA:CPU rounds the product first)."""
+
+  @staticmethod
+  def _asm(op: str, *args):
+    from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+
+    xs = list(jnp.broadcast_arrays(*[jnp.asarray(a, jnp.float32) for a in args]))
+    regs = ", ".join(f"${i}" for i in range(len(xs) + 1))
+    (out,) = pltriton.elementwise_inline_asm(
+      f"{op}.rn.f32 {regs};",
+      args=xs,
+      constraints=",".join(["=r"] + ["r"] * len(xs)),
+      pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(xs[0].shape, jnp.float32)],
+    )
+    return out
+
+  mul = staticmethod(lambda a, b: _Ptx._asm("mul", a, b))
+  div = staticmethod(lambda a, b: _Ptx._asm("div", a, b))
+  sqrt = staticmethod(lambda a: _Ptx._asm("sqrt", a))
+
+
+# ---------------------------------------------------------------------------
+# The formats, on a block (rows of whole groups of 32).
+# ---------------------------------------------------------------------------
+
+
+def _grouped(x):
+  return x.reshape(x.shape[0], x.shape[1] // GROUP, GROUP)
+
+
+def _ungrouped(x):
+  return x.reshape(x.shape[0], x.shape[1] * GROUP)
+
+
+def _q8_decode(codes, scales, signed: bool, o=_Plain):
+  """``formats._moments._q8_decode``."""
+  c = codes.astype(jnp.float32)
+  if signed:
+    z = c * (1.0 / 127.0)
+    c = o.div(z, 2.0 - jnp.abs(z))
+    s = scales.astype(jnp.float32)  # (× 1.0: XLA drops it)
+  else:
+    c = jnp.where(codes == 0, 0.5, c)
+    s = scales.astype(jnp.float32) * (1.0 / 254.0)
+  x = _ungrouped(_grouped(c) * s[:, :, None])
+  if not signed:
+    x = x * x
+  return jnp.where(codes == (-128 if signed else 255), jnp.nan, x)
+
+
+def _q8_encode(x, signed: bool, o=_Plain):
+  """``formats._moments._q8_encoder``: ``(codes, scales)`` of float32 ``x``."""
+  levels = 127.0 if signed else 254.0
+  finite = jnp.isfinite(x)
+  y = jnp.where(finite, x if signed else o.sqrt(jnp.maximum(x, 0.0)), 0.0)
+  groups = _grouped(y)
+  s = _round_bf16(jnp.max(jnp.abs(groups), axis=-1))
+  inv = jnp.where(s > 0, o.div(1.0, jnp.where(s > 0, s, 1.0)), 0.0)
+  y = _ungrouped(groups * inv[:, :, None])
+  if signed:
+    y = o.div(2.0 * y, 1.0 + jnp.abs(y))
+  c = jnp.clip(_rint(levels * y), -levels if signed else 0.0, levels)
+  c = jnp.where(finite, c, -128.0 if signed else 255.0)
+  if signed:
+    return c.astype(jnp.int8), s.astype(_BF16)
+  # float → int32 → uint8: the codes are in [0, 255], so the same bits as a direct convert.
+  return c.astype(jnp.int32).astype(jnp.uint8), s.astype(_BF16)
+
+
+def _compact_decode(hi, r, o=_Plain):
+  """``formats._params._compact_decode`` of ``hi`` (the bfloat16 param, widened) and the int8 residual ``r``."""
+  k = _half_ulp_exponent(hi)
+  s = jnp.where(k < -64, 64, 0)
+  return (o.mul(hi, _pow2(s)) + o.mul(r.astype(jnp.float32), _pow2(k + s) * (1.0 / _LEVELS))) * _pow2(-s)
+
+
+def _landed(p, u, narrow_u: bool):
+  """``formats._arith.landed``: where ``apply_updates`` puts ``p`` (widened) given ``u`` (float32, of ``u``'s dtype)."""
+  del narrow_u
+  return _round_bf16(p + u)
+
+
+def _compact_encode(x, p, u_big: float, narrow_u: bool, o=_Plain):
+  """``formats._params._compact_param_encode`` (with ``formats._arith.emit``): ``(update, landed, residual)``.
+
+  ``p`` is the old param widened; the update comes back as a float32 holding a
+  value of the gradients' dtype (bfloat16 when ``narrow_u``, else float32).
+  """
+  hi = _round_bf16(x)
+  finite = jnp.isfinite(hi)
+  d = hi - p
+  u = jnp.clip(d, jnp.where(finite, -u_big, -jnp.inf), jnp.where(finite, u_big, jnp.inf))
+  if narrow_u:
+    u = _round_bf16(u)
+  u = jnp.where(finite & ~jnp.isfinite(_landed(p, u, narrow_u)), jnp.zeros_like(u), u)
+  at = _landed(p, u, narrow_u)
+  k = _half_ulp_exponent(at)
+  s = jnp.where(k < -64, 64, 0)
+  r = _rint((o.mul(x, _pow2(s)) - o.mul(at, _pow2(s))) * _LEVELS * _pow2(-k - s))
+  r = jnp.where(jnp.isfinite(at) & ~jnp.isnan(r), jnp.clip(r, -_LEVELS, _LEVELS), 0.0)
+  return u, at, r.astype(jnp.int8)
+
+
+# ---------------------------------------------------------------------------
+# The kernel.
+# ---------------------------------------------------------------------------
+
+
+def _body(
+  sc_ref, p_ref, g_ref, lo_ref, mc_ref, ms_ref, vc_ref, vs_ref,
+  u_ref, lo_out, mc_out, ms_out, vc_out, vs_out,
+  *, nesterov: bool, decay: bool, narrow_u: bool, emit_param: bool, o: Any = _Plain,
+):  # fmt: skip
+  """One block: the jnp path's ``_kernel.adam`` + ``alias.adamw``'s ``param_step`` for a compact/q8/q8 leaf."""
+  s = {n: sc_ref[i] for i, n in enumerate(_NAMES)}
+  g = g_ref[...].astype(jnp.float32)
+  finite = jnp.isfinite(g)
+  # _kernel._moment, for m and v (q8: saturate at 1e38; the step uses the value before its rounding).
+  m = o.mul(s["c1"], g) + o.mul(s["b1"], _q8_decode(mc_ref[...], ms_ref[...], True, o))
+  m = _saturate(m, finite, _Q8_MAX)
+  v = o.mul(s["c2"], g * g) + o.mul(s["b2"], _q8_decode(vc_ref[...], vs_ref[...], False, o))
+  v = _saturate(v, finite, _Q8_MAX)
+  mc_out[...], ms_out[...] = _q8_encode(m, True, o)
+  vc_out[...], vs_out[...] = _q8_encode(v, False, o)
+  # The bias corrections (optax.tree_utils.tree_bias_correction) and _kernel._direction.
+  if nesterov:
+    m_hat = o.mul(s["nb1"], m * s["bc1n"]) + o.mul(s["nc1"], g * s["bc1"])
+  else:
+    m_hat = m * s["bc1"]
+  v_hat = v * s["bc2"]
+  m_hat, v_hat = _saturate(m_hat, finite, _F32_MAX), _saturate(v_hat, finite, _F32_MAX)
+  d = _saturate(o.div(m_hat, o.sqrt(v_hat + s["eps_root"]) + s["eps"]), finite, _F32_MAX)
+  # alias.adamw's param_step: decoupled weight decay on the decoded param, the learning rate, the store.
+  p = p_ref[...].astype(jnp.float32)
+  x = _compact_decode(p, lo_ref[...], o)
+  if decay:
+    d = d + o.mul(s["wd"], x)
+  d = o.mul(s["nlr"], d)
+  u, at, r = _compact_encode(x + d, p, float(jnp.finfo(jnp.float32 if not narrow_u else _BF16).max), narrow_u, o)
+  # The update, or (emit_param) where optax.apply_updates(p, update) lands: the new bfloat16 param.
+  u_ref[...] = (at if emit_param else u).astype(u_ref.dtype)
+  lo_out[...] = r
+
+
+class _Blocks(NamedTuple):
+  rows: int
+  cols: int
+  br: int
+  bc: int
+
+
+def _view_cols(shape: tuple[int, ...], widths: tuple[int, ...]) -> tuple[int, int]:
+  """``(rows, cols)`` of the 2-D view of a leaf of ``shape`` (``cols`` a multiple of 32, padded if need be).
+
+  A 1-D leaf, or one with rows under 128, is seen as ``(n/W, W)`` with ``W`` the first of ``widths`` that
+  divides its size (its groups are consecutive in the flat order).
+  """
+  shape = shape or (1,)
+  n = shape[-1]
+  rows = math.prod(shape[:-1])
+  if n % GROUP:
+    return rows, n + (-n % GROUP)
+  if len(shape) == 1 or n < 128:
+    total = rows * n
+    for w in widths:
+      if total % w == 0:
+        return total // w, w
+  return rows, n
+
+
+def _blocks(shape: tuple[int, ...], backend: str) -> _Blocks:
+  # On TPU a 1-D array is laid out in runs of 1024 (float32) elements: its (n/128, 128) view, in (8, 128) tiles,
+  # is the same memory (a bitcast); a wider view is a relayout (a copy of the leaf each way).
+  widths = (1024, 512, 256, 128, 64, 32) if backend == "triton" else (128, 64, 32)
+  rows, cols = _view_cols(tuple(shape), widths)
+  if backend == "triton":
+    # Power-of-two blocks of about 4096 elements (Triton's tensors are powers of two).
+    bc = next(w for w in (1024, 512, 256, 128, 64, 32) if cols % w == 0)
+    br = min(max(1, 4096 // bc), 1 << max(0, (rows - 1).bit_length()))
+  else:
+    # TPU: a block's last dimension is the whole row or a multiple of 128 (the scales': of 128·32), the
+    # one before a multiple of 32 (int8 tiles) or the whole column. Rows wider than 8192 are cut in blocks
+    # of 4096 or 8192, the last one partly past the row's end (whole groups of garbage, never written):
+    # a (32, 50304) block does not fit v5e's VMEM.
+    bc = cols
+    if cols > 8192:
+      bc = 8192 if cols % 8192 == 0 else 4096
+    br = rows if rows <= 32 else 32
+  return _Blocks(rows, cols, br, bc)
+
+
+def _call(
+  shape: tuple[int, ...],
+  g_dtype: Any,
+  backend: str,
+  nesterov: bool,
+  decay: bool,
+  blocks: _Blocks | None = None,
+  emit_param: bool = False,
+):
+  """The ``pallas_call`` over the 2-D views, for ``backend`` ("interpret", "triton" or "mosaic")."""
+  rows, cols, br, bc = blocks or _blocks(shape, "triton" if backend == "triton" else "mosaic")
+  grid = (pl.cdiv(rows, br), pl.cdiv(cols, bc))
+  data = pl.BlockSpec((br, bc), lambda i, j: (i, j))
+  scale = pl.BlockSpec((br, bc // GROUP), lambda i, j: (i, j))
+  if backend == "mosaic":
+    from jax.experimental.pallas import tpu as pltpu  # pylint: disable=import-outside-toplevel
+
+    scalar = pl.BlockSpec(memory_space=pltpu.SMEM)
+    params: Any = pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"), vmem_limit_bytes=64 * 2**20)
+  else:
+    scalar = pl.BlockSpec((len(_NAMES),), lambda i, j: (0,))
+    params = None
+    if backend == "triton":
+      from jax.experimental.pallas import triton as pltriton  # pylint: disable=import-outside-toplevel
+
+      params = pltriton.CompilerParams(num_warps=4, num_stages=1)
+  sds = lambda w, dt: jax.ShapeDtypeStruct((rows, w), dt)
+  out_shape = (
+    sds(cols, _BF16 if emit_param else g_dtype),
+    sds(cols, jnp.int8),
+    sds(cols, jnp.int8),
+    sds(cols // GROUP, _BF16),
+    sds(cols, jnp.uint8),
+    sds(cols // GROUP, _BF16),
+  )
+  # What XLA's cost model cannot see inside the kernel: every operand and result read or written once.
+  nbytes = lambda x: math.prod(x.shape) * jnp.dtype(x.dtype).itemsize
+  in_bytes = rows * cols * (2 + jnp.dtype(g_dtype).itemsize + 3) + 2 * nbytes(out_shape[3]) + 4 * len(_NAMES)
+  cost = pl.CostEstimate(
+    flops=80 * rows * cols, transcendentals=2 * rows * cols, bytes_accessed=in_bytes + sum(map(nbytes, out_shape))
+  )
+  return pl.pallas_call(
+    functools.partial(
+      _body,
+      nesterov=nesterov,
+      decay=decay,
+      narrow_u=jnp.dtype(g_dtype) != jnp.float32,
+      emit_param=emit_param,
+      o=_Ptx if backend == "triton" else _Plain,
+    ),
+    out_shape=out_shape,
+    grid=grid,
+    in_specs=[scalar, data, data, data, data, scale, data, scale],
+    out_specs=(data, data, data, scale, data, scale),
+    input_output_aliases={3: 1, 4: 2, 5: 3, 6: 4, 7: 5, **({1: 0} if emit_param else {})},
+    compiler_params=params,
+    interpret=backend == "interpret",
+    name="collage_compact_adamw",
+    cost_estimate=cost,
+  )
+
+
+def supported(p: Any, g: Any) -> bool:
+  """Whether :func:`compact_step` takes this leaf: a bfloat16 param, bfloat16 or float32 gradients."""
+  return jnp.dtype(p.dtype) == _BF16 and jnp.dtype(g.dtype) in (_BF16, jnp.dtype(jnp.float32))
+
+
+def compact_step(
+  p: jax.Array,
+  g: jax.Array,
+  lo: jax.Array,
+  mu: Q8,
+  nu: Q8,
+  sc: Scalars,
+  *,
+  nesterov: bool = False,
+  decay: bool = True,
+  backend: str = "interpret",
+  blocks: _Blocks | None = None,
+  emit_param: bool = False,
+) -> tuple[jax.Array, jax.Array, Q8, Q8]:
+  """One compact leaf's AdamW step: ``(update, new residual, new mu, new nu)``, as the jnp path.
+
+  ``p`` bfloat16, ``g`` bfloat16 or float32 (the update has its dtype), ``lo``
+  the int8 residual, ``mu``/``nu`` the ``q8`` storages, ``sc`` from
+  :func:`scalars`; ``decay``: whether weight decay applies to this leaf.
+  ``backend``: ``"interpret"`` (any platform; the CPU tests), ``"triton"``
+  (GPU) or ``"mosaic"`` (TPU). ``emit_param``: the first output is the new
+  bfloat16 param instead (``optax.apply_updates(p, update)``, bit for bit),
+  written over ``p``: a step that needs no second pass to apply the update.
+  """
+  shape = tuple(p.shape) or (1,)
+  n = shape[-1]
+  b = blocks or _blocks(shape, "triton" if backend == "triton" else "mosaic")
+  rows, cols = b.rows, b.cols
+
+  def view(x, fill=0):
+    x = x.reshape(shape)
+    if cols * rows != math.prod(shape):  # the last axis padded to a multiple of 32
+      x = jnp.pad(x, [(0, 0)] * (len(shape) - 1) + [(0, -n % GROUP)], constant_values=fill)
+    return x.reshape(rows, cols)
+
+  sv = jnp.stack([jnp.asarray(getattr(sc, k), jnp.float32) for k in _NAMES])
+  scales = lambda s: s.reshape(rows, cols // GROUP)
+  outs = _call(shape, g.dtype, backend, nesterov, decay, b, emit_param)(
+    sv, view(p), view(g), view(lo), view(mu.codes), scales(mu.scales), view(nu.codes, 255), scales(nu.scales)
+  )
+  u, r, mc, ms, vc, vs = outs
+
+  def back(x):
+    if cols * rows != math.prod(shape):
+      x = x.reshape(*shape[:-1], cols)[..., :n]
+    return x.reshape(p.shape)
+
+  return (
+    back(u),
+    back(r),
+    Q8(back(mc), ms.reshape(mu.scales.shape)),
+    Q8(back(vc), vs.reshape(nu.scales.shape)),
+  )
+
+
+# ---------------------------------------------------------------------------
+# The choice per lowering platform.
+# ---------------------------------------------------------------------------
+
+
+#: Tests: the kernel in interpret mode in place of the jnp path on CPU (read when a step is traced), so that
+#: adamw's plumbing around it runs on this machine.
+INTERPRET_ON_CPU = False
+
+#: Whether :func:`takes` hands leaves to the kernel at all (read when a step is traced; benchmarks turn it off
+#: to compile today's jnp path for the accelerators).
+ENABLED = True
+
+
+def takes(p: Any, g: Any, fmts: Any) -> bool:
+  """Whether a leaf with formats ``fmts`` (a ``_kernel.LeafFormats``) gets the kernel on GPU and TPU.
+
+  A bfloat16 param in the ``compact`` mode's formats (``compact`` params,
+  ``q8`` moments) with bfloat16 or float32 gradients, in a process that sees
+  one device (deviceless compiles included: they run on the CPU's).
+  """
+  from collage_optax import formats  # pylint: disable=import-outside-toplevel
+
+  return (
+    ENABLED
+    # A Pallas kernel is one custom call: XLA's SPMD partitioner cannot split it (Mosaic refuses a sharded
+    # operand, "wrap the call in a shard_map"), and adamw does not know the mesh. One device only, for now.
+    and jax.device_count() == 1
+    and fmts is not None
+    and fmts.param is formats.COMPACT
+    and fmts.mu is formats.Q8_M
+    and fmts.nu is formats.Q8_V
+    and hasattr(p, "dtype")
+    and hasattr(g, "dtype")
+    and supported(p, g)
+  )
+
+
+def platform_step(jnp_step, p, g, lo, mu: Q8, nu: Q8, sc: Scalars, *, nesterov: bool, decay: bool):
+  """``jnp_step(p, g, lo, mu, nu)`` on CPU (and any platform but these), the kernel on CUDA (Triton) and TPU (Mosaic).
+
+  The choice is made when the step is lowered (``lax.platform_dependent``),
+  so a step compiled deviceless for a GPU or TPU gets the kernel too; on CPU
+  only ``jnp_step`` is compiled.
+  """
+
+  def kernel(backend):
+    return lambda p, g, lo, mu, nu: compact_step(p, g, lo, mu, nu, sc, nesterov=nesterov, decay=decay, backend=backend)
+
+  default = kernel("interpret") if INTERPRET_ON_CPU else jnp_step
+  return jax.lax.platform_dependent(p, g, lo, mu, nu, default=default, cuda=kernel("triton"), tpu=kernel("mosaic"))

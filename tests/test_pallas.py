@@ -1,0 +1,255 @@
+"""The compact step's Pallas kernel, in interpret mode on CPU: bit for bit the jnp path of ``adamw(mode="compact")``.
+
+Every output is compared exactly: the update, the int8 residual, both
+moments' codes and scales. Inputs: random states (hypothesis, small shapes)
+and adversarial ones: NaN/±inf/zero/huge/tiny gradients, NaN-coded and
+saturated moments, huge and tiny scales, rows not a multiple of 32 (a group
+cut by the row's end), scalars and 1-D leaves. Both block policies (the TPU's
+and Triton's) run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before jax initialises its backends: the CUDA plugin then registers (compile-only) without a driver.
+os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import collage_optax
+from collage_optax import _pallas
+from collage_optax.alias import AdamWState
+from collage_optax.formats._moments import Q8
+
+BF16 = jnp.bfloat16
+
+
+def _state(rng: np.random.Generator, shape, *, scale_exp=(-30, 30), nan_codes=False):
+  """A random compact state for a leaf of ``shape``: ``(p, lo, mu, nu)``."""
+  shape = tuple(shape)
+  n = shape[-1] if shape else 1
+  sshape = (shape[:-1] if shape else ()) + (-(-n // 32),)
+  if not shape:
+    sshape = (1,)
+  p = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 3, shape)).astype(np.float32)
+  lo = rng.integers(-127, 128, shape).astype(np.int8)
+  mc = rng.integers(-127 if not nan_codes else -128, 128, shape).astype(np.int8)
+  vc = rng.integers(0, 255 if not nan_codes else 256, shape).astype(np.uint8)
+  sc = lambda: (rng.uniform(0.5, 1.0, sshape) * 2.0 ** rng.integers(*scale_exp, sshape)).astype(np.float32)
+  ms, vs = sc(), sc()
+  if shape:
+    mc[..., : min(n, 3)] = 0  # zero codes (v: decoded at half a step)
+  return (
+    jnp.asarray(p, BF16),
+    jnp.asarray(lo),
+    Q8(jnp.asarray(mc), jnp.asarray(ms, BF16)),
+    Q8(jnp.asarray(vc), jnp.asarray(vs, BF16)),
+  )
+
+
+def _grads(rng: np.random.Generator, shape, dtype=BF16, adversarial=False):
+  g = (rng.standard_normal(shape) * 10.0 ** rng.integers(-8, 2, shape)).astype(np.float32)
+  if adversarial and g.size:
+    flat = g.reshape(-1)
+    k = rng.integers(0, flat.size, 12)
+    flat[k[:2]] = np.nan
+    flat[k[2:4]] = np.inf
+    flat[k[4]] = -np.inf
+    flat[k[5:7]] = 0.0
+    flat[k[7]] = 3e38
+    flat[k[8]] = -1e25
+    flat[k[9]] = 1e-30
+    flat[k[10]] = -1e-38
+  return jnp.asarray(g, dtype)
+
+
+def _reference(p, g, lo, mu, nu, count, hp):
+  tx = collage_optax.adamw(mode="compact", **hp)
+  state = AdamWState(jnp.asarray(count, jnp.int32), {"w": mu}, {"w": nu}, {"w": lo}, None)
+  u, s = jax.jit(tx.update)({"w": g}, state, {"w": p})
+  return u["w"], s.lo["w"], s.mu["w"], s.nu["w"]
+
+
+def _kernel(p, g, lo, mu, nu, count, hp, policy, emit_param=False):
+  def step(p, g, lo, mu, nu, count):
+    sc = _pallas.scalars(
+      hp["b1"], hp["b2"], hp["eps"], hp["eps_root"], optax.safe_increment(count),
+      lr(count) if callable(lr := hp["learning_rate"]) else lr, hp["weight_decay"], hp["nesterov"],
+    )  # fmt: skip
+    blocks = policy if isinstance(policy, _pallas._Blocks) else _pallas._blocks(tuple(p.shape) or (1,), policy)
+    return _pallas.compact_step(
+      p, g, lo, mu, nu, sc, nesterov=hp["nesterov"], decay=hp["weight_decay"] != 0, blocks=blocks,
+      emit_param=emit_param,
+    )  # fmt: skip
+
+  return jax.jit(step)(p, g, lo, mu, nu, jnp.asarray(count, jnp.int32))
+
+
+HP = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=1e-4, nesterov=False)
+
+
+def _bits_equal(k, w, name):
+  """Bit for bit (NaNs compared as positions: a NaN's payload is not part of the contract)."""
+  w, k = np.asarray(w), np.asarray(k)
+  assert w.dtype == k.dtype and w.shape == k.shape, name
+  if np.issubdtype(w.dtype, np.integer):
+    np.testing.assert_array_equal(k, w, err_msg=name)
+  else:
+    np.testing.assert_array_equal(np.isnan(k), np.isnan(w), err_msg=name)
+    bits = lambda a: a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32)[~np.isnan(a)]
+    np.testing.assert_array_equal(bits(k), bits(w), err_msg=name)
+
+
+def _check(
+  shape, seed, *, dtype=BF16, adversarial=False, count=0, policy="mosaic", hp=None, emit_param=False, **state_kw
+):
+  hp = {**HP, **(hp or {})}
+  rng = np.random.default_rng(seed)
+  p, lo, mu, nu = _state(rng, shape, **state_kw)
+  g = _grads(rng, shape, dtype, adversarial)
+  want = _reference(p, g, lo, mu, nu, count, hp)
+  got = _kernel(p, g, lo, mu, nu, count, hp, policy)
+  names = ("update", "residual", "mu codes", "mu scales", "nu codes", "nu scales")
+  flat = lambda t: [t[0], t[1], t[2].codes, t[2].scales, t[3].codes, t[3].scales]
+  for name, w, k in zip(names, flat(want), flat(got)):
+    _bits_equal(k, w, name)
+  if emit_param:  # the new param in place of the update: where optax.apply_updates lands
+    got = _kernel(p, g, lo, mu, nu, count, hp, policy, emit_param=True)
+    _bits_equal(got[0], jax.jit(optax.apply_updates)(p, want[0]), "param")
+    for name, w, k in zip(names[1:], flat(want)[1:], flat(got)[1:]):
+      _bits_equal(k, w, name)
+
+
+@pytest.mark.parametrize("policy", ["mosaic", "triton"])
+@pytest.mark.parametrize(
+  "shape", [(8, 256), (40, 96), (3, 40), (5,), (), (2, 3, 33), (4096,), (16, 31), (70, 64)], ids=str
+)
+def test_bit_for_bit_adversarial(shape, policy):
+  _check(shape, 0, adversarial=True, count=3, policy=policy, nan_codes=True, emit_param=policy == "mosaic")
+
+
+@pytest.mark.parametrize(
+  "case",
+  [
+    dict(scale_exp=(100, 126)),  # huge moments (saturation at 1e38, v's square)
+    dict(scale_exp=(-133, -110)),  # tiny moments (subnormal scales)
+    dict(dtype=jnp.float32, adversarial=True, emit_param=True),  # float32 gradients: a float32 update
+    dict(hp=dict(nesterov=True), count=7),
+    dict(hp=dict(weight_decay=0.0, learning_rate=lambda count: -1.0 + 0.0 * count)),  # a negative lr acts as 0
+    dict(hp=dict(learning_rate=10.0, b1=0.5, b2=0.5, eps=1e-30, eps_root=1e-12), adversarial=True),
+  ],
+  ids=["huge", "tiny", "f32_grads", "nesterov", "no_decay_lr0", "wild_hp"],
+)
+def test_bit_for_bit_cases(case):
+  _check((12, 80), 1, **case)
+
+
+@pytest.mark.parametrize("shape, blocks", [((5, 96), (5, 96, 2, 64)), ((7, 200), (7, 224, 4, 128))], ids=str)
+def test_bit_for_bit_partial_blocks(shape, blocks):
+  """Blocks partly past the rows' ends and the columns' (as TPU's 4096-wide blocks of a 50304-wide row)."""
+  _check(shape, 2, adversarial=True, count=5, policy=_pallas._Blocks(*blocks), emit_param=True)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+  rows=st.integers(1, 9),
+  cols=st.integers(1, 100),
+  seed=st.integers(0, 2**31 - 1),
+  count=st.integers(0, 2000),
+  adversarial=st.booleans(),
+  policy=st.sampled_from(["mosaic", "triton"]),
+)
+def test_bit_for_bit_random(rows, cols, seed, count, adversarial, policy):
+  _check((rows, cols), seed, count=count, adversarial=adversarial, policy=policy)
+
+
+# ---------------------------------------------------------------------------
+# Compiled for the accelerators (deviceless): the kernel is chosen there, and it is one sweep.
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pallas_bench():
+  """``benchmarks/pallas_compact.py`` (and through it ``accelerators.py``), or a skip naming what is missing."""
+  import bench  # pylint: disable=import-outside-toplevel
+
+  accel = bench.load("accelerators")
+  why = accel.unavailable()
+  if why:
+    pytest.skip(why)
+  return bench.load("pallas_compact")
+
+
+@pytest.mark.parametrize("target", ["h200", "v5e"])
+def test_compiled_one_sweep(pallas_bench, target):
+  shape = (1024, 1024)
+  fused = pallas_bench.measure("pallas_fused", shape, target)
+  # The kernel alone (the new param written over the old): one pass, the layout's 12.25 B/param.
+  assert fused["param_sized_kernels"] == 1 and fused["hbm_B"] <= 13.5 and fused["temp_B"] < 0.1, fused
+  # adamw chooses it on the accelerator; optax.apply_updates then adds a pass over the params
+  # (read params and updates, write params: 6 B/param; on TPU in VMEM).
+  via_adamw = pallas_bench.measure("adamw", shape, target)
+  assert via_adamw["hbm_B"] <= 18.5, via_adamw
+  # Better than the jnp path: fewer bytes on the GPU (31 B/param there), fewer passes on the TPU (whose
+  # HBM bytes, for a leaf this small, hide in VMEM).
+  jnp_path = pallas_bench.measure("jnp", shape, target)
+  what = "hbm_B" if target == "h200" else "param_sized_kernels"
+  assert jnp_path[what] > via_adamw[what], (jnp_path, via_adamw)
+
+
+def test_not_with_metrics():
+  """With ``track_metrics`` the step needs its intermediate values: every leaf takes the jnp path (and still runs)."""
+  params = {"w": jnp.ones((4, 64), BF16)}
+  tx = collage_optax.adamw(1e-3, mode="compact", track_metrics=True)
+  u, _ = jax.jit(tx.update)(params, tx.init(params), params)
+  assert u["w"].dtype == BF16
+
+
+@pytest.mark.parametrize("nesterov, x64", [(False, False), (True, False), (False, True)])
+def test_adamw_plumbing(monkeypatch, nesterov, x64):
+  """``adamw(mode="compact")`` with the kernel (interpret mode) in place of the jnp path: the same bits.
+
+  Runs adamw's own wiring (scalars, schedule, weight-decay mask, per-leaf
+  modes, leaves the kernel does not take) over three steps.
+  """
+  params = {
+    "w": jnp.asarray(np.random.default_rng(0).standard_normal((16, 96)), BF16),
+    "odd": jnp.asarray(np.random.default_rng(1).standard_normal((3, 45)), BF16),
+    "vec": jnp.asarray(np.random.default_rng(2).standard_normal(256), BF16),
+    "gain": jnp.ones((), BF16),
+    "f32": jnp.ones((8,), jnp.float32),
+    "exact": jnp.ones((4, 32), BF16),
+  }
+  mode = {"w": "compact", "odd": "compact", "vec": "compact", "gain": "compact", "f32": "compact", "exact": "exact"}
+  mask = {k: k != "vec" for k in params}
+
+  def run():
+    # A new adamw per run: jit caches the traced update of a given function.
+    tx = collage_optax.adamw(
+      optax.linear_schedule(3e-3, 1e-4, 3), weight_decay=0.1, mask=mask, mode=mode, nesterov=nesterov
+    )
+    p, s, out = params, tx.init(params), []
+    for i in range(3):
+      rng = np.random.default_rng(10 + i)
+      g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 1e-2, x.dtype), p)
+      g["w"] = g["w"].at[0, :3].set(jnp.asarray([np.nan, np.inf, 0.0], BF16))
+      u, s = jax.jit(tx.update)(g, s, p)
+      p = optax.apply_updates(p, u)
+      out.append((u, s))
+    return out
+
+  with jax.enable_x64(x64):  # x64: Python ints and floats default to 64 bits inside the step
+    want = run()
+    monkeypatch.setattr(_pallas, "INTERPRET_ON_CPU", True)
+    got = run()
+  for (uw, sw), (ug, sg) in zip(want, got):
+    for w, k in zip(jax.tree.leaves((uw, sw)), jax.tree.leaves((ug, sg))):
+      _bits_equal(k, w, "adamw")
