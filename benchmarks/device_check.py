@@ -1,6 +1,6 @@
 """A prepared accelerator check: one command, one JSON, under 4 minutes on one GPU.
 
-Three parts, each guarded (a failure records its error and traceback in the
+Four parts, each guarded (a failure records its error and traceback in the
 JSON, and the other parts still run), under one global time budget:
 
 1. ``xla_trap`` — the XLA excess-precision trap (docs/concepts.md) on this backend. Knuth's TwoSum
@@ -11,12 +11,15 @@ JSON, and the other parts still run), under one global time budget:
    rounded to bfloat16) and checked exact in float64 (``s + e == a + b``).
    Reported: how many error terms each gets wrong and how many it returns as
    0 where the true error is not 0 (what excess precision does).
-2. ``step`` — ``benchmarks/step.py``'s ``measure()`` (its protocol and
+2. ``kernel`` — ``adamw(mode="compact")`` three steps on this backend (on GPU and TPU: its Pallas
+   kernel, tested on CPU only in interpret mode) against the same steps on the CPU (the jnp path),
+   bit for bit, with NaN/±inf/0/huge/tiny gradients among random ones: differing elements per array.
+3. ``step`` — ``benchmarks/step.py``'s ``measure()`` (its protocol and
    parameter trees) at 16M and 256M parameters for ``optax.adamw`` on fp32
    and bf16 params and every mode of ``collage_optax.MODES``, donated and not
    (``ratio_to_fp32``, ``ratio_to_fp32_nondonated``), FlashOptim too when it
    is importable, and the per-leaf HLO (kernels, copies) of each step.
-3. ``compare`` — ``collage-optax compare --size large --steps 200`` in a
+4. ``compare`` — ``collage-optax compare --size large --steps 200`` in a
    subprocess (every strategy; warmup scaled with the steps as in that size),
    its per-strategy results.
 
@@ -52,6 +55,7 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
@@ -88,6 +92,63 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     out = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc(limit=8)}
   out["wall_s"] = round(time.perf_counter() - t0, 2)
   return out
+
+
+# ---------------------------------------------------------------------------
+# 1b. compact's Pallas kernel on this backend, against the jnp path on the CPU.
+# ---------------------------------------------------------------------------
+
+
+def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3) -> dict[str, Any]:
+  """``adamw(mode="compact")`` for ``steps`` steps here (on GPU and TPU: the Pallas kernel) and on the CPU
+  (the jnp path, the reference), from the same bf16 params and gradients: elements whose bits differ, per array.
+
+  The gradients hold adversarial entries too (NaN, ±inf, 0, 1e30, 1e-30). On CPU
+  both runs are the jnp path (a smoke test); on an accelerator a nonzero count
+  means the kernel's roundings are not the CPU's there (division, square root,
+  FMA contraction, subnormals).
+  """
+  from collage_optax import _pallas  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(0)
+  params = {f"w{i}": (rng.standard_normal(s) * 0.1).astype(BF16) for i, s in enumerate(shapes)}
+  grads = []
+  for _ in range(steps):
+    g = {k: (rng.standard_normal(v.shape) * 10.0 ** rng.uniform(-8, 2)).astype(np.float32) for k, v in params.items()}
+    for v in g.values():
+      flat = v.reshape(-1)
+      flat[rng.integers(0, flat.size, 6)] = [np.nan, np.inf, -np.inf, 0.0, 1e30, 1e-30]
+    grads.append({k: v.astype(BF16) for k, v in g.items()})
+  tx = collage_optax.adamw(1e-3, mode="compact", weight_decay=0.1)
+
+  def run(device: Any) -> list[np.ndarray]:
+    put = lambda t: jax.device_put(t, device)
+    p = put(params)
+    s = jax.jit(tx.init)(p)
+
+    @jax.jit
+    def step_fn(p, s, g):
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
+
+    for g in grads:
+      p, s = step_fn(p, s, put(g))
+    return [np.asarray(x) for x in jax.tree.leaves((p, s))]
+
+  def bytes_of(x: np.ndarray) -> np.ndarray:  # one row of bytes per element
+    return np.ascontiguousarray(x).reshape(-1).view(np.uint8).reshape(x.size, -1)
+
+  here, cpu = run(jax.devices()[0]), run(jax.devices("cpu")[0])
+  names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path((params, tx.init(params)))[0]]
+  differ = {n: int(np.any(bytes_of(a) != bytes_of(b), axis=1).sum()) for n, a, b in zip(names, here, cpu)}
+  return {
+    "backend": jax.default_backend(),
+    "kernel": jax.default_backend() in ("gpu", "tpu") and _pallas.ENABLED and jax.device_count() == 1,
+    "shapes": [list(s) for s in shapes],
+    "steps": steps,
+    "elements_differing": differ,
+    "bit_for_bit": not any(differ.values()),
+  }
 
 
 # ---------------------------------------------------------------------------
@@ -376,6 +437,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result["xla_trap"] = guarded(lambda: xla_trap(args.pairs))
   print(f"[device_check] xla_trap: {result['xla_trap']['wall_s']} s", file=sys.stderr, flush=True)
   save()
+  kernel_shapes = [(64, 96), (1000,)] if args.quick else [(1024, 1024), (1000, 1000), (50257, 768), (3_000_001,)]
+  result["kernel"] = guarded(lambda: kernel_bits(kernel_shapes))
+  print(f"[device_check] kernel: {result['kernel']['wall_s']} s", file=sys.stderr, flush=True)
+  save()
   result["step"] = guarded(
     lambda: step_times(
       step_names(args.quick),
@@ -431,6 +496,12 @@ def summary(result: dict[str, Any]) -> str:
         f"{t['error_zero_where_true_nonzero']} zero where the true error is not "
         f"({trap['true_error_nonzero']} nonzero); exact: {t['exact']}"
       )
+  kernel = result["kernel"]
+  if "error" not in kernel:
+    lines.append(
+      f"compact {'Pallas kernel' if kernel['kernel'] else 'jnp path'} on {kernel['backend']} vs the CPU's jnp path: "
+      f"bit for bit {kernel['bit_for_bit']}, differing elements {kernel['elements_differing']}"
+    )
   for size, ratios in result["step"].get("ratios", {}).items():
     cells = ", ".join(f"{k} {_r(v['ratio_to_fp32'])}/{_r(v['ratio_to_fp32_nondonated'])}" for k, v in ratios.items())
     lines.append(f"step {size} (x fp32 donated/not): {cells}")

@@ -24,7 +24,7 @@ def test_device_check_quick(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["quick"] is True
-  for key in ("machine", "budget_s", "env", "xla_trap", "step", "compare", "errors", "wall_s"):
+  for key in ("machine", "budget_s", "env", "xla_trap", "kernel", "step", "compare", "errors", "wall_s"):
     assert key in res, key
   assert res["errors"] == {}, res["errors"]
 
@@ -39,6 +39,10 @@ def test_device_check_quick(tmp_path):
   assert ours["exact"] is True
   assert ours["sum_bits_wrong"] == ours["error_bits_wrong"] == ours["float64_inexact_pairs"] == 0
   assert ours["error_zero_where_true_nonzero"] == 0
+
+  kernel = res["kernel"]  # on CPU both runs are the jnp path: bit for bit, or the comparison is broken
+  assert kernel["bit_for_bit"] is True and kernel["elements_differing"], kernel
+  assert set(kernel["elements_differing"].values()) == {0}
 
   step = res["step"]
   assert step["strategies"][0] == "fp32" and len(step["strategies"]) >= 2
