@@ -106,7 +106,7 @@ MEMORY_TARGETS = ("h200", "v5e")  # Part 3's training-step memory table.
 FITS_TARGETS = ("h100", "h200", "v5e")  # Part 3's "largest that fits".
 #: Part 3's strategies by default: the optax baselines and the four adamw modes of the test (compact and the
 #: compensate chains on request, --memory-strategies).
-MEMORY_STRATEGIES = ("fp32", "bf16", "light", "plus", "exact", "full")
+MEMORY_STRATEGIES = ("fp32", "bf16", "light", "plus", "exact", "full", "compact", "lean")
 #: Compiler options of Part 3's training steps: only ``memory_analysis()`` is read, and buffer assignment
 #: precedes LLVM, so the GPU backend skips its expensive LLVM passes (same temp bytes, a fraction of the time).
 TRAIN_STEP_OPTIONS: dict[str, dict[str, Any]] = {
