@@ -27,13 +27,20 @@ from hypothesis import strategies as st
 import collage_optax
 from collage_optax import _pallas
 from collage_optax.alias import AdamWState
+from collage_optax.formats._log16 import Log16
 from collage_optax.formats._moments import Q8
 
 BF16 = jnp.bfloat16
 
 
-def _state(rng: np.random.Generator, shape, *, scale_exp=(-30, 30), nan_codes=False):
-  """A random compact state for a leaf of ``shape``: ``(p, lo, mu, nu)``."""
+def _state(rng: np.random.Generator, shape, *, scale_exp=(-30, 30), nan_codes=False, fmts=("q8", "q8")):
+  """A random compact state for a leaf of ``shape``: ``(p, lo, mu, nu)``, ``m`` and ``v`` in ``fmts``.
+
+  ``bf16`` ``m``: values over many octaves (``nan_codes``: NaN, ±inf, 0,
+  bfloat16's largest and subnormals among them); ``log16`` ``v``: random
+  codes (``nan_codes``: the NaN, zero and floor codes too) under random
+  float32 group maxima (some 0).
+  """
   shape = tuple(shape)
   n = shape[-1] if shape else 1
   sshape = (shape[:-1] if shape else ()) + (-(-n // 32),)
@@ -47,12 +54,27 @@ def _state(rng: np.random.Generator, shape, *, scale_exp=(-30, 30), nan_codes=Fa
   ms, vs = sc(), sc()
   if shape:
     mc[..., : min(n, 3)] = 0  # zero codes (v: decoded at half a step)
-  return (
-    jnp.asarray(p, BF16),
-    jnp.asarray(lo),
-    Q8(jnp.asarray(mc), jnp.asarray(ms, BF16)),
-    Q8(jnp.asarray(vc), jnp.asarray(vs, BF16)),
-  )
+  mu = Q8(jnp.asarray(mc), jnp.asarray(ms, BF16))
+  nu = Q8(jnp.asarray(vc), jnp.asarray(vs, BF16))
+  if fmts[0] == "bf16":
+    lo_e, hi_e = scale_exp
+    m = rng.standard_normal(shape) * 2.0 ** rng.integers(lo_e, hi_e, shape).astype(np.float64)
+    m = m.astype(np.float32).reshape(-1)
+    if nan_codes and m.size:
+      k = rng.integers(0, m.size, 8)
+      m[k] = [np.nan, np.inf, -np.inf, 0.0, -0.0, 3.3895e38, 1e-40, -9e-41]
+    mu = jnp.asarray(m.reshape(shape), BF16)
+  if fmts[1] == "log16":
+    codes = rng.integers(0, 65536 if nan_codes else 65533, shape).astype(np.uint16)
+    codes = np.where(rng.random(shape) < 0.5, codes % 4096, codes).astype(np.uint16)  # most within 2 octaves
+    if nan_codes and codes.size:
+      flat = codes.reshape(-1)
+      k = rng.integers(0, flat.size, 6)
+      flat[k] = [0xFFFF, 0xFFFF, 0xFFFE, 0xFFFE, 0xFFFD, 0]
+    top = (rng.uniform(0.5, 1.0, sshape) * 2.0 ** rng.integers(*scale_exp, sshape)).astype(np.float32)
+    top[rng.random(sshape) < 0.1] = 0.0  # all-zero groups
+    nu = Log16(jnp.asarray(codes), jnp.asarray(top))
+  return jnp.asarray(p, BF16), jnp.asarray(lo), mu, nu
 
 
 def _grads(rng: np.random.Generator, shape, dtype=BF16, adversarial=False):
@@ -71,8 +93,8 @@ def _grads(rng: np.random.Generator, shape, dtype=BF16, adversarial=False):
   return jnp.asarray(g, dtype)
 
 
-def _reference(p, g, lo, mu, nu, count, hp):
-  tx = collage_optax.adamw(mode="compact", **hp)
+def _reference(p, g, lo, mu, nu, count, hp, fmts=("q8", "q8")):
+  tx = collage_optax.adamw(mode="compact", mu_format=fmts[0], nu_format=fmts[1], **hp)
   state = AdamWState(jnp.asarray(count, jnp.int32), {"w": mu}, {"w": nu}, {"w": lo}, None)
   u, s = jax.jit(tx.update)({"w": g}, state, {"w": p})
   return u["w"], s.lo["w"], s.mu["w"], s.nu["w"]
@@ -109,16 +131,19 @@ def _bits_equal(k, w, name):
 
 
 def _check(
-  shape, seed, *, dtype=BF16, adversarial=False, count=0, policy="mosaic", hp=None, emit_param=False, **state_kw
-):
+  shape, seed, *, dtype=BF16, adversarial=False, count=0, policy="mosaic", hp=None, emit_param=False,
+  fmts=("q8", "q8"), **state_kw,
+):  # fmt: skip
   hp = {**HP, **(hp or {})}
   rng = np.random.default_rng(seed)
-  p, lo, mu, nu = _state(rng, shape, **state_kw)
+  p, lo, mu, nu = _state(rng, shape, fmts=fmts, **state_kw)
   g = _grads(rng, shape, dtype, adversarial)
-  want = _reference(p, g, lo, mu, nu, count, hp)
+  want = _reference(p, g, lo, mu, nu, count, hp, fmts)
   got = _kernel(p, g, lo, mu, nu, count, hp, policy)
   names = ("update", "residual", "mu codes", "mu scales", "nu codes", "nu scales")
-  flat = lambda t: [t[0], t[1], t[2].codes, t[2].scales, t[3].codes, t[3].scales]
+  if fmts[0] == "bf16":
+    names = ("update", "residual", "mu", "nu codes", "nu scales")
+  flat = lambda t: [t[0], t[1], *jax.tree.leaves(t[2]), t[3].codes, t[3].scales]
   for name, w, k in zip(names, flat(want), flat(got)):
     _bits_equal(k, w, name)
   if emit_param:  # the new param in place of the update: where optax.apply_updates lands
