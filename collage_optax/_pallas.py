@@ -176,6 +176,42 @@ class _Plain:
   mul = staticmethod(lambda a, b: a * b)
   div = staticmethod(lambda a, b: a / b)
   sqrt = staticmethod(jnp.sqrt)
+  #: ``a·b + c`` rounded once (an FMA), where XLA:CPU contracts the jnp path's moment update (see :class:`_Interp`).
+  fma = staticmethod(lambda a, b, c: a * b + c)
+
+
+def _fma64(a, b, c):
+  """``a·b + c`` of float32s, rounded once to float32: in float64, whose product of two float32s is exact.
+
+  (The float64 sum can round before the float32 rounding: a double rounding
+  that differs from an FMA only where the float64 sum lands exactly halfway
+  between two float32s, about 2**-29 of the inputs whose exponents are over
+  21 apart.)
+  """
+  with jax.enable_x64(True):
+    w = lambda x: jax.lax.convert_element_type(x, jnp.float64)
+    return jax.lax.convert_element_type(w(a) * w(b) + w(c), jnp.float32)
+
+
+class _Interp(_Plain):
+  """:class:`_Plain` in interpret mode (XLA:CPU), with the moment updates' FMA made explicit.
+
+  XLA:CPU contracts ``a·b + c`` into an FMA inside a fusion, and which
+  product it contracts depends on the fusion, so on the format. Measured
+  on the jnp path (jax 0.10.2, every element of random 64×256 leaves):
+  a ``bf16`` ``m`` is ``fma(b1, m, round((1 − b1)·g))`` (0.6% of the stored
+  bfloat16s differ from the unfused sum: ``0.1·g + 0.9·m`` is often exactly
+  halfway between two bfloat16s), a ``log16`` ``v`` is
+  ``fma(1 − b2, g², round(b2·v))`` (an ``f32`` ``v``, by contrast, contracts
+  ``b2·v``); ``q8`` moments show no difference. In the kernel, XLA may also
+  duplicate the computation into the fusion that stores the moment and the
+  one that uses it and contract only one of them (seen on ``lean``: the step
+  then uses a value other than the one stored). So where the jnp path's FMA
+  shows, the kernel says which (:func:`_body`), and here computes it in
+  float64, which has the FMA's bits in every copy.
+  """
+
+  fma = staticmethod(_fma64)
 
 
 class _Ptx:
@@ -199,6 +235,7 @@ class _Ptx:
     return out
 
   mul = staticmethod(lambda a, b: _Ptx._asm("mul", a, b))
+  fma = staticmethod(lambda a, b, c: _Ptx._asm("fma", a, b, c))
   div = staticmethod(lambda a, b: _Ptx._asm("div", a, b))
   sqrt = staticmethod(lambda a: _Ptx._asm("sqrt", a))
 
@@ -325,9 +362,9 @@ def _moment_out(fmt: str, x, finite, outs, signed: bool, o):
     outs[0][...], outs[1][...] = _q8_encode(x, signed, o)
     return x
   if fmt == "bf16":
-    x = _round_bf16(_saturate(x, finite, _BF16_MAX))
-    outs[0][...] = x.astype(_BF16)  # exact: x is rounded
-    return x
+    stored = _round_bf16(_saturate(x, finite, _BF16_MAX)).astype(_BF16)  # exact: rounded first
+    outs[0][...] = stored
+    return stored.astype(jnp.float32)  # (exact: formats.widen)
   x = jnp.where(finite & jnp.isinf(x), jnp.where(x < 0, -_F32_MAX, _F32_MAX), x)
   codes, scales = _log16_encode(x)
   outs[0][...], outs[1][...] = codes, scales
@@ -393,10 +430,13 @@ def _body(
   s = {n: sc_ref[i] for i, n in enumerate(_NAMES)}
   g = g_ref[...].astype(jnp.float32)
   finite = jnp.isfinite(g)
-  # _kernel._moment, for m and v.
-  m = o.mul(s["c1"], g) + o.mul(s["b1"], _moment_in(mu_fmt, m_in, True, o))
+  # _kernel._moment, for m and v: optax's (1 − b)·g + b·old, with the FMA XLA:CPU makes of it in the jnp
+  # path where that shows in the stored bits (see _Interp): bf16 m: fma(b1, m, ·); log16 v: fma(1 − b2, g², ·).
+  m_old, c1g = _moment_in(mu_fmt, m_in, True, o), o.mul(s["c1"], g)
+  m = o.fma(s["b1"], m_old, c1g) if mu_fmt == "bf16" else c1g + o.mul(s["b1"], m_old)
   m = _moment_out(mu_fmt, m, finite, m_out, True, o)
-  v = o.mul(s["c2"], g * g) + o.mul(s["b2"], _moment_in(nu_fmt, v_in, False, o))
+  v_old, g2 = _moment_in(nu_fmt, v_in, False, o), g * g
+  v = o.fma(s["c2"], g2, o.mul(s["b2"], v_old)) if nu_fmt == "log16" else o.mul(s["c2"], g2) + o.mul(s["b2"], v_old)
   v = _moment_out(nu_fmt, v, finite, v_out, False, o)
   # The bias corrections (optax.tree_utils.tree_bias_correction) and _kernel._direction (both m formats
   # hold less than float32's largest: its saturating branch).
@@ -523,7 +563,7 @@ def _call(
       emit_param=emit_param,
       mu_fmt=mu_fmt,
       nu_fmt=nu_fmt,
-      o=_Ptx if backend == "triton" else _Plain,
+      o={"triton": _Ptx, "interpret": _Interp}.get(backend, _Plain),
     ),
     out_shape=out_shape,
     grid=grid,

@@ -1,11 +1,15 @@
-"""The compact step's Pallas kernel, in interpret mode on CPU: bit for bit the jnp path of ``adamw(mode="compact")``.
+"""The compact step's Pallas kernel, in interpret mode on CPU: bit for bit the jnp path of ``adamw``.
 
-Every output is compared exactly: the update, the int8 residual, both
-moments' codes and scales. Inputs: random states (hypothesis, small shapes)
-and adversarial ones: NaN/±inf/zero/huge/tiny gradients, NaN-coded and
-saturated moments, huge and tiny scales, rows not a multiple of 32 (a group
-cut by the row's end), scalars and 1-D leaves. Both block policies (the TPU's
-and Triton's) run in interpret mode.
+For each pair of moment formats the kernel takes (``FMTS``: ``compact``'s
+q8/q8, ``lean``'s bf16/log16, compact with ``nu_format="log16"``, and
+bf16/q8), every output is compared exactly: the update, the int8 residual,
+``m`` (q8 codes and scales, or the bfloat16 array) and ``v`` (q8 or log16
+codes and scales). Inputs: random states (hypothesis, small shapes) and
+adversarial ones: NaN/±inf/zero/huge/tiny gradients, NaN-coded, zero-coded
+and saturated moments, huge and tiny (subnormal) scales, all-zero groups,
+rows not a multiple of 32 (a group cut by the row's end), scalars and 1-D
+leaves, and the state ``init`` gives. Both block policies (the TPU's and
+Triton's) run in interpret mode.
 """
 
 from __future__ import annotations
@@ -115,6 +119,10 @@ def _kernel(p, g, lo, mu, nu, count, hp, policy, emit_param=False):
   return jax.jit(step)(p, g, lo, mu, nu, jnp.asarray(count, jnp.int32))
 
 
+#: (m format, v format) pairs: compact's, lean's, compact with log16 v, and lean's m with compact's v.
+FMTS = [("q8", "q8"), ("bf16", "log16"), ("q8", "log16"), ("bf16", "q8")]
+FMT_IDS = ["compact", "lean", "compact_log16", "bf16_q8"]
+
 HP = dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0, weight_decay=1e-4, nesterov=False)
 
 
@@ -153,12 +161,15 @@ def _check(
       _bits_equal(k, w, name)
 
 
+@pytest.mark.parametrize("fmts", FMTS[:3], ids=FMT_IDS[:3])
 @pytest.mark.parametrize("policy", ["mosaic", "triton"])
 @pytest.mark.parametrize(
   "shape", [(8, 256), (40, 96), (3, 40), (5,), (), (2, 3, 33), (4096,), (16, 31), (70, 64)], ids=str
 )
-def test_bit_for_bit_adversarial(shape, policy):
-  _check(shape, 0, adversarial=True, count=3, policy=policy, nan_codes=True, emit_param=policy == "mosaic")
+def test_bit_for_bit_adversarial(shape, policy, fmts):
+  _check(
+    shape, 0, adversarial=True, count=3, policy=policy, nan_codes=True, emit_param=policy == "mosaic", fmts=fmts
+  )
 
 
 @pytest.mark.parametrize(
@@ -173,14 +184,42 @@ def test_bit_for_bit_adversarial(shape, policy):
   ],
   ids=["huge", "tiny", "f32_grads", "nesterov", "no_decay_lr0", "wild_hp"],
 )
-def test_bit_for_bit_cases(case):
-  _check((12, 80), 1, **case)
+@pytest.mark.parametrize("fmts", FMTS, ids=FMT_IDS)
+def test_bit_for_bit_cases(case, fmts):
+  _check((12, 80), 1, fmts=fmts, **case)
 
 
+@pytest.mark.parametrize("fmts", FMTS, ids=FMT_IDS)
 @pytest.mark.parametrize("shape, blocks", [((5, 96), (5, 96, 2, 64)), ((7, 200), (7, 224, 4, 128))], ids=str)
-def test_bit_for_bit_partial_blocks(shape, blocks):
+def test_bit_for_bit_partial_blocks(shape, blocks, fmts):
   """Blocks partly past the rows' ends and the columns' (as TPU's 4096-wide blocks of a 50304-wide row)."""
-  _check(shape, 2, adversarial=True, count=5, policy=_pallas._Blocks(*blocks), emit_param=True)
+  _check(shape, 2, adversarial=True, count=5, policy=_pallas._Blocks(*blocks), emit_param=True, fmts=fmts)
+
+
+@pytest.mark.parametrize("fmts", FMTS, ids=FMT_IDS)
+@pytest.mark.parametrize("policy", ["mosaic", "triton"])
+def test_bit_for_bit_from_init(fmts, policy):
+  """Three steps from ``init``'s state (zero-coded ``v``, zero scales), with whole groups of zero gradients,
+  a huge gradient (``g²`` overflows: ``v`` saturates at float32's largest) and NaN/±inf: each step's outputs
+  bit for bit, the next step from the jnp path's state."""
+  shape = (6, 100)
+  tx = collage_optax.adamw(mode="compact", mu_format=fmts[0], nu_format=fmts[1], **HP)
+  p = jnp.asarray(np.random.default_rng(3).standard_normal(shape), BF16)
+  s = tx.init({"w": p})
+  lo, mu, nu = s.lo["w"], s.mu["w"], s.nu["w"]
+  for count in range(3):
+    g = np.array(_grads(np.random.default_rng(20 + count), shape, jnp.float32, adversarial=True))
+    g[1] = 0.0  # whole groups of zeros (and a group cut by the row's end: 100 = 3·32 + 4)
+    g[2, 96:] = 0.0
+    g[3, :32] = 1e-45 * (count + 1)  # subnormal gradients: g² is 0
+    g[4, 5] = 3e38
+    g = jnp.asarray(g, BF16)
+    want = _reference(p, g, lo, mu, nu, count, HP, fmts)
+    got = _kernel(p, g, lo, mu, nu, count, HP, policy)
+    for i, (w, k) in enumerate(zip(jax.tree.leaves(want), jax.tree.leaves(got))):
+      _bits_equal(k, w, f"step {count} output {i}")
+    _, lo, mu, nu = want
+    p = optax.apply_updates(p, want[0])
 
 
 @settings(max_examples=10, deadline=None)
@@ -191,9 +230,11 @@ def test_bit_for_bit_partial_blocks(shape, blocks):
   count=st.integers(0, 2000),
   adversarial=st.booleans(),
   policy=st.sampled_from(["mosaic", "triton"]),
+  nan_codes=st.booleans(),
 )
-def test_bit_for_bit_random(rows, cols, seed, count, adversarial, policy):
-  _check((rows, cols), seed, count=count, adversarial=adversarial, policy=policy)
+@pytest.mark.parametrize("fmts", FMTS[:3], ids=FMT_IDS[:3])
+def test_bit_for_bit_random(fmts, rows, cols, seed, count, adversarial, policy, nan_codes):
+  _check((rows, cols), seed, count=count, adversarial=adversarial, policy=policy, nan_codes=nan_codes, fmts=fmts)
 
 
 # ---------------------------------------------------------------------------
@@ -238,12 +279,25 @@ def test_not_with_metrics():
   assert u["w"].dtype == BF16
 
 
-@pytest.mark.parametrize("nesterov, x64", [(False, False), (True, False), (False, True)])
-def test_adamw_plumbing(monkeypatch, nesterov, x64):
-  """``adamw(mode="compact")`` with the kernel (interpret mode) in place of the jnp path: the same bits.
+@pytest.mark.parametrize(
+  "nesterov, x64, modes",
+  [
+    (False, False, "compact"),
+    (True, False, "compact"),
+    (False, True, "compact"),
+    (False, False, "lean"),
+    (True, True, "lean"),
+    (False, False, "compact_log16"),
+    (False, False, "mixed"),
+  ],
+)
+def test_adamw_plumbing(monkeypatch, nesterov, x64, modes):
+  """``adamw`` with the kernel (interpret mode) in place of the jnp path: the same bits.
 
   Runs adamw's own wiring (scalars, schedule, weight-decay mask, per-leaf
-  modes, leaves the kernel does not take) over three steps.
+  modes, leaves the kernel does not take) over three steps, for
+  ``mode="compact"``, ``mode="lean"``, compact with ``nu_format="log16"``
+  and a tree mixing lean and compact leaves.
   """
   params = {
     "w": jnp.asarray(np.random.default_rng(0).standard_normal((16, 96)), BF16),
@@ -253,13 +307,17 @@ def test_adamw_plumbing(monkeypatch, nesterov, x64):
     "f32": jnp.ones((8,), jnp.float32),
     "exact": jnp.ones((4, 32), BF16),
   }
-  mode = {"w": "compact", "odd": "compact", "vec": "compact", "gain": "compact", "f32": "compact", "exact": "exact"}
+  main = {"compact": "compact", "compact_log16": "compact", "lean": "lean", "mixed": "lean"}[modes]
+  mode = {"w": main, "odd": main, "vec": main, "gain": main, "f32": main, "exact": "exact"}
+  if modes == "mixed":
+    mode.update(odd="compact", gain="compact")
+  extra = dict(nu_format="log16") if modes == "compact_log16" else {}
   mask = {k: k != "vec" for k in params}
 
   def run():
     # A new adamw per run: jit caches the traced update of a given function.
     tx = collage_optax.adamw(
-      optax.linear_schedule(3e-3, 1e-4, 3), weight_decay=0.1, mask=mask, mode=mode, nesterov=nesterov
+      optax.linear_schedule(3e-3, 1e-4, 3), weight_decay=0.1, mask=mask, mode=mode, nesterov=nesterov, **extra
     )
     p, s, out = params, tx.init(params), []
     for i in range(3):
@@ -274,7 +332,19 @@ def test_adamw_plumbing(monkeypatch, nesterov, x64):
   with jax.enable_x64(x64):  # x64: Python ints and floats default to 64 bits inside the step
     want = run()
     monkeypatch.setattr(_pallas, "INTERPRET_ON_CPU", True)
+    taken = []  # the kernel's (m, v) formats, each time a step is traced
+    step = _pallas.compact_step
+    monkeypatch.setattr(
+      _pallas, "compact_step",
+      lambda p, g, lo, mu, nu, *a, **k: taken.append(
+        (_pallas.moment_format(mu, False), _pallas.moment_format(nu, True))
+      ) or step(p, g, lo, mu, nu, *a, **k),
+    )  # fmt: skip
     got = run()
+  # w, odd, vec and gain take the kernel (f32 and exact do not), in their own formats.
+  want_fmts = {"compact": ("q8", "q8"), "lean": ("bf16", "log16"), "compact_log16": ("q8", "log16")}
+  fmts_seen = {want_fmts.get(modes, None)} if modes != "mixed" else {("q8", "q8"), ("bf16", "log16")}
+  assert len(taken) == 4 * 3 and set(taken) == fmts_seen, taken
   for (uw, sw), (ug, sg) in zip(want, got):
     for w, k in zip(jax.tree.leaves((uw, sw)), jax.tree.leaves((ug, sg))):
       _bits_equal(k, w, "adamw")
