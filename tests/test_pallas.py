@@ -314,19 +314,22 @@ def test_adamw_plumbing(monkeypatch, nesterov, x64, modes):
   extra = dict(nu_format="log16") if modes == "compact_log16" else {}
   mask = {k: k != "vec" for k in params}
 
-  def run():
+  def run(states=None):
+    """Three steps: ``(p, state, grads, update, new state)`` each; from ``states[i]`` (``(p, state)``) when given."""
     # A new adamw per run: jit caches the traced update of a given function.
     tx = collage_optax.adamw(
       optax.linear_schedule(3e-3, 1e-4, 3), weight_decay=0.1, mask=mask, mode=mode, nesterov=nesterov, **extra
     )
     p, s, out = params, tx.init(params), []
     for i in range(3):
+      if states:
+        p, s = states[i]
       rng = np.random.default_rng(10 + i)
       g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 1e-2, x.dtype), p)
       g["w"] = g["w"].at[0, :3].set(jnp.asarray([np.nan, np.inf, 0.0], BF16))
-      u, s = jax.jit(tx.update)(g, s, p)
-      p = optax.apply_updates(p, u)
-      out.append((u, s))
+      u, s_new = jax.jit(tx.update)(g, s, p)
+      out.append((p, s, g, u, s_new))
+      p, s = optax.apply_updates(p, u), s_new
     return out
 
   with jax.enable_x64(x64):  # x64: Python ints and floats default to 64 bits inside the step
@@ -340,11 +343,47 @@ def test_adamw_plumbing(monkeypatch, nesterov, x64, modes):
         (_pallas.moment_format(mu, False), _pallas.moment_format(nu, True))
       ) or step(p, g, lo, mu, nu, *a, **k),
     )  # fmt: skip
-    got = run()
+    # Each step from the jnp path's state, so that a difference would not carry into the next steps.
+    got = run([(p, s) for p, s, *_ in want])
   # w, odd, vec and gain take the kernel (f32 and exact do not), in their own formats.
   want_fmts = {"compact": ("q8", "q8"), "lean": ("bf16", "log16"), "compact_log16": ("q8", "log16")}
   fmts_seen = {want_fmts.get(modes, None)} if modes != "mixed" else {("q8", "q8"), ("bf16", "log16")}
   assert len(taken) == 4 * 3 and set(taken) == fmts_seen, taken
-  for (uw, sw), (ug, sg) in zip(want, got):
-    for w, k in zip(jax.tree.leaves((uw, sw)), jax.tree.leaves((ug, sg))):
-      _bits_equal(k, w, "adamw")
+  ties = 0
+  for (_, s, g, uw, sw), (_, _, _, ug, sg) in zip(want, got):
+    for k in params:
+      leaf = lambda t: jax.tree.leaves(t[k])
+      w_all, k_all = leaf(uw) + leaf(sw.lo) + leaf(sw.mu) + leaf(sw.nu), leaf(ug) + leaf(sg.lo) + leaf(sg.mu) + leaf(sg.nu)
+      # A bfloat16 m: the jnp path's own bits depend on how XLA:CPU fuses it (see _fma_ties); where that
+      # decides, the kernel's m is the FMA's, and the update and residual follow it.
+      tie = _fma_ties(g[k], s.mu[k], 0.9) if mode[k] == "lean" and k != "f32" else None
+      if tie is not None:
+        ties += int(tie.sum())
+        np.testing.assert_array_equal(np.asarray(sg.mu[k], np.float32)[tie], _fma_ties.fma[tie])
+      for w, kk in zip(w_all, k_all):
+        w, kk = np.asarray(w), np.asarray(kk)
+        if tie is not None and w.shape == tie.shape:
+          w, kk = w[~tie], kk[~tie]
+        _bits_equal(kk, w, f"adamw {k}")
+  assert ties < 0.01 * 3 * sum(x.size for x in params.values()), ties  # a few elements in a thousand
+
+
+def _fma_ties(g, m, b1):
+  """Where a bfloat16 ``m``'s update ``(1 − b1)·g + b1·m`` rounds to another bfloat16 with an FMA than without.
+
+  XLA:CPU contracts one product of it into an FMA or not depending on the
+  fusion around it: a leaf's jnp path gives ``fma(b1, m, (1 − b1)·g)`` when
+  it is compiled alone and the unfused sum in some trees (measured: both
+  differ at element 68 of the plumbing test's ``vec`` at its third step). The
+  kernel computes the FMA. Returns the mask (``_fma_ties.fma`` holds the
+  FMA's bfloat16 values, as float32).
+  """
+  f, F = np.float32, np.float64
+  G, M = np.asarray(g, np.float32), np.asarray(m, np.float32)
+  c1, b1 = f(1 - b1), f(b1)
+  with np.errstate(all="ignore"):
+    cands = [f(f(c1 * G) + f(b1 * M)), f(F(c1) * F(G) + F(f(b1 * M))), f(F(f(c1 * G)) + F(b1) * F(M))]
+  bf = [np.asarray(jnp.asarray(c, BF16), np.float32) for c in cands]
+  same = lambda a, b: (a == b) | (np.isnan(a) & np.isnan(b))
+  _fma_ties.fma = bf[2]
+  return ~(same(bf[0], bf[2]) & same(bf[1], bf[2]))
