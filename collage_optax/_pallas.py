@@ -1,12 +1,17 @@
-"""The ``compact`` mode's per-leaf AdamW step as one Pallas kernel (one sweep over the params).
+"""The per-leaf AdamW step of ``compact`` params as one Pallas kernel (one sweep over the params).
 
 One leaf of ``adamw(mode="compact")`` (``compact`` params, ``q8`` ``m`` and
-``v``) in one pass: decode the bfloat16 param and its int8 residual, the
-8-bit moments and their per-32 bfloat16 scales; Adam in float32 (optax's
-formulas, as :func:`collage_optax._kernel.adam`); decoupled weight decay and
-the learning rate; encode. XLA's own fusions cannot do it in one pass (a
-group's maximum is a reduction broadcast back to its 32 elements); a kernel
-whose block holds whole groups can.
+``v``) or ``adamw(mode="lean")`` (``compact`` params, a ``bf16`` ``m``, a
+``log16`` ``v``), or any mix of those moments (compact with
+``nu_format="log16"``, …), in one pass: decode the bfloat16 param and its
+int8 residual and the moments (8-bit codes and per-32 bfloat16 scales, a
+bfloat16 array, or 16-bit log codes and per-32 float32 maxima); Adam in
+float32 (optax's formulas, as :func:`collage_optax._kernel.adam`);
+decoupled weight decay and the learning rate; encode. The moments' formats
+are static choices of the one kernel (:data:`MU_FORMATS`,
+:data:`NU_FORMATS`, read from the storages' types). XLA's own fusions
+cannot do it in one pass (a group's maximum is a reduction broadcast back
+to its 32 elements); a kernel whose block holds whole groups can.
 
 The kernel body mirrors the jnp path (:mod:`collage_optax._kernel`,
 :mod:`collage_optax.formats`) operation for operation, so that in Pallas'
@@ -16,24 +21,39 @@ not lower, the body uses an equivalent with the same bits:
 ``reduce_precision`` to bfloat16 becomes a round-to-nearest-even on the bits
 (:func:`_round_bf16`), ``round`` an integer truncation and its exact
 fraction (:func:`_rint`), the bfloat16 bit-shift widening a convert (exact).
+``log16`` is integer-only (bit patterns, an integer maximum per group, the
+lowbias32 hash): mirrored on int32, whose multiplications wrap as uint32's
+and whose logical shifts are uint32's (:func:`_dither`).
 The bias corrections multiply by their reciprocals, as XLA compiles the jnp
 path's division by a broadcast scalar. On Triton, divisions and square roots
 are PTX's correctly rounded ones and no product is contracted into an FMA
 (:class:`_Ptx`); whether Mosaic's division and square root round as XLA's
 do is not checked here (no TPU).
 
+FMAs: XLA:CPU contracts ``a·b + c`` inside a fusion, and the jnp path's bits
+show it where a moment's rounding is fine enough: a ``bf16`` ``m`` and a
+``log16`` ``v`` (the ``q8`` codes are too coarse to show it). There the
+kernel computes the FMA that the jnp path compiles to (measured, see
+:class:`_Interp`): exactly in interpret mode (float64), ``fma.rn`` on
+Triton, ``a·b + c`` on Mosaic (whether Mosaic contracts it is not checked).
+The jnp path's own choice depends on its fusion: a ``bf16`` ``m`` can round
+differently when its leaf is compiled alone and inside a tree (a few
+elements in a thousand, where ``(1 − b1)·g + b1·m`` is near a tie between
+two bfloat16s); the kernel gives the former.
+
 Layout: the leaf is seen as a 2-D array ``(rows, cols)`` whose rows hold
 whole groups of 32: its own ``(prod(shape[:-1]), shape[-1])`` when the last
 axis is a multiple of 32 (a 1-D leaf, or rows under 128: ``(n/W, W)``, on
 TPU ``W = 128``, the 1-D layout's own memory), else the last axis padded to
 one (a copy, outside the kernel; the padding's ``v`` codes are the NaN code,
-so that it never raises a group's maximum). The scales are
+``q8``'s or ``log16``'s, so that it never raises a group's maximum). The scales are
 ``(rows, cols/32)``. A block is ``(br, bc)`` with ``bc`` a multiple of 32, so
 a group never straddles blocks.
 
 Where it runs: :func:`platform_step` (``adamw`` calls it for compact leaves)
 picks the kernel when the step is lowered for CUDA or TPU, the jnp path on
-CPU; one device only (:func:`takes`).
+CPU; one device only (:func:`takes`: compact params with a ``q8`` or ``bf16``
+``m`` and a ``q8`` or ``log16`` ``v``; other formats keep the jnp path).
 """
 
 from __future__ import annotations
