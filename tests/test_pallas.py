@@ -254,21 +254,27 @@ def pallas_bench():
   return bench.load("pallas_compact")
 
 
+@pytest.mark.parametrize("mode", ["compact", "lean"])
 @pytest.mark.parametrize("target", ["h200", "v5e"])
-def test_compiled_one_sweep(pallas_bench, target):
+def test_compiled_one_sweep(pallas_bench, target, mode):
   shape = (1024, 1024)
-  fused = pallas_bench.measure("pallas_fused", shape, target)
-  # The kernel alone (the new param written over the old): one pass, the layout's 12.25 B/param.
-  assert fused["param_sized_kernels"] == 1 and fused["hbm_B"] <= 13.5 and fused["temp_B"] < 0.1, fused
+  fused = pallas_bench.measure("pallas_fused", shape, target, mode)
+  # The kernel alone (the new param written over the old): one pass, the layout's bytes (compact 12.25
+  # B/param, lean 16.25: read and write params 2, residual 1, m 2 (lean) or 1 + 1/16, v 2 + 1/8 or 1 + 1/16).
+  assert fused["param_sized_kernels"] == 1 and fused["hbm_B"] <= fused["ideal_B"] + 0.05, fused
+  assert fused["temp_B"] < 0.1 and fused["hbm_B"] <= {"compact": 13.5, "lean": 16.5}[mode], fused
   # adamw chooses it on the accelerator; optax.apply_updates then adds a pass over the params
   # (read params and updates, write params: 6 B/param; on TPU in VMEM).
-  via_adamw = pallas_bench.measure("adamw", shape, target)
-  assert via_adamw["hbm_B"] <= 18.5, via_adamw
+  via_adamw = pallas_bench.measure("adamw", shape, target, mode)
+  assert via_adamw["hbm_B"] <= fused["hbm_B"] + 6.25, via_adamw
   # Better than the jnp path: fewer bytes on the GPU (31 B/param there), fewer passes on the TPU (whose
   # HBM bytes, for a leaf this small, hide in VMEM).
-  jnp_path = pallas_bench.measure("jnp", shape, target)
+  jnp_path = pallas_bench.measure("jnp", shape, target, mode)
   what = "hbm_B" if target == "h200" else "param_sized_kernels"
-  assert jnp_path[what] > via_adamw[what], (jnp_path, via_adamw)
+  # (lean on the GPU, at this size: XLA's jnp path writes the new param in its own pass, 20.75 B/param,
+  # which the update and apply_updates' pass, 16.25 + 6, do not beat; the kernel alone does.)
+  kernel = fused if (mode, target) == ("lean", "h200") else via_adamw
+  assert jnp_path[what] > kernel[what], (jnp_path, kernel)
 
 
 def test_not_with_metrics():
