@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # As accelerators.py: compile-only, before jax starts.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -49,7 +50,7 @@ BACKEND = {"cuda": "triton", "tpu": "mosaic"}
 
 
 #: The modes measured: adamw's keyword arguments.
-MODES = {
+MODES: dict[str, dict[str, Any]] = {
   "compact": dict(mode="compact"),
   "lean": dict(mode="lean"),
   "compact_log16": dict(mode="compact", nu_format="log16"),

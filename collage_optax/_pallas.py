@@ -654,7 +654,8 @@ def compact_step(
 
   mu_fmt, nu_fmt = moment_format(mu, False), moment_format(nu, True)
   if mu_fmt is None or nu_fmt is None:
-    raise TypeError(f"compact_step: moments {type(mu).__name__}/{type(nu).__name__} of formats the kernel does not take")
+    what = f"{type(mu).__name__}/{type(nu).__name__}"
+    raise TypeError(f"compact_step: moments {what} of formats the kernel does not take")
   sv = jnp.stack([jnp.asarray(getattr(sc, k), jnp.float32) for k in _NAMES])
   scales = lambda s: s.reshape(rows, cols // GROUP)
   # The padding's v is the NaN code, so that it never raises a group's maximum.

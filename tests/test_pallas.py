@@ -167,9 +167,7 @@ def _check(
   "shape", [(8, 256), (40, 96), (3, 40), (5,), (), (2, 3, 33), (4096,), (16, 31), (70, 64)], ids=str
 )
 def test_bit_for_bit_adversarial(shape, policy, fmts):
-  _check(
-    shape, 0, adversarial=True, count=3, policy=policy, nan_codes=True, emit_param=policy == "mosaic", fmts=fmts
-  )
+  _check(shape, 0, adversarial=True, count=3, policy=policy, nan_codes=True, emit_param=policy == "mosaic", fmts=fmts)
 
 
 @pytest.mark.parametrize(
@@ -353,13 +351,13 @@ def test_adamw_plumbing(monkeypatch, nesterov, x64, modes):
     got = run([(p, s) for p, s, *_ in want])
   # w, odd, vec and gain take the kernel (f32 and exact do not), in their own formats.
   want_fmts = {"compact": ("q8", "q8"), "lean": ("bf16", "log16"), "compact_log16": ("q8", "log16")}
-  fmts_seen = {want_fmts.get(modes, None)} if modes != "mixed" else {("q8", "q8"), ("bf16", "log16")}
+  fmts_seen = {want_fmts.get(modes)} if modes != "mixed" else {("q8", "q8"), ("bf16", "log16")}
   assert len(taken) == 4 * 3 and set(taken) == fmts_seen, taken
   ties = 0
   for (_, s, g, uw, sw), (_, _, _, ug, sg) in zip(want, got):
     for k in params:
-      leaf = lambda t: jax.tree.leaves(t[k])
-      w_all, k_all = leaf(uw) + leaf(sw.lo) + leaf(sw.mu) + leaf(sw.nu), leaf(ug) + leaf(sg.lo) + leaf(sg.mu) + leaf(sg.nu)
+      outs = lambda u, s: jax.tree.leaves((u[k], s.lo[k], s.mu[k], s.nu[k]))
+      w_all, k_all = outs(uw, sw), outs(ug, sg)
       # A bfloat16 m: the jnp path's own bits depend on how XLA:CPU fuses it (see _fma_ties); where that
       # decides, the kernel's m is the FMA's, and the update and residual follow it.
       tie = _fma_ties(g[k], s.mu[k], 0.9) if mode[k] == "lean" and k != "f32" else None
