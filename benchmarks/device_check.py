@@ -99,9 +99,10 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3) -> dict[str, Any]:
-  """``adamw(mode="compact")`` for ``steps`` steps here (on GPU and TPU: the Pallas kernel) and on the CPU
-  (the jnp path, the reference), from the same bf16 params and gradients: elements whose bits differ, per array.
+def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3, **modes: Any) -> dict[str, Any]:
+  """``adamw(mode="compact")`` (or ``adamw(**modes)``: ``mode="lean"``, …) for ``steps`` steps here (on GPU
+  and TPU: the Pallas kernel) and on the CPU (the jnp path, the reference), from the same bf16 params and
+  gradients: elements whose bits differ, per array.
 
   The gradients hold adversarial entries too (NaN, ±inf, 0, 1e30, 1e-30). On CPU
   both runs are the jnp path (a smoke test); on an accelerator a nonzero count
@@ -119,7 +120,7 @@ def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3) -> dict[str, Any]
       flat = v.reshape(-1)
       flat[rng.integers(0, flat.size, 6)] = [np.nan, np.inf, -np.inf, 0.0, 1e30, 1e-30]
     grads.append({k: v.astype(BF16) for k, v in g.items()})
-  tx = collage_optax.adamw(1e-3, mode="compact", weight_decay=0.1)
+  tx = collage_optax.adamw(1e-3, weight_decay=0.1, **{"mode": "compact", **modes})
 
   def run(device: Any) -> list[np.ndarray]:
     put = lambda t: jax.device_put(t, device)
@@ -143,6 +144,7 @@ def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3) -> dict[str, Any]
   differ = {n: int(np.any(bytes_of(a) != bytes_of(b), axis=1).sum()) for n, a, b in zip(names, here, cpu)}
   return {
     "backend": jax.default_backend(),
+    "modes": {"mode": "compact", **modes},
     "kernel": jax.default_backend() in ("gpu", "tpu") and _pallas.ENABLED and jax.device_count() == 1,
     "shapes": [list(s) for s in shapes],
     "steps": steps,
@@ -441,6 +443,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result["kernel"] = guarded(lambda: kernel_bits(kernel_shapes))
   print(f"[device_check] kernel: {result['kernel']['wall_s']} s", file=sys.stderr, flush=True)
   save()
+  # The same kernel with lean's moments (a bf16 m, a log16 v): their roundings show an FMA or a subnormal.
+  result["kernel_lean"] = guarded(lambda: kernel_bits(kernel_shapes, mode="lean"))
+  print(f"[device_check] kernel_lean: {result['kernel_lean']['wall_s']} s", file=sys.stderr, flush=True)
+  save()
   result["step"] = guarded(
     lambda: step_times(
       step_names(args.quick),
@@ -496,12 +502,13 @@ def summary(result: dict[str, Any]) -> str:
         f"{t['error_zero_where_true_nonzero']} zero where the true error is not "
         f"({trap['true_error_nonzero']} nonzero); exact: {t['exact']}"
       )
-  kernel = result["kernel"]
-  if "error" not in kernel:
-    lines.append(
-      f"compact {'Pallas kernel' if kernel['kernel'] else 'jnp path'} on {kernel['backend']} vs the CPU's jnp path: "
-      f"bit for bit {kernel['bit_for_bit']}, differing elements {kernel['elements_differing']}"
-    )
+  for key, label in (("kernel", "compact"), ("kernel_lean", "lean")):
+    kernel = result.get(key, {"error": "not run"})
+    if "error" not in kernel:
+      lines.append(
+        f"{label} {'Pallas kernel' if kernel['kernel'] else 'jnp path'} on {kernel['backend']} vs the CPU's jnp "
+        f"path: bit for bit {kernel['bit_for_bit']}, differing elements {kernel['elements_differing']}"
+      )
   for size, ratios in result["step"].get("ratios", {}).items():
     cells = ", ".join(f"{k} {_r(v['ratio_to_fp32'])}/{_r(v['ratio_to_fp32_nondonated'])}" for k, v in ratios.items())
     lines.append(f"step {size} (x fp32 donated/not): {cells}")

@@ -1,6 +1,7 @@
 """The compact step's Pallas kernel compiled deviceless for GPUs and TPUs: sweeps and bytes per param.
 
-Four steps over one leaf, each ``(params, state, grads) -> (params, state)``
+Per mode (``--modes``: ``compact`` = compact/q8/q8, ``lean`` = compact/bf16/log16,
+``compact_log16`` = compact/q8/log16), four steps over one leaf, each ``(params, state, grads) -> (params, state)``
 donated, compiled as ``benchmarks/accelerators.py`` compiles (its topologies,
 ``kernel_stats`` and ``cost_model_bytes``):
 
@@ -12,7 +13,10 @@ donated, compiled as ``benchmarks/accelerators.py`` compiles (its topologies,
 * ``pallas_fused``: the kernel writes the new param itself (``emit_param``):
   what a step that owns the params (FlashOptim's ``step``) costs.
 
-Run: ``python benchmarks/pallas_compact.py [--targets h200,v5e] [--shapes 4096x4096,16777216]``.
+Run: ``python benchmarks/pallas_compact.py [--targets h200,v5e] [--shapes 4096x4096,16777216]
+[--modes compact,lean]``. ``benchmarks/results/pallas_compact.json``: compact;
+``benchmarks/results/pallas_lean.json``: lean and compact_log16 (``--targets h100,h200,v5e,v6e
+--modes lean,compact_log16 --kinds adamw,pallas_fused``, and ``jnp`` where it compiled in time).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # As accelerators.py: compile-only, before jax starts.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -44,13 +49,21 @@ LR, B1, B2, EPS, WD = 1e-3, 0.9, 0.999, 1e-8, 1e-4
 BACKEND = {"cuda": "triton", "tpu": "mosaic"}
 
 
-def _tx():
-  return collage_optax.adamw(LR, B1, B2, EPS, 0.0, WD, mode="compact")
+#: The modes measured: adamw's keyword arguments.
+MODES: dict[str, dict[str, Any]] = {
+  "compact": dict(mode="compact"),
+  "lean": dict(mode="lean"),
+  "compact_log16": dict(mode="compact", nu_format="log16"),
+}
 
 
-def step_fn(kind: str, backend: str):
+def _tx(mode: str = "compact"):
+  return collage_optax.adamw(LR, B1, B2, EPS, 0.0, WD, **MODES[mode])
+
+
+def step_fn(kind: str, backend: str, mode: str = "compact"):
   """The donated step of ``kind`` (``jnp``, ``adamw``, ``pallas``, ``pallas_fused``) over ``{"w": leaf}``."""
-  tx = _tx()
+  tx = _tx(mode)
   if kind in ("jnp", "adamw"):
 
     def step(params, state, grads):
@@ -76,22 +89,22 @@ def step_fn(kind: str, backend: str):
   return kernel_step
 
 
-def measure(kind: str, shape: tuple[int, ...], target: str) -> dict:
+def measure(kind: str, shape: tuple[int, ...], target: str, mode: str = "compact") -> dict:
   t = accelerators.TARGETS[target]
   params = {"w": jax.ShapeDtypeStruct(shape, jnp.bfloat16)}
-  state = jax.eval_shape(_tx().init, params)
+  state = jax.eval_shape(_tx(mode).init, params)
   p, s = accelerators.on_chip(params, target), accelerators.on_chip(state, target)
   n = math.prod(shape)
   t0 = time.perf_counter()
   try:
-    compiled = jax.jit(step_fn(kind, BACKEND[t.platform]), donate_argnums=(0, 1)).lower(p, s, p).compile()
+    compiled = jax.jit(step_fn(kind, BACKEND[t.platform], mode), donate_argnums=(0, 1)).lower(p, s, p).compile()
   except Exception as e:  # pylint: disable=broad-except
     return {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:400]}"}
   stats = accelerators.kernel_stats(compiled, n)
   return {
     **stats,
     "cost_model_B": round(accelerators.cost_model_bytes(compiled) / n, 2),
-    "ideal_B": round(accelerators.ideal_bytes(_tx(), params) / n, 2),
+    "ideal_B": round(accelerators.ideal_bytes(_tx(mode), params) / n, 2),
     "compile_s": round(time.perf_counter() - t0, 1),
   }
 
@@ -101,16 +114,19 @@ def main(argv=None):
   ap.add_argument("--targets", default="h200,v5e")
   ap.add_argument("--shapes", default="4096x4096,16777216")
   ap.add_argument("--kinds", default="jnp,adamw,pallas,pallas_fused")
+  ap.add_argument("--modes", default="compact", help=f"comma-separated, of {', '.join(MODES)}")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)
   rows = {}
   for shape_text in args.shapes.split(","):
     shape = tuple(int(d) for d in shape_text.split("x"))
     for target in args.targets.split(","):
-      for kind in args.kinds.split(","):
-        r = measure(kind, shape, target)
-        rows[f"{shape_text} {target} {kind}"] = r
-        print(f"{shape_text:>12} {target:>5} {kind:>13}: {json.dumps(r)}", flush=True)
+      for mode in args.modes.split(","):
+        for kind in args.kinds.split(","):
+          r = measure(kind, shape, target, mode)
+          # compact's rows keep their old keys (benchmarks/results/pallas_compact.json).
+          rows[f"{shape_text} {target} {kind}" + ("" if mode == "compact" else f" {mode}")] = r
+          print(f"{shape_text:>12} {target:>5} {mode:>13} {kind:>13}: {json.dumps(r)}", flush=True)
   if args.out:
     Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
   return rows

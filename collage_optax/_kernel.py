@@ -206,7 +206,7 @@ def adam_then(
 
   A leaf ``i`` in ``own`` takes its whole step by itself instead:
   ``own[i](grad, mu)`` gives ``(output, new mu, new nu)`` (``adamw``'s
-  compact leaves: a Pallas kernel on GPU and TPU). Leaves with grouped
+  compact and lean leaves: a Pallas kernel on GPU and TPU). Leaves with grouped
   moments (:func:`grouped`) and those in ``own`` step one after another, each
   one's inputs waiting (:func:`wait`) for the previous one's first output,
   so that on CPU one grouped leaf's temporaries are live at a time; the

@@ -319,8 +319,8 @@ def adamw(
 
       return step
 
-    # compact leaves: one Pallas kernel each on GPU and TPU (the jnp path on CPU); not with metrics,
-    # which need the step's intermediate values.
+    # compact and lean leaves (compact params, q8/bf16 m, q8/log16 v): one Pallas kernel each on GPU and TPU
+    # (the jnp path on CPU); not with metrics, which need the step's intermediate values.
     own = {
       i: own_step(i)
       for i, ((_, p), g, f) in enumerate(zip(p_flat, g_flat, fmts))
@@ -332,7 +332,7 @@ def adamw(
     return new_u, AdamWState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus), new_lo, tracked)
 
   def fused_step(p, g, lo, mu, nu, lr, decay, fmts, wide, count_inc):
-    """``(update, residual, mu, nu)`` of a compact leaf: :func:`_pallas.platform_step` around this jnp path."""
+    """``(update, residual, mu, nu)`` of a leaf the kernel takes: :func:`_pallas.platform_step` around this jnp path."""
 
     def jnp_step(p, g, lo, mu, nu):
       dirs, mus, nus = _kernel.adam([g], [mu], [nu], [fmts], [wide], hp, count_inc)

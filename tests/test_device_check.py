@@ -19,8 +19,9 @@ SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "device_check.py"
 
 def test_device_check_quick(tmp_path):
   out = tmp_path / "device_check.json"
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)],
-                        capture_output=True, text=True, timeout=180)
+  proc = subprocess.run(
+    [sys.executable, str(SCRIPT), "--quick", "--out", str(out)], capture_output=True, text=True, timeout=180
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   res = json.loads(out.read_text())
   assert res["quick"] is True
@@ -32,17 +33,23 @@ def test_device_check_quick(tmp_path):
   assert trap["n_pairs"] > 0 and trap["true_error_nonzero"] > 0
   assert trap["reference_inexact_pairs"] == 0
   for name in ("naive", "ours"):
-    for key in ("sum_bits_wrong", "error_bits_wrong", "error_zero_where_true_nonzero", "float64_inexact_pairs",
-                "exact"):
+    for key in (
+      "sum_bits_wrong",
+      "error_bits_wrong",
+      "error_zero_where_true_nonzero",
+      "float64_inexact_pairs",
+      "exact",
+    ):
       assert key in trap[name], (name, key)
   ours = trap["ours"]
   assert ours["exact"] is True
   assert ours["sum_bits_wrong"] == ours["error_bits_wrong"] == ours["float64_inexact_pairs"] == 0
   assert ours["error_zero_where_true_nonzero"] == 0
 
-  kernel = res["kernel"]  # on CPU both runs are the jnp path: bit for bit, or the comparison is broken
-  assert kernel["bit_for_bit"] is True and kernel["elements_differing"], kernel
-  assert set(kernel["elements_differing"].values()) == {0}
+  for key in ("kernel", "kernel_lean"):  # on CPU both runs are the jnp path: bit for bit, or the comparison is broken
+    kernel = res[key]
+    assert kernel["bit_for_bit"] is True and kernel["elements_differing"], kernel
+    assert set(kernel["elements_differing"].values()) == {0}
 
   step = res["step"]
   assert step["strategies"][0] == "fp32" and len(step["strategies"]) >= 2
