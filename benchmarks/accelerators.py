@@ -725,9 +725,9 @@ def memory_tables(memory: dict[str, Any], fits: dict[str, Any]) -> str:
   out = []
   for target, models in memory.items():
     cols = [(m, b) for m, d in models.items() for b in d["batches"]]
-    names = list(models[cols[0][0]]["batches"][cols[0][1]])
+    names = list(dict.fromkeys(n for m, b in cols for n in models[m]["batches"][b]))
     header = ["strategy"] + [f"{m} b{b} peak GB" for m, b in cols]
-    rows = [[n] + [_fmt_mem(models[m]["batches"][b][n]) for m, b in cols] for n in names]
+    rows = [[n] + [_fmt_mem(models[m]["batches"][b].get(n)) for m, b in cols] for n in names]
     out.append(f"### training step memory, {TARGETS[target].label}\n\n" + _common.format_table(header, rows))
   if fits:
     names = list(next(iter(fits.values()))["strategies"])
@@ -737,7 +737,9 @@ def memory_tables(memory: dict[str, Any], fits: dict[str, Any]) -> str:
   return "\n\n".join(out)
 
 
-def _fmt_mem(m: dict[str, Any]) -> str:
+def _fmt_mem(m: dict[str, Any] | None) -> str:
+  if m is None:
+    return "—"
   if m["peak_GB"] is None:
     return f"args {m['args_GB']} (over)"
   return f"{m['peak_GB']}" + ("" if m["fits"] else " (over)")
