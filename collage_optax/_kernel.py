@@ -216,8 +216,8 @@ def adam_then(
   fusion, so a leaf's step in another fusion could round differently from
   the same step on a mesh.
   """
-  n, own = len(grads), own or {}
-  seq = [i for i in range(n) if i in own or (_waits() and fmts[i] is not None and grouped(mus[i], nus[i]))]
+  n, own, waits = len(grads), own or {}, _waits()
+  seq = [i for i in range(n) if i in own or (waits and fmts[i] is not None and grouped(mus[i], nus[i]))]
   rest = [i for i in range(n) if i not in seq]
   pick = lambda xs: [xs[i] for i in rest]
   dirs, new_mus, new_nus = adam(pick(grads), pick(mus), pick(nus), pick(fmts), pick(wides), hp, count_inc)

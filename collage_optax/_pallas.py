@@ -67,19 +67,17 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from collage_optax.formats._log16 import Log16
-from collage_optax.formats._moments import GROUP, Q8
+from collage_optax._kernel import saturate as _saturate
+from collage_optax.formats._log16 import _FLOOR, _NAN, _SHIFT, _ZERO, Log16
+from collage_optax.formats._log16 import _bits as _log16_bits
+from collage_optax.formats._moments import _Q8_MAX, GROUP, Q8
+from collage_optax.formats._params import _COMPACT_LEVELS as _LEVELS
 
 __all__ = ["Scalars", "compact_step", "scalars"]
 
 _BF16 = jnp.dtype(jnp.bfloat16)
 _F32_MAX = float(jnp.finfo(jnp.float32).max)
-_Q8_MAX = 1e38  # formats._moments._Q8_MAX: the largest magnitude a q8 moment holds
-_LEVELS = 127.0  # formats._params._COMPACT_LEVELS
 _BF16_MAX = float(jnp.finfo(_BF16).max)  # formats.BF16.max
-# formats._log16: a code counts 2**_SHIFT float32 bit-units; the three special codes.
-_SHIFT = 12
-_ZERO, _NAN, _FLOOR = 0xFFFF, 0xFFFE, 0xFFFD
 
 #: The moment formats the kernel takes (static choices): ``m`` in ``q8`` or ``bf16``, ``v`` in ``q8`` or ``log16``.
 MU_FORMATS = ("q8", "bf16")
@@ -183,11 +181,6 @@ def _half_ulp_exponent(hi):
   """``formats._params._half_ulp_exponent``: ``k`` with ``2**k = ulp(hi)/2``, at least −126."""
   e = (jax.lax.bitcast_convert_type(hi, jnp.int32) >> 23) & 0xFF
   return jnp.maximum(e - 127 - 8, -126)
-
-
-def _saturate(x, finite, big):
-  """``collage_optax._kernel.saturate``."""
-  return jnp.clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
 
 
 class _Plain:
@@ -316,12 +309,6 @@ def _per_group(k):
 def _srl(x, k: int):
   """The logical right shift of int32 ``x`` (the bits of a uint32 ``>>``)."""
   return jax.lax.shift_right_logical(x, jnp.int32(k))
-
-
-def _log16_bits(x):
-  """``formats._log16._bits``: the float32 bits of ``x`` as an int32 where ``x > 0`` is finite, else 0."""
-  b = jax.lax.bitcast_convert_type(x, jnp.int32)
-  return jnp.where((b > 0) & (b < 0x7F800000), b, 0)
 
 
 def _dither(b):

@@ -311,36 +311,39 @@ def adamw(
     lo, decays = treedef.flatten_up_to(state.lo), _decay_mask(mask, params)
     then = lambda i, d: param_step(p_flat[i][1], g_flat[i], lo[i], d, lr, decays[i], fmts[i])
 
-    def own_step(i):
+    # compact and lean leaves (compact params, q8/bf16 m, q8/log16 v): one Pallas kernel each on GPU and TPU
+    # (the jnp path on CPU); not with metrics, which need the step's intermediate values.
+    takes = [
+      i
+      for i, ((_, p), g, f) in enumerate(zip(p_flat, g_flat, fmts))
+      if not track_metrics and not _tree.is_empty(g) and _pallas.takes(p, g, f)
+    ]
+
+    def own_step(i, sc):
+      """Leaf ``i``'s whole step: :func:`_pallas.platform_step` around its jnp path (``adam`` and ``param_step``)."""
+
+      def jnp_step(p, g, lo_i, m, v):
+        (d,), (m_new,), (v_new,) = _kernel.adam([g], [m], [v], [fmts[i]], [wides[i]], hp, count_inc)
+        u, lo_new, _ = param_step(p, g, lo_i, d, lr, decays[i], fmts[i])
+        return u, lo_new, m_new, v_new
+
       def step(g, m):
-        p, f = p_flat[i][1], fmts[i]
-        u, lo_new, m_new, v_new = fused_step(p, g, lo[i], m, nu[i], lr, decays[i], f, wides[i], count_inc)
+        decay = decays[i] and not no_decay
+        u, lo_new, m_new, v_new = _pallas.platform_step(
+          jnp_step, p_flat[i][1], g, lo[i], m, nu[i], sc, nesterov=nesterov, decay=decay
+        )
         return (u, lo_new, None), m_new, v_new
 
       return step
 
-    # compact and lean leaves (compact params, q8/bf16 m, q8/log16 v): one Pallas kernel each on GPU and TPU
-    # (the jnp path on CPU); not with metrics, which need the step's intermediate values.
-    own = {
-      i: own_step(i)
-      for i, ((_, p), g, f) in enumerate(zip(p_flat, g_flat, fmts))
-      if not track_metrics and not _tree.is_empty(g) and _pallas.takes(p, g, f)
-    }
+    own = {}
+    if takes:
+      sc = _pallas.scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov)  # once for all its leaves
+      own = {i: own_step(i, sc) for i in takes}
     steps, mus, nus = _kernel.adam_then(g_flat, mu, nu, fmts, wides, hp, count_inc, then, own)
     new_u, new_lo = (treedef.unflatten([s[i] for s in steps]) for i in (0, 1))
     tracked = precision.compute_metrics(params, [s[2] for s in steps], state.metrics) if track_metrics else None
     return new_u, AdamWState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus), new_lo, tracked)
-
-  def fused_step(p, g, lo, mu, nu, lr, decay, fmts, wide, count_inc):
-    """``(update, residual, mu, nu)`` of a leaf the kernel takes: :func:`_pallas.platform_step` around this jnp path."""
-
-    def jnp_step(p, g, lo, mu, nu):
-      dirs, mus, nus = _kernel.adam([g], [mu], [nu], [fmts], [wide], hp, count_inc)
-      u, lo_new, _ = param_step(p, g, lo, dirs[0], lr, decay, fmts)
-      return u, lo_new, mus[0], nus[0]
-
-    sc = _pallas.scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov)
-    return _pallas.platform_step(jnp_step, p, g, lo, mu, nu, sc, nesterov=nesterov, decay=decay and not no_decay)
 
   def param_step(p, g, lo, u, lr, decay, fmts):
     """``(update, residual, metric sums)`` of one leaf, given Adam's direction ``u``."""
