@@ -69,3 +69,15 @@ def run_with_excess_precision(tmp_path: Path):
       return dict(got), proc.stdout
 
   return run
+
+
+@pytest.fixture(scope="module")
+def accel():
+  """``benchmarks/accelerators.py`` (deviceless GPU/TPU compiles), or a skip naming what is missing."""
+  import bench  # tests/bench.py: benchmarks/ modules by name
+
+  module = bench.load("accelerators")
+  why = module.unavailable()
+  if why:
+    pytest.skip(why)
+  return module

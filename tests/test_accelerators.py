@@ -16,7 +16,6 @@ from pathlib import Path
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
-import bench
 import jax
 import jax.numpy as jnp
 import pytest
@@ -27,16 +26,6 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 SHAPE = (1024, 1024)
 # Read params, grads, residual and moments; write all but the grads (B/param, bf16 grads).
 IDEAL = {"light": 18, "plus": 22, "exact": 22, "full": 26}
-
-
-@pytest.fixture(scope="module")
-def accel():
-  """``benchmarks/accelerators.py``, or a skip naming what is missing."""
-  module = bench.load("accelerators")
-  why = module.unavailable()
-  if why:
-    pytest.skip(why)
-  return module
 
 
 @pytest.mark.parametrize("target", ["h200", "v5e"])

@@ -241,14 +241,10 @@ def test_bit_for_bit_random(fmts, rows, cols, seed, count, adversarial, policy, 
 
 
 @pytest.fixture(scope="module")
-def pallas_bench():
-  """``benchmarks/pallas_compact.py`` (and through it ``accelerators.py``), or a skip naming what is missing."""
+def pallas_bench(accel):
+  """``benchmarks/pallas_compact.py`` (it compiles through ``accelerators.py``: skipped with it)."""
   import bench  # pylint: disable=import-outside-toplevel
 
-  accel = bench.load("accelerators")
-  why = accel.unavailable()
-  if why:
-    pytest.skip(why)
   return bench.load("pallas_compact")
 
 
