@@ -140,7 +140,8 @@ def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3, **modes: Any) -> 
     return np.ascontiguousarray(x).reshape(-1).view(np.uint8).reshape(x.size, -1)
 
   here, cpu = run(jax.devices()[0]), run(jax.devices("cpu")[0])
-  names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path((params, tx.init(params)))[0]]
+  layout = (params, jax.eval_shape(tx.init, params))
+  names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(layout)[0]]
   differ = {n: int(np.any(bytes_of(a) != bytes_of(b), axis=1).sum()) for n, a, b in zip(names, here, cpu)}
   return {
     "backend": jax.default_backend(),
