@@ -8,8 +8,9 @@ XLA compiles for a chip it does not see: ``JAX_PLATFORMS=cpu``, then
 allocated and nothing runs: these are the compiled programs' kernels and bytes,
 not timings.
 
-Part 1 and 2, the donated optimizer step ``apply_updates(params, tx.update(grads,
-state, params))`` of every strategy, over (a) one 4096×4096 bfloat16 leaf and
+Part 1 and 2, the donated optimizer step ``collage_optax.apply_gradients(tx,
+grads, state, params)`` (``apply_updates(params, tx.update(grads, state,
+params))``, in one step for adamw's compact and lean leaves) of every strategy, over (a) one 4096×4096 bfloat16 leaf and
 (b) the GPT-like tree of ``benchmarks/step.py``, per target. Reported:
 
 * ``sweeps``: kernels over the params. Each kernel of the entry computation
@@ -527,8 +528,8 @@ def compile_train_step(name: str, shape: GPTShape, batch: int, target: str) -> A
 
   def train_step(params, state, tokens):
     loss, grads = jax.value_and_grad(gpt_loss)(params, tokens, shape.heads)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
+    params, state = collage_optax.apply_gradients(tx, grads, state, params)
+    return params, state, loss
 
   params = gpt_params(shape, dtype)
   state = jax.eval_shape(tx.init, params)

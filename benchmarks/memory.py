@@ -6,7 +6,7 @@
    A 8, B 10, C 12, C+ 14, D 16 bytes/param including gradients.
 2. A full training step of the GPT of ``collage-optax compare``
    (``collage_optax.cli.gpt``): ``loss, grads = value_and_grad(loss)``, the optimizer
-   update and ``apply_updates``, jitted with params and state donated, and
+   update and ``apply_updates`` (``collage_optax.apply_gradients``), jitted with params and state donated, and
    ``jax.jit(step).lower(...).compile().memory_analysis()``: the bytes of the
    arguments (params, state, batch), outputs, outputs aliased to donated
    arguments, and temporaries (activations, gradients, optimizer scratch); peak
@@ -29,7 +29,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
+
+import collage_optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
@@ -76,8 +77,8 @@ def train_step_memory(cfg: gpt.GPTConfig, batch: int, context: int, names: list[
 
     def step(params, state, windows, tx=tx, graphdef=graphdef):
       loss, grads = jax.value_and_grad(gpt.loss, argnums=1)(graphdef, params, windows)
-      updates, state = tx.update(grads, state, params)
-      return optax.apply_updates(params, updates), state, loss
+      params, state = collage_optax.apply_gradients(tx, grads, state, params)
+      return params, state, loss
 
     mem = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, windows).compile().memory_analysis()
     assert mem is not None, "this backend reports no memory_analysis()"

@@ -7,7 +7,9 @@ donated, compiled as ``benchmarks/accelerators.py`` compiles (its topologies,
 
 * ``jnp``: ``apply_updates(params, adamw(mode="compact").update(...))`` with the
   kernel turned off (``_pallas.ENABLED = False``): the jnp path;
-* ``adamw``: the same as users get it, the kernel chosen per platform inside ``adamw``;
+* ``adamw``: the same as users get it, the kernel chosen per platform inside ``adamw``, then
+  ``optax.apply_updates``;
+* ``apply_gradients``: ``collage_optax.apply_gradients(tx, ...)``, where adamw's kernel writes the new param;
 * ``pallas``: the kernel called directly (``collage_optax._pallas.compact_step``),
   then ``optax.apply_updates``;
 * ``pallas_fused``: the kernel writes the new param itself (``emit_param``):
@@ -62,8 +64,10 @@ def _tx(mode: str = "compact"):
 
 
 def step_fn(kind: str, backend: str, mode: str = "compact"):
-  """The donated step of ``kind`` (``jnp``, ``adamw``, ``pallas``, ``pallas_fused``) over ``{"w": leaf}``."""
+  """The donated step of ``kind`` (``jnp``, ``adamw``, ``apply_gradients``, ``pallas``, ``pallas_fused``) on a leaf."""
   tx = _tx(mode)
+  if kind == "apply_gradients":
+    return lambda params, state, grads: collage_optax.apply_gradients(tx, grads, state, params)
   if kind in ("jnp", "adamw"):
 
     def step(params, state, grads):
@@ -113,7 +117,7 @@ def main(argv=None):
   ap = argparse.ArgumentParser()
   ap.add_argument("--targets", default="h200,v5e")
   ap.add_argument("--shapes", default="4096x4096,16777216")
-  ap.add_argument("--kinds", default="jnp,adamw,pallas,pallas_fused")
+  ap.add_argument("--kinds", default="jnp,adamw,apply_gradients,pallas,pallas_fused")
   ap.add_argument("--modes", default="compact", help=f"comma-separated, of {', '.join(MODES)}")
   ap.add_argument("--out", default=None)
   args = ap.parse_args(argv)

@@ -14,9 +14,10 @@ For each parameter count (about 1M, 16M, 64M by default) and each strategy
   its other two variants, ``flash_adamw_24_f32`` and ``flash_adamw_32_q8``,
   run when named in ``--strategies``;
 
-one jitted step ``params, state = apply_updates(params, tx.update(grads, state,
-params))`` is timed with params and state donated (updated in place, as in a
-training loop), and a second compiled step of the same function without
+one jitted step ``params, state = collage_optax.apply_gradients(tx, grads,
+state, params)`` (``apply_updates(params, tx.update(grads, state, params))``)
+is timed with params and state donated (updated in place, as in a training
+loop), and a second compiled step of the same function without
 donation (``ratio_to_fp32_nondonated``: each step then allocates its outputs,
 as XLA does whenever donation is impossible). FlashOptim's state shares
 buffers (its mu and nu start as one array), so it cannot be donated: it is
@@ -58,7 +59,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
+
+import collage_optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
@@ -125,16 +127,13 @@ def step_function(opt: Any) -> tuple[Any, Any]:
   """``(init, step)`` with ``step(params, state, grads) -> (params, state)``.
 
   For an optax ``GradientTransformation``, ``step`` is
-  ``apply_updates(params, tx.update(grads, state, params))``; a FlashOptim
-  ``FlashOptimizer`` has that ``step`` already.
+  ``collage_optax.apply_gradients(tx, grads, state, params)``:
+  ``apply_updates(params, tx.update(grads, state, params))``, in one step
+  where ``tx`` has one (``adamw``'s compact and lean leaves on GPU and TPU);
+  a FlashOptim ``FlashOptimizer`` has that ``step`` already.
   """
   if hasattr(opt, "update"):
-
-    def step(params, state, grads):
-      updates, state = opt.update(grads, state, params)
-      return optax.apply_updates(params, updates), state
-
-    return opt.init, step
+    return opt.init, lambda params, state, grads: collage_optax.apply_gradients(opt, grads, state, params)
   return opt.init, opt.step
 
 

@@ -10,11 +10,13 @@ error-free arithmetic), :mod:`~collage_optax.formats` (storage formats),
 :mod:`~collage_optax.checks` (input checks), :mod:`~collage_optax.metrics`
 (what precision costs), the Adam kernel (private), the transformations
 (``compensate``, ``stochastic_rounding``, ``scale_by_adam``), ``adamw``,
-``master_params`` and :mod:`~collage_optax.sharding`.
+``apply_gradients`` (update and apply in one step), ``master_params`` and
+:mod:`~collage_optax.sharding`.
 """
 
 from collage_optax import formats, mcf
 from collage_optax.alias import MODES, PRESETS, AdamWState, adamw, precise_small_leaves
+from collage_optax.apply import apply_gradients
 from collage_optax.master import init_from_master, master_params
 from collage_optax.mcf import MCF
 from collage_optax.precision import (
@@ -52,6 +54,7 @@ __all__ = [
   "StochasticRoundingState",
   "abstract_state",
   "adamw",
+  "apply_gradients",
   "compensate",
   "formats",
   "init_from_master",

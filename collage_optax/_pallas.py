@@ -706,8 +706,13 @@ def takes(p: Any, g: Any, fmts: Any) -> bool:
   )
 
 
-def platform_step(jnp_step, p, g, lo, mu: Any, nu: Any, sc: Scalars, *, nesterov: bool, decay: bool):
+def platform_step(
+  jnp_step, p, g, lo, mu: Any, nu: Any, sc: Scalars, *, nesterov: bool, decay: bool, emit_param: bool = False
+):
   """``jnp_step(p, g, lo, mu, nu)`` on CPU (and any platform but these), the kernel on CUDA (Triton) and TPU (Mosaic).
+
+  ``emit_param``: the kernel's first output is the new param (:func:`compact_step`); ``jnp_step`` must then
+  return it too.
 
   The choice is made when the step is lowered (``lax.platform_dependent``),
   so a step compiled deviceless for a GPU or TPU gets the kernel too; on CPU
@@ -715,7 +720,9 @@ def platform_step(jnp_step, p, g, lo, mu: Any, nu: Any, sc: Scalars, *, nesterov
   """
 
   def kernel(backend):
-    return lambda p, g, lo, mu, nu: compact_step(p, g, lo, mu, nu, sc, nesterov=nesterov, decay=decay, backend=backend)
+    return lambda p, g, lo, mu, nu: compact_step(
+      p, g, lo, mu, nu, sc, nesterov=nesterov, decay=decay, backend=backend, emit_param=emit_param
+    )
 
   default = kernel("interpret") if INTERPRET_ON_CPU else jnp_step
   return jax.lax.platform_dependent(p, g, lo, mu, nu, default=default, cuda=kernel("triton"), tpu=kernel("mosaic"))

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from collage_optax import _kernel, _pallas, _tree, checks, formats, precision
+from collage_optax import _kernel, _pallas, _tree, apply, checks, formats, precision
 from collage_optax._bits import wide_dtype
 
 __all__ = ["MODES", "PRESETS", "AdamWState", "adamw", "precise_small_leaves"]
@@ -79,7 +79,8 @@ def precise_small_leaves(mode: str, precise: str = "exact", *, min_size: int = 4
 
   def policy(path: str, p: Any) -> str:
     del path
-    small = int(math.prod(jnp.shape(p))) < min_size or jnp.ndim(p) < 2
+    shape = getattr(p, "shape", ())  # None and optax.MaskedNode leaves: no shape
+    small = int(math.prod(shape)) < min_size or len(shape) < 2
     return precise if small else mode
 
   return policy
@@ -298,8 +299,8 @@ def adamw(
     checks.check_state(who, params, {"moment": (state.mu, want.mu)})
     checks.check_state(who, params, {"moment": (state.nu, want.nu), "residual": (state.lo, want.lo)})
 
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
+  def step(updates, state, params, apply: bool):
+    """``(new updates, state)``, or with ``apply`` ``(new params, state)``: one step of every leaf."""
     check(updates, state, params)
     p_flat, treedef = _tree.leaves_with_paths(params)
     g_flat = treedef.flatten_up_to(updates)
@@ -320,30 +321,46 @@ def adamw(
     ]
 
     def own_step(i, sc):
-      """Leaf ``i``'s whole step: :func:`_pallas.platform_step` around its jnp path (``adam`` and ``param_step``)."""
+      """Leaf ``i``'s whole step: :func:`_pallas.platform_step` around its jnp path (``adam`` and ``param_step``).
+
+      With ``apply`` its first output is the new param: the kernel writes it in place of the update.
+      """
 
       def jnp_step(p, g, lo_i, m, v):
         (d,), (m_new,), (v_new,) = _kernel.adam([g], [m], [v], [fmts[i]], [wides[i]], hp, count_inc)
         u, lo_new, _ = param_step(p, g, lo_i, d, lr, decays[i], fmts[i])
-        return u, lo_new, m_new, v_new
+        return (optax.apply_updates(p, u) if apply else u), lo_new, m_new, v_new
 
-      def step(g, m):
+      def leaf(g, m):
         decay = decays[i] and not no_decay
-        u, lo_new, m_new, v_new = _pallas.platform_step(
-          jnp_step, p_flat[i][1], g, lo[i], m, nu[i], sc, nesterov=nesterov, decay=decay
+        out, lo_new, m_new, v_new = _pallas.platform_step(
+          jnp_step, p_flat[i][1], g, lo[i], m, nu[i], sc, nesterov=nesterov, decay=decay, emit_param=apply
         )
-        return (u, lo_new, None), m_new, v_new
+        return (out, lo_new, None), m_new, v_new
 
-      return step
+      return leaf
 
     own = {}
     if takes:
       sc = _pallas.scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov)  # once for all its leaves
       own = {i: own_step(i, sc) for i in takes}
     steps, mus, nus = _kernel.adam_then(g_flat, mu, nu, fmts, wides, hp, count_inc, then, own)
-    new_u, new_lo = (treedef.unflatten([s[i] for s in steps]) for i in (0, 1))
+    out = [s[0] for s in steps]
+    if apply:
+      out = [x if i in own else optax.apply_updates(p, x) for i, ((_, p), x) in enumerate(zip(p_flat, out))]
+    new_lo = treedef.unflatten([s[1] for s in steps])
     tracked = precision.compute_metrics(params, [s[2] for s in steps], state.metrics) if track_metrics else None
-    return new_u, AdamWState(count_inc, treedef.unflatten(mus), treedef.unflatten(nus), new_lo, tracked)
+    return treedef.unflatten(out), AdamWState(
+      count_inc, treedef.unflatten(mus), treedef.unflatten(nus), new_lo, tracked
+    )
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    return step(updates, state, params, apply=False)
+
+  def apply_fn(grads, state, params=None, **extra_args):
+    del extra_args
+    return step(grads, state, params, apply=True)
 
   def param_step(p, g, lo, u, lr, decay, fmts):
     """``(update, residual, metric sums)`` of one leaf, given Adam's direction ``u``."""
@@ -364,4 +381,6 @@ def adamw(
     emitted, lo_new, delta = _kernel.store_param(p, lo, x + u, g.dtype, fmts.param)
     return emitted, lo_new, (precision.leaf_sums(delta, u) if track_metrics else None)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  tx = optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  apply.register(tx, apply_fn)
+  return tx

@@ -14,6 +14,7 @@ Triton's) run in interpret mode.
 
 from __future__ import annotations
 
+import functools
 import os
 
 # Before jax initialises its backends: the CUDA plugin then registers (compile-only) without a driver.
@@ -252,12 +253,13 @@ def pallas_bench(accel):
 @pytest.mark.parametrize("target", ["h200", "v5e"])
 def test_compiled_one_sweep(pallas_bench, target, mode):
   shape = (1024, 1024)
-  fused = pallas_bench.measure("pallas_fused", shape, target, mode)
-  # The kernel alone (the new param written over the old): one pass, the layout's bytes (compact 12.25
-  # B/param, lean 16.25: read and write params 2, residual 1, m 2 (lean) or 1 + 1/16, v 2 + 1/8 or 1 + 1/16).
+  fused = pallas_bench.measure("apply_gradients", shape, target, mode)
+  # collage_optax.apply_gradients: the kernel writes the new param over the old: one pass, the layout's bytes
+  # (compact 12.25 B/param, lean 16.25: read and write params 2, residual 1, m 2 (lean) or 1 + 1/16,
+  # v 2 + 1/8 or 1 + 1/16).
   assert fused["param_sized_kernels"] == 1 and fused["hbm_B"] <= fused["ideal_B"] + 0.05, fused
   assert fused["temp_B"] < 0.1 and fused["hbm_B"] <= {"compact": 13.5, "lean": 16.5}[mode], fused
-  # adamw chooses it on the accelerator; optax.apply_updates then adds a pass over the params
+  # tx.update chooses it on the accelerator too; optax.apply_updates then adds a pass over the params
   # (read params and updates, write params: 6 B/param; on TPU in VMEM).
   via_adamw = pallas_bench.measure("adamw", shape, target, mode)
   assert via_adamw["hbm_B"] <= fused["hbm_B"] + 6.25, via_adamw
@@ -321,15 +323,20 @@ def test_adamw_plumbing(monkeypatch, nesterov, x64, modes):
       optax.linear_schedule(3e-3, 1e-4, 3), weight_decay=0.1, mask=mask, mode=mode, nesterov=nesterov, **extra
     )
     p, s, out = params, tx.init(params), []
+    update, fused_step = jax.jit(tx.update), jax.jit(functools.partial(collage_optax.apply_gradients, tx))
     for i in range(3):
       if states:
         p, s = states[i]
       rng = np.random.default_rng(10 + i)
       g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 1e-2, x.dtype), p)
       g["w"] = g["w"].at[0, :3].set(jnp.asarray([np.nan, np.inf, 0.0], BF16))
-      u, s_new = jax.jit(tx.update)(g, s, p)
+      u, s_new = update(g, s, p)
+      # apply_gradients, where the kernel writes the new params: the same params and state, bit for bit.
+      fused = fused_step(g, s, p)
       out.append((p, s, g, u, s_new))
       p, s = optax.apply_updates(p, u), s_new
+      for j, (w, k) in enumerate(zip(jax.tree.leaves((p, s)), jax.tree.leaves(fused))):
+        _bits_equal(k, w, f"apply_gradients, step {i}, output {j}")
     return out
 
   with jax.enable_x64(x64):  # x64: Python ints and floats default to 64 bits inside the step
@@ -348,7 +355,8 @@ def test_adamw_plumbing(monkeypatch, nesterov, x64, modes):
   # w, odd, vec and gain take the kernel (f32 and exact do not), in their own formats.
   want_fmts = {"compact": ("q8", "q8"), "lean": ("bf16", "log16"), "compact_log16": ("q8", "log16")}
   fmts_seen = {want_fmts.get(modes)} if modes != "mixed" else {("q8", "q8"), ("bf16", "log16")}
-  assert len(taken) == 4 * 3 and set(taken) == fmts_seen, taken
+  # Traced once by update and once by apply_gradients, each time in its three platforms' branches.
+  assert len(taken) == 4 * 3 * 2 and set(taken) == fmts_seen, taken
   ties = 0
   for (_, s, g, uw, sw), (_, _, _, ug, sg) in zip(want, got):
     for k in params:
