@@ -154,8 +154,7 @@ def _make_step(graphdef: Any, tx: optax.GradientTransformation, cfg: TrainConfig
   def step_fn(params, opt_state, train, step, seed):
     windows = _batch(train, step, seed, cfg.batch, length)
     loss, grads = jax.value_and_grad(gpt.loss, argnums=1)(graphdef, params, windows)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
+    params, opt_state = collage_optax.apply_gradients(tx, grads, opt_state, params)
     edq, lost = _precision(opt_state)
     return params, opt_state, jnp.stack([loss, edq, lost])
 
