@@ -25,12 +25,14 @@ from collage_optax import _tree, formats
 __all__ = [
   "Adam",
   "LeafFormats",
+  "Scaled",
   "adam",
   "adam_then",
   "init_leaf",
   "init_residual",
   "leaf_formats",
   "saturate",
+  "scaled",
   "store_param",
 ]
 
@@ -83,18 +85,75 @@ def _moment(g: chex.Array, store: Any, fmt: formats.MomentFormat, decay: Any, or
   return stored, new if fmt.coarse else fmt.decode(stored).astype(g.dtype)
 
 
-def _direction(g: chex.Array, fmt: formats.MomentFormat, m: Any, v: Any, m_hat: Any, v_hat: Any, eps, eps_root):
-  """Adam's ``m̂ / (√(v̂ + eps_root) + eps)`` of one leaf; finite gradients give a finite direction."""
-  finite, big = jnp.isfinite(g), float(jnp.finfo(g.dtype).max)
-  if fmt.max < big:
-    m_hat, v_hat = saturate(m_hat, finite, big), saturate(v_hat, finite, big)
-    return saturate(m_hat / (jnp.sqrt(v_hat + eps_root) + eps), finite, big)
-  # A moment of the leaf's own dtype: optax's expression untouched, so that
-  # XLA compiles it as in optax (the same bits: a clip on it, or any other
-  # arithmetic with its operands, changes how it fuses). Only moments beyond
-  # 1e30 can overflow m̂ or v̂ (for 1 − b ≥ 3.4e-9); there the step is
-  # sign(m), the size Adam's normalised step has when |g| dominates.
-  overflow = finite & ((jnp.abs(m) > 1e30) | (v > 1e30))
+class Scaled(NamedTuple):
+  """The scalars of :func:`_scaled_direction`, from the step count (float32, or the leaf's wide type).
+
+  With ``c1 = 1 − b1**t`` and ``c2 = 1 − b2**t`` (optax's bias corrections):
+  ``k = c1/√c2``, ``es = eps·√c2``, ``rc = eps_root·c2``, ``vmax = c2·`` the
+  type's largest value; for Nesterov ``nb = b1·c1/c1'`` (``c1'`` at
+  ``t + 1``) and ``nc = 1 − b1``.
+  """
+
+  k: Any
+  es: Any
+  rc: Any
+  vmax: Any
+  nb: Any
+  nc: Any
+
+
+def scaled(b1, b2, eps, eps_root, count_inc: chex.Array, nesterov: bool, dtype: Any = jnp.float32) -> Scaled:
+  """The :class:`Scaled` scalars of a step at the incremented count ``count_inc`` (in ``dtype``)."""
+  f = lambda x: jnp.asarray(x, dtype)
+  # Not merged with optax's own bias corrections (adam's float32 leaves): XLA would then keep 1 − b**t out of
+  # their fusion and multiply by its reciprocal, not divide as optax's step compiles.
+  count_inc = jnp.where(_never(count_inc), 0, count_inc)
+  c1, c2 = f(1 - b1**count_inc), f(1 - b2**count_inc)
+  sc2 = jnp.sqrt(c2)
+  nb = f(b1) * c1 / f(1 - b1 ** optax.safe_increment(count_inc)) if nesterov else f(0)
+  big = f(jnp.finfo(dtype).max)
+  return Scaled(c1 / sc2, f(eps) * sc2, f(eps_root) * c2, big * c2, nb, f(1 - b1))
+
+
+def _scaled_direction(g: chex.Array, m: chex.Array, v: chex.Array, sc: Scaled, nesterov: bool) -> chex.Array:
+  r"""Adam's direction of a leaf whose moments are stored in fewer bits than its arithmetic type's range.
+
+  Optax's ``m̂ / (√(v̂ + eps_root) + eps)`` with ``m̂ = m/c1``, ``v̂ = v/c2``,
+  multiplied above and below by ``c1`` (Kingma & Ba 2015, §2: the bias
+  corrections fold into the step size):
+
+  .. math::
+
+     d = \frac{m}{(\sqrt{v + eps_{root}\,c_2} + eps\sqrt{c_2})\; c_1/\sqrt{c_2}},
+
+  (Nesterov: ``b1·(c1/c1')·m + (1 − b1)·g`` above), so that a stored moment
+  is never multiplied by a bias correction (``1/c2`` is 1000 at the first
+  step). ``v`` counts at most ``vmax = c2·max`` (``v̂`` at most the type's
+  largest value, as the saturated ``v̂`` was: where ``g²`` overflows, ``v``
+  saturates above its true value, and this bound keeps the step near Adam's
+  normalised one), written ``v − max(v − vmax, 0)`` so that an infinite
+  ``v`` (an infinite gradient) becomes NaN. For a finite gradient the
+  denominator is then finite and at most the quotient overflows, which a
+  clip to the type's range saturates; a non-finite gradient makes the
+  quotient NaN, which the clip keeps. No select on the gradient's
+  finiteness: XLA:TPU v6e then keeps the whole step in one pass (with ``m̂``
+  and ``v̂`` saturated separately where the gradient is finite, it splits it
+  in two).
+  """
+  big = float(jnp.finfo(g.dtype).max)
+  num = sc.nb * m + sc.nc * g if nesterov else m
+  v = v - jnp.maximum(v - sc.vmax, 0)
+  return jnp.clip(num / ((jnp.sqrt(v + sc.rc) + sc.es) * sc.k), -big, big)
+
+
+def _direction(g: chex.Array, m: Any, v: Any, m_hat: Any, v_hat: Any, eps, eps_root):
+  """optax's ``m̂ / (√(v̂ + eps_root) + eps)`` of a leaf whose moments have its own dtype's range."""
+  # optax's expression untouched, so that XLA compiles it as in optax (the
+  # same bits: a clip on it, or any other arithmetic with its operands,
+  # changes how it fuses). Only moments beyond 1e30 can overflow m̂ or v̂ (for
+  # 1 − b ≥ 3.4e-9); there the step is sign(m), the size Adam's normalised
+  # step has when |g| dominates.
+  overflow = jnp.isfinite(g) & ((jnp.abs(m) > 1e30) | (v > 1e30))
   return jnp.where(overflow, jnp.sign(m), m_hat / (jnp.sqrt(v_hat + eps_root) + eps))
 
 
@@ -122,10 +181,11 @@ def adam(
   Each gradient is widened exactly to its leaf's arithmetic type in
   ``wides``; a leaf without formats (``None``) or without a gradient takes
   no step: its storages come back unchanged and its direction is ``None``.
-  ``count_inc`` is the incremented step count. The bias corrections are
-  optax's ``tree_bias_correction`` over all leaves at once, as in
-  ``optax.scale_by_adam`` (so that XLA compiles the same division; Nesterov
-  as there too).
+  ``count_inc`` is the incremented step count. Leaves whose moments hold
+  their arithmetic type's range (float32 and float64 leaves) get optax's
+  ``tree_bias_correction`` and direction, as in ``optax.scale_by_adam`` (so
+  that XLA compiles the same division; Nesterov as there too); the others
+  (bfloat16, ``mcf``, ``q8``, ``log16`` moments) :func:`_scaled_direction`.
   """
   b1, b2, eps, eps_root, nesterov = hp
   gs = [None if f is None or _tree.is_empty(g) else formats.widen(g).astype(w) for g, f, w in zip(grads, fmts, wides)]
@@ -140,6 +200,9 @@ def adam(
     new_nus[i], v_i = _moment(g, nus[i], fmt.nu, b2, 2)
     m.append(m_i)
     v.append(v_i)
+  # Moments of the leaf's own range (float32, float64): optax's bias corrections and direction, as
+  # optax.scale_by_adam (Nesterov as there too), the same bits; computed over all leaves, as there (XLA
+  # compiles a float32 leaf's division otherwise). The others: _scaled_direction.
   g_steps = [gs[i] for i in steps]
   if nesterov:
     m_hat = jax.tree.map(
@@ -150,12 +213,25 @@ def adam(
   else:
     m_hat = otu.tree_bias_correction(m, b1, count_inc)
   v_hat = otu.tree_bias_correction(v, b2, count_inc)
+  own = [j for j, i in enumerate(steps) if _own_range(fmts[i], gs[i])]
   dirs: list[chex.Array | None] = [None] * len(gs)
+  for j in own:
+    dirs[steps[j]] = _direction(g_steps[j], m[j], v[j], m_hat[j], v_hat[j], eps, eps_root)
+  sc: dict[Any, Scaled] = {}  # per arithmetic type
   for j, i in enumerate(steps):
-    fmt = fmts[i]
-    assert fmt is not None
-    dirs[i] = _direction(g_steps[j], fmt.mu, m[j], v[j], m_hat[j], v_hat[j], eps, eps_root)
+    if j not in own:
+      g = gs[i]
+      assert g is not None
+      if g.dtype not in sc:
+        sc[g.dtype] = scaled(b1, b2, eps, eps_root, count_inc, nesterov, g.dtype)
+      dirs[i] = _scaled_direction(g, m[j], v[j], sc[g.dtype], nesterov)
   return dirs, new_mus, new_nus
+
+
+def _own_range(fmt: LeafFormats | None, g: Any) -> bool:
+  """Whether a leaf's first moment holds its arithmetic type's whole range (float32 and float64 moments)."""
+  assert fmt is not None
+  return fmt.mu.max >= float(jnp.finfo(g.dtype).max)
 
 
 def grouped(mu: Any, nu: Any) -> bool:

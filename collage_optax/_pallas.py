@@ -24,8 +24,8 @@ fraction (:func:`_rint`), the bfloat16 bit-shift widening a convert (exact).
 ``log16`` is integer-only (bit patterns, an integer maximum per group, the
 lowbias32 hash): mirrored on int32, whose multiplications wrap as uint32's
 and whose logical shifts are uint32's (:func:`_dither`).
-The bias corrections multiply by their reciprocals, as XLA compiles the jnp
-path's division by a broadcast scalar. On Triton, divisions and square roots
+The bias corrections are folded into the direction's scalars
+(:func:`collage_optax._kernel.scaled`), computed outside. On Triton, divisions and square roots
 are PTX's correctly rounded ones and no product is contracted into an FMA
 (:class:`_Ptx`); whether Mosaic's division and square root round as XLA's
 do is not checked here (no TPU).
@@ -67,6 +67,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from collage_optax import _kernel
 from collage_optax._kernel import saturate as _saturate
 from collage_optax.formats._log16 import _FLOOR, _NAN, _SHIFT, _ZERO, Log16
 from collage_optax.formats._log16 import _bits as _log16_bits
@@ -84,59 +85,37 @@ MU_FORMATS = ("q8", "bf16")
 NU_FORMATS = ("q8", "log16")
 
 # The order of the scalars in the kernel's scalar operand.
-_NAMES = ("c1", "b1", "c2", "b2", "bc1", "bc2", "eps", "eps_root", "wd", "nlr", "bc1n", "nb1", "nc1")
+_NAMES = ("c1", "b1", "c2", "b2", "k", "es", "rc", "vmax", "nb", "nc", "wd", "nlr")
 
 
 class Scalars(NamedTuple):
   """The float32 scalars of one step, computed outside the kernel as the jnp path computes them.
 
   ``c1 = 1 − b1``, ``c2 = 1 − b2`` (Python floats rounded once, as optax's
-  weakly typed ``1 − decay``), ``bc1``, ``bc2`` the reciprocals of optax's
-  bias corrections ``1 − b**count`` (the jnp path divides by them, which XLA
-  compiles to a multiplication by the reciprocal), ``wd`` the weight decay
-  (0: none), ``nlr = −max(lr, 0)``; for Nesterov ``bc1n`` (at ``count + 1``,
-  a reciprocal too), ``nb1 = b1`` and ``nc1 = 1 − b1``.
+  weakly typed ``1 − decay``); ``k``, ``es``, ``rc``, ``vmax``, ``nb``, ``nc``: the
+  direction's (:class:`collage_optax._kernel.Scaled`); ``wd`` the weight
+  decay (0: none), ``nlr = −max(lr, 0)``.
   """
 
   c1: Any
   b1: Any
   c2: Any
   b2: Any
-  bc1: Any
-  bc2: Any
-  eps: Any
-  eps_root: Any
+  k: Any
+  es: Any
+  rc: Any
+  vmax: Any
+  nb: Any
+  nc: Any
   wd: Any
   nlr: Any
-  bc1n: Any
-  nb1: Any
-  nc1: Any
 
 
 def scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov: bool) -> Scalars:
-  """The :class:`Scalars` of a step, by the jnp path's own expressions (optax's bias correction, ``safe_increment``)."""
-  import optax  # pylint: disable=import-outside-toplevel
-
+  """The :class:`Scalars` of a step, by the jnp path's own expressions (:func:`collage_optax._kernel.scaled`)."""
   f = lambda x: jnp.asarray(x, jnp.float32)
-  # optax.tree_utils.tree_bias_correction divides by 1 − decay**count; XLA rewrites a division by a broadcast
-  # scalar as a multiplication by its reciprocal (the jnp path's bits on XLA:CPU), so the kernel multiplies.
-  bc = lambda decay, count: 1.0 / f(1 - decay**count)
-  bc1n = bc(b1, optax.safe_increment(count_inc)) if nesterov else f(1.0)
-  return Scalars(
-    f(1 - b1),
-    f(b1),
-    f(1 - b2),
-    f(b2),
-    bc(b1, count_inc),
-    bc(b2, count_inc),
-    f(eps),
-    f(eps_root),
-    f(weight_decay),
-    -jnp.maximum(f(lr), 0),
-    bc1n,
-    f(b1),
-    f(1 - b1),
-  )
+  sc = _kernel.scaled(b1, b2, eps, eps_root, count_inc, nesterov)
+  return Scalars(f(1 - b1), f(b1), f(1 - b2), f(b2), *sc, f(weight_decay), -jnp.maximum(f(lr), 0))
 
 
 # ---------------------------------------------------------------------------
@@ -445,15 +424,10 @@ def _body(
   v_old, g2 = _moment_in(nu_fmt, v_in, False, o), g * g
   v = o.fma(s["c2"], g2, o.mul(s["b2"], v_old)) if nu_fmt == "log16" else o.mul(s["c2"], g2) + o.mul(s["b2"], v_old)
   v = _moment_out(nu_fmt, v, finite, v_out, False, o)
-  # The bias corrections (optax.tree_utils.tree_bias_correction) and _kernel._direction (both m formats
-  # hold less than float32's largest: its saturating branch).
-  if nesterov:
-    m_hat = o.mul(s["nb1"], m * s["bc1n"]) + o.mul(s["nc1"], g * s["bc1"])
-  else:
-    m_hat = m * s["bc1"]
-  v_hat = v * s["bc2"]
-  m_hat, v_hat = _saturate(m_hat, finite, _F32_MAX), _saturate(v_hat, finite, _F32_MAX)
-  d = _saturate(o.div(m_hat, o.sqrt(v_hat + s["eps_root"]) + s["eps"]), finite, _F32_MAX)
+  # _kernel._scaled_direction: the bias corrections folded into the scalars, one clip.
+  num = o.mul(s["nb"], m) + o.mul(s["nc"], g) if nesterov else m
+  v = v - jnp.maximum(v - s["vmax"], 0.0)
+  d = jnp.clip(o.div(num, o.mul(o.sqrt(v + s["rc"]) + s["es"], s["k"])), -_F32_MAX, _F32_MAX)
   # alias.adamw's param_step: decoupled weight decay on the decoded param, the learning rate, the store.
   p = p_ref[...].astype(jnp.float32)
   x = _compact_decode(p, lo_ref[...], o)

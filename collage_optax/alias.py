@@ -221,9 +221,12 @@ def adamw(
 
   Leaves. bfloat16 and float16 params get the formats above. float32 and
   float64 params get ``optax.adamw``'s update, with moments of their own
-  dtype and no residual: bit for bit under ``jit`` on the same tree (with
-  ``mu_dtype=jnp.bfloat16`` the first moment is updated in float32 from its
-  bfloat16 value, where optax multiplies in bfloat16).
+  dtype and no residual: bit for bit under ``jit`` on a tree of float32 and
+  float64 params (beside bfloat16 leaves XLA may compile a division by a bias
+  correction as a multiplication by its reciprocal, as it does for optax's
+  own step on another tree: float32 rounding; with ``mu_dtype=jnp.bfloat16``
+  the first moment is updated in float32 from its bfloat16 value, where optax
+  multiplies in bfloat16).
   Integer and boolean params get no state and a zero update (of the
   gradient's dtype), so they stay bit for bit (``optax.adamw`` instead runs
   Adam on them and ``apply_updates`` truncates the float update into the

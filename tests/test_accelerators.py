@@ -1,4 +1,4 @@
-"""The fused step compiled for an H200 and a TPU v5e (deviceless): one sweep at the layout's ideal bytes.
+"""The fused step compiled for an H200, a TPU v5e and a v6e (deviceless): one sweep at the layout's ideal bytes.
 
 Needs the compile-only backends (``pip install 'collage-optax[accelerators]'``);
 skipped with the reason otherwise. The step reads every moment back from its
@@ -28,7 +28,7 @@ SHAPE = (1024, 1024)
 IDEAL = {"light": 18, "plus": 22, "exact": 22, "full": 26}
 
 
-@pytest.mark.parametrize("target", ["h200", "v5e"])
+@pytest.mark.parametrize("target", ["h200", "v5e", "v6e"])
 @pytest.mark.parametrize("mode", ["light", "plus", "exact", "full"])
 def test_one_sweep_at_the_ideal_bytes(accel, target, mode):
   tx = collage_optax.adamw(1e-3, weight_decay=0.1, mode=mode)
