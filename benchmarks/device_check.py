@@ -55,7 +55,6 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
-import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
@@ -128,9 +127,8 @@ def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3, **modes: Any) -> 
     s = jax.jit(tx.init)(p)
 
     @jax.jit
-    def step_fn(p, s, g):
-      u, s = tx.update(g, s, p)
-      return optax.apply_updates(p, u), s
+    def step_fn(p, s, g):  # the kernel writes the new params (on CPU: update + apply_updates, the same bits)
+      return collage_optax.apply_gradients(tx, g, s, p)
 
     for g in grads:
       p, s = step_fn(p, s, put(g))
