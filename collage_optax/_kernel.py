@@ -108,7 +108,10 @@ def scaled(b1, b2, eps, eps_root, count_inc: chex.Array, nesterov: bool, dtype: 
   # Not merged with optax's own bias corrections (adam's float32 leaves): XLA would then keep 1 − b**t out of
   # their fusion and multiply by its reciprocal, not divide as optax's step compiles.
   count_inc = jnp.where(_never(count_inc), 0, count_inc)
-  c1, c2 = f(1 - b1**count_inc), f(1 - b2**count_inc)
+  c1 = f(1 - b1**count_inc)
+  # A b2 that rounds to 1 in float32 makes c2 = 0: the smallest normal instead keeps the step finite (v̂ = inf
+  # in optax's formula: a zero direction).
+  c2 = jnp.maximum(f(1 - b2**count_inc), jnp.finfo(dtype).tiny)
   sc2 = jnp.sqrt(c2)
   nb = f(b1) * c1 / f(1 - b1 ** optax.safe_increment(count_inc)) if nesterov else f(0)
   big = f(jnp.finfo(dtype).max)

@@ -20,7 +20,9 @@ Where the jnp path uses a primitive that Mosaic (TPU) or Triton (GPU) does
 not lower, the body uses an equivalent with the same bits:
 ``reduce_precision`` to bfloat16 becomes a round-to-nearest-even on the bits
 (:func:`_round_bf16`), ``round`` an integer truncation and its exact
-fraction (:func:`_rint`), the bfloat16 bit-shift widening a convert (exact).
+fraction (:func:`_rint`), the bfloat16 bit-shift widening a convert (exact), and a
+clip of a value that may be NaN a compare and a select (:func:`_clip`: Triton
+lowers ``max``/``min`` to ``maxnumf``/``minnumf``, which drop a NaN).
 ``log16`` is integer-only (bit patterns, an integer maximum per group, the
 lowbias32 hash): mirrored on int32, whose multiplications wrap as uint32's
 and whose logical shifts are uint32's (:func:`_dither`).
@@ -68,7 +70,6 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from collage_optax import _kernel
-from collage_optax._kernel import saturate as _saturate
 from collage_optax.formats._log16 import _FLOOR, _NAN, _SHIFT, _ZERO, Log16
 from collage_optax.formats._log16 import _bits as _log16_bits
 from collage_optax.formats._moments import _Q8_MAX, GROUP, Q8
@@ -121,6 +122,17 @@ def scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov: bool) 
 # ---------------------------------------------------------------------------
 # Bit-exact stand-ins for the primitives the kernels cannot lower.
 # ---------------------------------------------------------------------------
+
+
+def _clip(x, lo, hi):
+  """``jnp.clip(x, lo, hi)``, NaN kept on every backend: Triton lowers ``max``/``min`` (and so ``clip``) to
+  ``maxnumf``/``minnumf``, which return the operand that is not NaN; a compare and a select keep it."""
+  return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
+
+
+def _saturate(x, finite, big: float):
+  """:func:`collage_optax._kernel.saturate` with :func:`_clip`."""
+  return _clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
 
 
 def _round_bf16(x):
@@ -384,7 +396,7 @@ def _compact_encode(x, p, u_big: float, narrow_u: bool, o=_Plain):
   hi = _round_bf16(x)
   finite = jnp.isfinite(hi)
   d = hi - p
-  u = jnp.clip(d, jnp.where(finite, -u_big, -jnp.inf), jnp.where(finite, u_big, jnp.inf))
+  u = _saturate(d, finite, u_big)
   if narrow_u:
     u = _round_bf16(u)
   u = jnp.where(finite & ~jnp.isfinite(_landed(p, u, narrow_u)), jnp.zeros_like(u), u)
@@ -427,7 +439,7 @@ def _body(
   # _kernel._scaled_direction: the bias corrections folded into the scalars, one clip.
   num = o.mul(s["nb"], m) + o.mul(s["nc"], g) if nesterov else m
   v = v - jnp.maximum(v - s["vmax"], 0.0)
-  d = jnp.clip(o.div(num, o.mul(o.sqrt(v + s["rc"]) + s["es"], s["k"])), -_F32_MAX, _F32_MAX)
+  d = _clip(o.div(num, o.mul(o.sqrt(v + s["rc"]) + s["es"], s["k"])), -_F32_MAX, _F32_MAX)
   # alias.adamw's param_step: decoupled weight decay on the decoded param, the learning rate, the store.
   p = p_ref[...].astype(jnp.float32)
   x = _compact_decode(p, lo_ref[...], o)

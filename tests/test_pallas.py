@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import os
+import types
 
 # Before jax initialises its backends: the CUDA plugin then registers (compile-only) without a driver.
 os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
@@ -219,6 +220,28 @@ def test_bit_for_bit_from_init(fmts, policy):
       _bits_equal(k, w, f"step {count} output {i}")
     _, lo, mu, nu = want
     p = optax.apply_updates(p, want[0])
+
+
+@pytest.mark.parametrize("fmts", FMTS, ids=FMT_IDS)
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_nan_kept_under_tritons_max_and_min(monkeypatch, fmts, nesterov):
+  """Triton lowers ``max``/``min`` (and ``clip``) to ``maxnumf``/``minnumf``, which return the operand that
+  is not NaN. With those semantics in the kernel's body (interpret mode) its outputs keep their bits:
+  a NaN or ±inf gradient still poisons its element as on CPU, not a saturated finite step."""
+  rng = np.random.default_rng(7)
+  shape = (4, 96)
+  p, lo, mu, nu = _state(rng, shape, fmts=fmts)
+  g = _grads(rng, shape, adversarial=True)
+  hp = {**HP, "nesterov": nesterov}
+  want = _kernel(p, g, lo, mu, nu, 2, hp, "triton", emit_param=True)
+  assert np.isnan(np.asarray(want[0], np.float32)[~np.isfinite(np.asarray(g, np.float32))]).all()
+  nan_dropping = types.SimpleNamespace(**{k: getattr(jnp, k) for k in dir(jnp) if not k.startswith("__")})
+  nan_dropping.maximum, nan_dropping.minimum = jnp.fmax, jnp.fmin
+  nan_dropping.clip = lambda x, lo=None, hi=None: jnp.fmin(jnp.fmax(lo, x), hi)
+  monkeypatch.setattr(_pallas, "jnp", nan_dropping)
+  got = _kernel(p, g, lo, mu, nu, 2, hp, "triton", emit_param=True)
+  for i, (w, k) in enumerate(zip(jax.tree.leaves(want), jax.tree.leaves(got))):
+    _bits_equal(k, w, f"output {i}")
 
 
 @settings(max_examples=10, deadline=None)
