@@ -116,10 +116,27 @@ TRAIN_STEP_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def strategies() -> dict[str, tuple[str, Any, Callable[[], optax.GradientTransformation]]]:
-  """name -> (label, param dtype, factory): ``_common.STRATEGIES`` plus sgd+compensate and adamw+SR."""
+#: FlashOptim's fused step (``flash_adamw(fused=True)``: a Pallas-Triton kernel, GPUs only), side by side when
+#: ``flashoptim_jax`` is importable (the ``benchmarks`` extra).
+FLASH_FUSED = "flash_adamw_fused"
+
+
+def _flash_fused() -> Any:
+  import flashoptim_jax  # pylint: disable=import-outside-toplevel
+
+  return flashoptim_jax.flash_adamw(_common.LR, weight_decay=_common.WD, fused=True)
+
+
+def strategies() -> dict[str, tuple[str, Any, Callable[[], Any]]]:
+  """name -> (label, param dtype, factory): ``_common.STRATEGIES`` plus sgd+compensate and adamw+SR, and
+  FlashOptim's fused step where it is importable."""
   lr, wd = _common.LR, _common.WD
+  flash = {}
+  if _common.flash_unavailable() is None:
+    label = "FlashOptim flash_adamw fused (Triton): 24-bit master, 8-bit moments (GPUs)"
+    flash = {FLASH_FUSED: (label, jnp.bfloat16, _flash_fused)}
   return {
+    **flash,
     **_common.STRATEGIES,
     "sgd_compensate": (
       "optax.sgd + compensate, bf16",
@@ -418,9 +435,12 @@ def run_steps(targets: list[str], names: list[str], quick: bool, cases: list[str
     if case == "tree":  # XLA:TPU compiles a tree slowly: one TPU (the first asked) next to the GPUs.
       tpus = [t for t in targets if TARGETS[t].platform == "tpu"]
       targets = [t for t in targets if TARGETS[t].platform != "tpu" or t == (tpus[0] if tpus else None)]
-    stats = pmap("measure_step", [(name, shapes, target) for target in targets for name in names])
-    for i, target in enumerate(targets):
-      rows = dict(zip(names, stats[i * len(names) : (i + 1) * len(names)]))
+    # FlashOptim's fused step is a Triton kernel: GPUs only.
+    runs = lambda target: [n for n in names if n != FLASH_FUSED or TARGETS[target].platform == "cuda"]
+    jobs = [(name, shapes, target) for target in targets for name in runs(target)]
+    stats = dict(zip([(j[0], j[2]) for j in jobs], pmap("measure_step", jobs)))
+    for target in targets:
+      rows = {name: stats[name, target] for name in runs(target)}
       add_ratios(rows)
       out[case]["targets"][target] = rows
       print(f"  {case} {target}: " + ", ".join(f"{k} {v['hbm_B']}" for k, v in rows.items()), flush=True)
@@ -707,14 +727,19 @@ def step_tables(results: dict[str, Any]) -> str:
   out = []
   for case, data in results.items():
     targets = list(data["targets"])
-    names = list(data["targets"][targets[0]])
+    names = list(dict.fromkeys(n for t in targets for n in data["targets"][t]))
     header = ["strategy", "ideal B"] + [f"{t}: HBM B (cost model) / sweeps / temp B / × fp32" for t in targets]
     rows = []
     for name in names:
-      row = [labels[name], data["targets"][targets[0]][name]["ideal_B"]]
+      row = [
+        labels.get(name, name),
+        next(data["targets"][t][name]["ideal_B"] for t in targets if name in data["targets"][t]),
+      ]
       for t in targets:
-        r = data["targets"][t][name]
-        row.append(f"{r['hbm_B']} ({r['cost_model_B']}) / {r['sweeps']} / {r['temp_B']} / {r['time_vs_fp32']}")
+        r = data["targets"][t].get(name)
+        row.append(
+          f"{r['hbm_B']} ({r['cost_model_B']}) / {r['sweeps']} / {r['temp_B']} / {r['time_vs_fp32']}" if r else ""
+        )
       rows.append(row)
     title = f"### {case}: {data['n_params']:,} params in {data['leaves']} leaves"
     out.append(title + "\n\n" + _common.format_table(header, rows))

@@ -42,3 +42,19 @@ def test_one_sweep_at_the_ideal_bytes(accel, target, mode):
   assert abs(cost - IDEAL[mode]) <= 1, (cost, stats)
   assert abs(stats["hbm_B"] - IDEAL[mode]) <= 1, stats
   assert stats["temp_B"] < 1, stats
+
+
+def test_flashoptim_fused_side_by_side_on_gpus_only(accel):
+  """FlashOptim's fused step (a Triton kernel), where ``flashoptim_jax`` is installed (the ``benchmarks``
+  extra): compiled for the GPU next to the baseline, left out on the TPU, and the table renders both."""
+  import _common  # pylint: disable=import-outside-toplevel
+
+  why = _common.flash_unavailable()
+  if why:
+    pytest.skip(why)
+  out = accel.run_steps(["h200", "v5e"], ["fp32", accel.FLASH_FUSED], quick=True, cases=["leaf"])
+  rows = out["leaf"]["targets"]
+  assert set(rows["h200"]) == {"fp32", accel.FLASH_FUSED} and set(rows["v5e"]) == {"fp32"}
+  flash = rows["h200"][accel.FLASH_FUSED]
+  assert flash["hbm_B"] >= flash["ideal_B"] > 0 and flash["time_vs_fp32"] < 1, flash
+  assert "FlashOptim" in accel.step_tables(out)
