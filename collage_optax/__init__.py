@@ -16,7 +16,7 @@ error-free arithmetic), :mod:`~collage_optax.formats` (storage formats),
 
 from collage_optax import formats, mcf
 from collage_optax.alias import MODES, PRESETS, AdamWState, adamw, precise_small_leaves
-from collage_optax.apply import apply_gradients
+from collage_optax.apply import apply_gradients, chain
 from collage_optax.master import init_from_master, master_params
 from collage_optax.mcf import MCF
 from collage_optax.precision import (
@@ -55,6 +55,7 @@ __all__ = [
   "abstract_state",
   "adamw",
   "apply_gradients",
+  "chain",
   "compensate",
   "formats",
   "init_from_master",

@@ -45,7 +45,7 @@ class LeafFormats(NamedTuple):
   nu: formats.MomentFormat
 
 
-def saturate(x: chex.Array, finite: chex.Array, big: float) -> chex.Array:
+def saturate(x: chex.Array, finite: chex.Array, big: float, clip: Callable[..., Any] = jnp.clip) -> chex.Array:
   """``x`` clipped to ``[−big, big]`` where ``finite``, else ``x``.
 
   ``finite`` marks the elements whose gradient was finite: there a result
@@ -54,8 +54,9 @@ def saturate(x: chex.Array, finite: chex.Array, big: float) -> chex.Array:
   for good (``u = m / √inf = 0``). Non-finite gradients still propagate, as in
   optax (use ``optax.apply_if_finite`` to skip them).
   """
-  # Clipping to ±inf where not finite leaves x as it is and uses x once.
-  return jnp.clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
+  # Clipping to ±inf where not finite leaves x as it is and uses x once. (``clip``: the Pallas kernel's
+  # NaN-keeping one.)
+  return clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
 
 
 def _moment(g: chex.Array, store: Any, fmt: formats.MomentFormat, decay: Any, order: int) -> tuple[Any, chex.Array]:
@@ -132,16 +133,17 @@ def _scaled_direction(g: chex.Array, m: chex.Array, v: chex.Array, sc: Scaled, n
   (Nesterov: ``b1·(c1/c1')·m + (1 − b1)·g`` above), so that a stored moment
   is never multiplied by a bias correction (``1/c2`` is 1000 at the first
   step). ``v`` counts at most ``vmax = c2·max`` (``v̂`` at most the type's
-  largest value, as the saturated ``v̂`` was: where ``g²`` overflows, ``v``
-  saturates above its true value, and this bound keeps the step near Adam's
-  normalised one), written ``v − max(v − vmax, 0)`` so that an infinite
-  ``v`` (an infinite gradient) becomes NaN. For a finite gradient the
-  denominator is then finite and at most the quotient overflows, which a
-  clip to the type's range saturates; a non-finite gradient makes the
+  largest value, as optax's ``v̂`` before it overflows; where ``g²``
+  overflows, ``v`` saturates at its format's largest value, and the step is
+  no longer normalised but still descends), written ``v − max(v − vmax, 0)``
+  so that an infinite ``v`` (an infinite gradient) becomes NaN. For a finite
+  gradient the denominator is then finite and at most the quotient
+  overflows, which a clip to the type's range saturates (``eps = 0`` with
+  ``m = v = 0`` is 0/0, as in optax); a non-finite gradient makes the
   quotient NaN, which the clip keeps. No select on the gradient's
-  finiteness: XLA:TPU v6e then keeps the whole step in one pass (with ``m̂``
-  and ``v̂`` saturated separately where the gradient is finite, it splits it
-  in two).
+  finiteness here: XLA:TPU v6e then keeps the whole step in one pass (with
+  ``m̂`` and ``v̂`` saturated separately where the gradient is finite, it
+  splits it in two).
   """
   big = float(jnp.finfo(g.dtype).max)
   num = sc.nb * m + sc.nc * g if nesterov else m
@@ -204,25 +206,25 @@ def adam(
     m.append(m_i)
     v.append(v_i)
   # Moments of the leaf's own range (float32, float64): optax's bias corrections and direction, as
-  # optax.scale_by_adam (Nesterov as there too), the same bits; computed over all leaves, as there (XLA
-  # compiles a float32 leaf's division otherwise). The others: _scaled_direction.
-  g_steps = [gs[i] for i in steps]
+  # optax.scale_by_adam (Nesterov as there too), the same bits. The others: _scaled_direction.
+  own = [j for j, i in enumerate(steps) if _own_range(fmts[i], gs[i])]
+  g_own = [gs[steps[j]] for j in own]
   if nesterov:
     m_hat = jax.tree.map(
       lambda m, g: b1 * m + (1 - b1) * g,
-      otu.tree_bias_correction(m, b1, optax.safe_increment(count_inc)),
-      otu.tree_bias_correction(g_steps, b1, count_inc),
+      otu.tree_bias_correction([m[j] for j in own], b1, optax.safe_increment(count_inc)),
+      otu.tree_bias_correction(g_own, b1, count_inc),
     )
   else:
-    m_hat = otu.tree_bias_correction(m, b1, count_inc)
-  v_hat = otu.tree_bias_correction(v, b2, count_inc)
-  own = [j for j, i in enumerate(steps) if _own_range(fmts[i], gs[i])]
+    m_hat = otu.tree_bias_correction([m[j] for j in own], b1, count_inc)
+  v_hat = otu.tree_bias_correction([v[j] for j in own], b2, count_inc)
   dirs: list[chex.Array | None] = [None] * len(gs)
-  for j in own:
-    dirs[steps[j]] = _direction(g_steps[j], m[j], v[j], m_hat[j], v_hat[j], eps, eps_root)
+  for j, g, m_h, v_h in zip(own, g_own, m_hat, v_hat):
+    dirs[steps[j]] = _direction(g, m[j], v[j], m_h, v_h, eps, eps_root)
   sc: dict[Any, Scaled] = {}  # per arithmetic type
+  own_set = set(own)
   for j, i in enumerate(steps):
-    if j not in own:
+    if j not in own_set:
       g = gs[i]
       assert g is not None
       if g.dtype not in sc:

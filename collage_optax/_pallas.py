@@ -86,19 +86,18 @@ MU_FORMATS = ("q8", "bf16")
 NU_FORMATS = ("q8", "log16")
 
 # The order of the scalars in the kernel's scalar operand.
-_NAMES = ("c1", "b1", "c2", "b2", "k", "es", "rc", "vmax", "nb", "nc", "wd", "nlr")
+_NAMES = ("b1", "c2", "b2", "k", "es", "rc", "vmax", "nb", "nc", "wd", "nlr")
 
 
 class Scalars(NamedTuple):
   """The float32 scalars of one step, computed outside the kernel as the jnp path computes them.
 
-  ``c1 = 1 − b1``, ``c2 = 1 − b2`` (Python floats rounded once, as optax's
-  weakly typed ``1 − decay``); ``k``, ``es``, ``rc``, ``vmax``, ``nb``, ``nc``: the
-  direction's (:class:`collage_optax._kernel.Scaled`); ``wd`` the weight
-  decay (0: none), ``nlr = −max(lr, 0)``.
+  ``b1``, ``b2``, ``c2 = 1 − b2`` (rounded once, as optax's weakly typed
+  ``1 − decay``); ``k``, ``es``, ``rc``, ``vmax``, ``nb``, ``nc = 1 − b1``
+  (also ``m``'s): the direction's (:class:`collage_optax._kernel.Scaled`);
+  ``wd`` the weight decay (0: none), ``nlr = −max(lr, 0)``.
   """
 
-  c1: Any
   b1: Any
   c2: Any
   b2: Any
@@ -116,7 +115,7 @@ def scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov: bool) 
   """The :class:`Scalars` of a step, by the jnp path's own expressions (:func:`collage_optax._kernel.scaled`)."""
   f = lambda x: jnp.asarray(x, jnp.float32)
   sc = _kernel.scaled(b1, b2, eps, eps_root, count_inc, nesterov)
-  return Scalars(f(1 - b1), f(b1), f(1 - b2), f(b2), *sc, f(weight_decay), -jnp.maximum(f(lr), 0))
+  return Scalars(f(b1), f(1 - b2), f(b2), *sc, f(weight_decay), -jnp.maximum(f(lr), 0))
 
 
 # ---------------------------------------------------------------------------
@@ -130,9 +129,7 @@ def _clip(x, lo, hi):
   return jnp.where(x < lo, lo, jnp.where(x > hi, hi, x))
 
 
-def _saturate(x, finite, big: float):
-  """:func:`collage_optax._kernel.saturate` with :func:`_clip`."""
-  return _clip(x, jnp.where(finite, -big, -jnp.inf), jnp.where(finite, big, jnp.inf))
+_saturate = functools.partial(_kernel.saturate, clip=_clip)
 
 
 def _round_bf16(x):
@@ -430,7 +427,7 @@ def _body(
   finite = jnp.isfinite(g)
   # _kernel._moment, for m and v: optax's (1 − b)·g + b·old, with the FMA XLA:CPU makes of it in the jnp
   # path where that shows in the stored bits (see _Interp): bf16 m: fma(b1, m, ·); log16 v: fma(1 − b2, g², ·).
-  m_old, c1g = _moment_in(mu_fmt, m_in, True, o), o.mul(s["c1"], g)
+  m_old, c1g = _moment_in(mu_fmt, m_in, True, o), o.mul(s["nc"], g)
   m = o.fma(s["b1"], m_old, c1g) if mu_fmt == "bf16" else c1g + o.mul(s["b1"], m_old)
   m = _moment_out(mu_fmt, m, finite, m_out, True, o)
   v_old, g2 = _moment_in(nu_fmt, v_in, False, o), g * g

@@ -302,8 +302,8 @@ def adamw(
     checks.check_state(who, params, {"moment": (state.mu, want.mu)})
     checks.check_state(who, params, {"moment": (state.nu, want.nu), "residual": (state.lo, want.lo)})
 
-  def step(updates, state, params, apply: bool):
-    """``(new updates, state)``, or with ``apply`` ``(new params, state)``: one step of every leaf."""
+  def step(updates, state, params, emit_params: bool):
+    """``(new updates, state)``, or with ``emit_params`` ``(new params, state)``: one step of every leaf."""
     check(updates, state, params)
     p_flat, treedef = _tree.leaves_with_paths(params)
     g_flat = treedef.flatten_up_to(updates)
@@ -326,18 +326,18 @@ def adamw(
     def own_step(i, sc):
       """Leaf ``i``'s whole step: :func:`_pallas.platform_step` around its jnp path (``adam`` and ``param_step``).
 
-      With ``apply`` its first output is the new param: the kernel writes it in place of the update.
+      With ``emit_params`` its first output is the new param: the kernel writes it in place of the update.
       """
 
       def jnp_step(p, g, lo_i, m, v):
         (d,), (m_new,), (v_new,) = _kernel.adam([g], [m], [v], [fmts[i]], [wides[i]], hp, count_inc)
         u, lo_new, _ = param_step(p, g, lo_i, d, lr, decays[i], fmts[i])
-        return (optax.apply_updates(p, u) if apply else u), lo_new, m_new, v_new
+        return (optax.apply_updates(p, u) if emit_params else u), lo_new, m_new, v_new
 
       def leaf(g, m):
         decay = decays[i] and not no_decay
         out, lo_new, m_new, v_new = _pallas.platform_step(
-          jnp_step, p_flat[i][1], g, lo[i], m, nu[i], sc, nesterov=nesterov, decay=decay, emit_param=apply
+          jnp_step, p_flat[i][1], g, lo[i], m, nu[i], sc, nesterov=nesterov, decay=decay, emit_param=emit_params
         )
         return (out, lo_new, None), m_new, v_new
 
@@ -349,7 +349,7 @@ def adamw(
       own = {i: own_step(i, sc) for i in takes}
     steps, mus, nus = _kernel.adam_then(g_flat, mu, nu, fmts, wides, hp, count_inc, then, own)
     out = [s[0] for s in steps]
-    if apply:
+    if emit_params:
       out = [x if i in own else optax.apply_updates(p, x) for i, ((_, p), x) in enumerate(zip(p_flat, out))]
     new_lo = treedef.unflatten([s[1] for s in steps])
     tracked = precision.compute_metrics(params, [s[2] for s in steps], state.metrics) if track_metrics else None
@@ -359,11 +359,11 @@ def adamw(
 
   def update_fn(updates, state, params=None, **extra_args):
     del extra_args
-    return step(updates, state, params, apply=False)
+    return step(updates, state, params, emit_params=False)
 
   def apply_fn(grads, state, params=None, **extra_args):
     del extra_args
-    return step(grads, state, params, apply=True)
+    return step(grads, state, params, emit_params=True)
 
   def param_step(p, g, lo, u, lr, decay, fmts):
     """``(update, residual, metric sums)`` of one leaf, given Adam's direction ``u``."""

@@ -129,11 +129,11 @@ def _run_plain(tx, params, grads):
 def test_float32_leaves_follow_optax_adamw(nesterov, tree_bits):
   """float32 leaves get optax.adamw's update (no low component, float32
   moments): on a tree of float32 leaves, jitted, params and moments are
-  identical after 40 steps with a schedule and weight decay. Beside bfloat16
-  and float16 leaves (whose steps share the bias corrections' scalars) XLA:CPU
-  may compile the float32 leaf's division by a bias correction as a
-  multiplication by its reciprocal, as it does for optax's own step on
-  another tree: then they agree to float32 rounding."""
+  identical after 40 steps with a schedule and weight decay. In a tree with
+  bfloat16 and float16 leaves, XLA:CPU compiles optax's own step on it
+  differently (the bias corrections' division of the float32 leaf as a
+  multiplication by a reciprocal shared with the bfloat16 leaves), so ours
+  there is compared with the float32 tree's to float32 rounding."""
   p0, stream = _stream()
   lr = optax.cosine_decay_schedule(1e-2, len(stream))
   mixed, gs = _tree(p0), [_tree(g) for g in stream]

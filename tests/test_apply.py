@@ -8,6 +8,7 @@ writes the new params) is checked in interpret mode in ``test_pallas.py``
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -17,6 +18,7 @@ import optax
 import pytest
 
 import collage_optax as co
+from collage_optax import apply
 
 BF16 = jnp.bfloat16
 
@@ -36,7 +38,8 @@ def _params():
 def _grads(p, i, adversarial=False):
   rng = np.random.default_rng(100 + i)
   g = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape) * 1e-2, x.dtype), p)
-  g["step"] = jnp.zeros(3, jnp.int32)
+  if "step" in p:
+    g["step"] = jnp.zeros(3, jnp.int32)
   if adversarial:
     g["w"] = g["w"].at[0, :4].set(jnp.asarray([np.nan, np.inf, -np.inf, 3e38], BF16))
   return g
@@ -57,17 +60,17 @@ def _assert_bits(got, want):
     np.testing.assert_array_equal(k.view(f"u{k.dtype.itemsize}"), w.view(f"u{w.dtype.itemsize}"))
 
 
-def _run(tx, steps=3, adversarial=False, **extra):
+def _run(tx, steps=3, adversarial=False, floats_only=False):
   """``steps`` jitted steps of ``apply_gradients`` and of the two optax calls, from the same params and state."""
   p = _params()
+  if floats_only:  # optax.clip_by_global_norm cannot take integer leaves
+    p = {k: v for k, v in p.items() if k not in ("step", "none")}
   s = tx.init(p)
   fused = jax.jit(functools.partial(co.apply_gradients, tx))
   for i in range(steps):
     g = _grads(p, i, adversarial and i == 1)
-    want = _two_calls(tx, g, s, p, **extra) if not extra else None
-    got = fused(g, s, p, **extra)
-    if want is not None:
-      _assert_bits(got, want)
+    got = fused(g, s, p)
+    _assert_bits(got, _two_calls(tx, g, s, p))
     p, s = got
   return p, s
 
@@ -79,9 +82,13 @@ def test_adamw_every_mode(mode):
   tx = co.adamw(
     optax.linear_schedule(3e-3, 1e-4, 3), weight_decay=0.1, mask=lambda p: {k: k != "gain" for k in p}, mode=mode
   )
+  assert apply.fused_step(tx) is not None  # adamw's own step, not the two calls
+  start = np.asarray(_params()["w"], np.float32)
   p, _ = _run(tx, adversarial=True)
-  assert np.isnan(np.asarray(p["w"], np.float32)[0, 0])  # the NaN gradient poisons its element only
-  assert np.isfinite(np.asarray(p["w"], np.float32)[1:]).all()
+  w = np.asarray(p["w"], np.float32)
+  assert np.isnan(w[0, :3]).all()  # NaN and ±inf gradients poison their elements only
+  assert np.isfinite(w[0, 3]) and w[0, 3] < start[0, 3]  # a gradient whose square overflows still descends
+  assert np.isfinite(w[1:]).all() and np.isfinite(w[0, 4:]).all()
 
 
 @pytest.mark.parametrize(
@@ -98,6 +105,34 @@ def test_adamw_every_mode(mode):
 def test_any_transformation(make):
   """adamw with per-leaf modes and metrics, and transformations that wrap or replace it: the two calls."""
   _run(make(), adversarial=True)
+
+
+def test_chain_ending_in_adamw_is_one_step():
+  """``collage_optax.chain``: ``optax.chain``'s state and updates, and ``apply_gradients`` one step (the links
+  before adamw, then adamw's own step): the bits of ``optax.chain`` with the two calls."""
+  links = lambda: (optax.clip_by_global_norm(1e-2), co.adamw(1e-3, mode="compact"))
+  tx, reference = co.chain(*links()), optax.chain(*links())
+  assert apply.fused_step(tx) is not None and apply.fused_step(co.chain(optax.sgd(1e-2))) is None
+  p = _params()
+  assert jax.tree.structure(tx.init(p)) == jax.tree.structure(reference.init(p))
+  _run(tx, adversarial=True, floats_only=True)
+  _assert_bits(_run(tx, floats_only=True), _run(reference, floats_only=True))
+
+
+def test_an_update_that_cannot_be_a_weak_key():
+  """A transformation whose ``update`` is an unhashable callable object: the two calls, no error."""
+
+  @dataclasses.dataclass
+  class Scale:
+    factor: float
+
+    def __call__(self, updates, state, params=None):
+      return jax.tree.map(lambda u: self.factor * u, updates), state
+
+  tx = optax.GradientTransformation(lambda p: optax.EmptyState(), Scale(-0.5))
+  p = {"w": jnp.ones(3)}
+  new, _ = co.apply_gradients(tx, {"w": jnp.ones(3)}, tx.init(p), p)
+  np.testing.assert_array_equal(np.asarray(new["w"]), 0.5)
 
 
 def test_extra_args_reach_update():

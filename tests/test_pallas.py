@@ -366,20 +366,23 @@ def test_adamw_plumbing(monkeypatch, nesterov, x64, modes):
     want = run()
     monkeypatch.setattr(_pallas, "INTERPRET_ON_CPU", True)
     taken = []  # the kernel's (m, v) formats, each time a step is traced
+    emitted = []  # whether it wrote the params (apply_gradients) or the update (tx.update)
     step = _pallas.compact_step
     monkeypatch.setattr(
       _pallas, "compact_step",
       lambda p, g, lo, mu, nu, *a, **k: taken.append(
         (_pallas.moment_format(mu, False), _pallas.moment_format(nu, True))
-      ) or step(p, g, lo, mu, nu, *a, **k),
+      ) or emitted.append(k.get("emit_param", False)) or step(p, g, lo, mu, nu, *a, **k),
     )  # fmt: skip
     # Each step from the jnp path's state, so that a difference would not carry into the next steps.
     got = run([(p, s) for p, s, *_ in want])
   # w, odd, vec and gain take the kernel (f32 and exact do not), in their own formats.
   want_fmts = {"compact": ("q8", "q8"), "lean": ("bf16", "log16"), "compact_log16": ("q8", "log16")}
   fmts_seen = {want_fmts.get(modes)} if modes != "mixed" else {("q8", "q8"), ("bf16", "log16")}
-  # Traced once by update and once by apply_gradients, each time in its three platforms' branches.
+  # Traced once by update and once by apply_gradients, each time in its three platforms' branches; the latter
+  # has the kernel write the params.
   assert len(taken) == 4 * 3 * 2 and set(taken) == fmts_seen, taken
+  assert sum(emitted) == 4 * 3, emitted
   ties = 0
   for (_, s, g, uw, sw), (_, _, _, ug, sg) in zip(want, got):
     for k in params:
