@@ -55,6 +55,7 @@ from typing import Any
 import jax
 import ml_dtypes
 import numpy as np
+import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
@@ -98,7 +99,7 @@ def guarded(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------
 
 
-def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3, **modes: Any) -> dict[str, Any]:
+def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3, fused: bool = True, **modes: Any) -> dict[str, Any]:
   """``adamw(mode="compact")`` (or ``adamw(**modes)``: ``mode="lean"``, …) for ``steps`` steps here (on GPU
   and TPU: the Pallas kernel) and on the CPU (the jnp path, the reference), from the same bf16 params and
   gradients: elements whose bits differ, per array.
@@ -106,7 +107,9 @@ def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3, **modes: Any) -> 
   The gradients hold adversarial entries too (NaN, ±inf, 0, 1e30, 1e-30). On CPU
   both runs are the jnp path (a smoke test); on an accelerator a nonzero count
   means the kernel's roundings are not the CPU's there (division, square root,
-  FMA contraction, subnormals).
+  FMA contraction, subnormals). ``fused``: each step is ``apply_gradients`` (the
+  kernel writes the params), else ``tx.update`` and ``optax.apply_updates`` (the
+  kernel writes the update: ``nnx.Optimizer``'s, a chain's).
   """
   from collage_optax import _pallas  # pylint: disable=import-outside-toplevel
 
@@ -127,8 +130,11 @@ def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3, **modes: Any) -> 
     s = jax.jit(tx.init)(p)
 
     @jax.jit
-    def step_fn(p, s, g):  # the kernel writes the new params (on CPU: update + apply_updates, the same bits)
-      return collage_optax.apply_gradients(tx, g, s, p)
+    def step_fn(p, s, g):  # on CPU both are update + apply_updates, the same bits
+      if fused:
+        return collage_optax.apply_gradients(tx, g, s, p)
+      u, s = tx.update(g, s, p)
+      return optax.apply_updates(p, u), s
 
     for g in grads:
       p, s = step_fn(p, s, put(g))
@@ -144,6 +150,7 @@ def kernel_bits(shapes: list[tuple[int, ...]], steps: int = 3, **modes: Any) -> 
   return {
     "backend": jax.default_backend(),
     "modes": {"mode": "compact", **modes},
+    "fused": fused,
     "kernel": jax.default_backend() in ("gpu", "tpu") and _pallas.ENABLED and jax.device_count() == 1,
     "shapes": [list(s) for s in shapes],
     "steps": steps,
@@ -442,6 +449,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   result["kernel"] = guarded(lambda: kernel_bits(kernel_shapes))
   print(f"[device_check] kernel: {result['kernel']['wall_s']} s", file=sys.stderr, flush=True)
   save()
+  # The kernel writing the update instead (tx.update + optax.apply_updates).
+  result["kernel_update"] = guarded(lambda: kernel_bits(kernel_shapes, fused=False))
+  print(f"[device_check] kernel_update: {result['kernel_update']['wall_s']} s", file=sys.stderr, flush=True)
+  save()
   # The same kernel with lean's moments (a bf16 m, a log16 v): their roundings show an FMA or a subnormal.
   result["kernel_lean"] = guarded(lambda: kernel_bits(kernel_shapes, mode="lean"))
   print(f"[device_check] kernel_lean: {result['kernel_lean']['wall_s']} s", file=sys.stderr, flush=True)
@@ -501,7 +512,11 @@ def summary(result: dict[str, Any]) -> str:
         f"{t['error_zero_where_true_nonzero']} zero where the true error is not "
         f"({trap['true_error_nonzero']} nonzero); exact: {t['exact']}"
       )
-  for key, label in (("kernel", "compact"), ("kernel_lean", "lean")):
+  for key, label in (
+    ("kernel", "compact"),
+    ("kernel_update", "compact, update + apply_updates,"),
+    ("kernel_lean", "lean"),
+  ):
     kernel = result.get(key, {"error": "not run"})
     if "error" not in kernel:
       lines.append(
