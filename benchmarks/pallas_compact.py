@@ -18,7 +18,7 @@ donated, compiled as ``benchmarks/accelerators.py`` compiles (its topologies,
 Run: ``python benchmarks/pallas_compact.py [--targets h200,v5e] [--shapes 4096x4096,16777216]
 [--modes compact,lean]``. ``benchmarks/results/pallas_compact.json``: compact;
 ``benchmarks/results/pallas_lean.json``: lean and compact_log16 (``--targets h100,h200,v5e,v6e
---modes lean,compact_log16 --kinds adamw,pallas_fused``, and ``jnp`` where it compiled in time).
+--modes lean,compact_log16``).
 """
 
 from __future__ import annotations
