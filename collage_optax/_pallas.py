@@ -85,37 +85,33 @@ _BF16_MAX = float(jnp.finfo(_BF16).max)  # formats.BF16.max
 MU_FORMATS = ("q8", "bf16")
 NU_FORMATS = ("q8", "log16")
 
-# The order of the scalars in the kernel's scalar operand.
-_NAMES = ("b1", "c2", "b2", "k", "es", "rc", "vmax", "nb", "nc", "wd", "nlr")
-
 
 class Scalars(NamedTuple):
   """The float32 scalars of one step, computed outside the kernel as the jnp path computes them.
 
   ``b1``, ``b2``, ``c2 = 1 − b2`` (rounded once, as optax's weakly typed
-  ``1 − decay``); ``k``, ``es``, ``rc``, ``vmax``, ``nb``, ``nc = 1 − b1``
-  (also ``m``'s): the direction's (:class:`collage_optax._kernel.Scaled`);
-  ``wd`` the weight decay (0: none), ``nlr = −max(lr, 0)``.
+  ``1 − decay``), ``wd`` the weight decay (0: none), ``nlr = −max(lr, 0)``,
+  and the direction's (:class:`collage_optax._kernel.Scaled`, whose ``nc =
+  1 − b1`` is also ``m``'s).
   """
 
   b1: Any
   c2: Any
   b2: Any
-  k: Any
-  es: Any
-  rc: Any
-  vmax: Any
-  nb: Any
-  nc: Any
   wd: Any
   nlr: Any
+  direction: _kernel.Scaled
+
+
+# The order of the scalars in the kernel's scalar operand.
+_NAMES = (*Scalars._fields[:-1], *_kernel.Scaled._fields)
 
 
 def scalars(b1, b2, eps, eps_root, count_inc, lr, weight_decay, nesterov: bool) -> Scalars:
   """The :class:`Scalars` of a step, by the jnp path's own expressions (:func:`collage_optax._kernel.scaled`)."""
   f = lambda x: jnp.asarray(x, jnp.float32)
   sc = _kernel.scaled(b1, b2, eps, eps_root, count_inc, nesterov)
-  return Scalars(f(b1), f(1 - b2), f(b2), *sc, f(weight_decay), -jnp.maximum(f(lr), 0))
+  return Scalars(f(b1), f(1 - b2), f(b2), f(weight_decay), -jnp.maximum(f(lr), 0), sc)
 
 
 # ---------------------------------------------------------------------------
@@ -626,7 +622,7 @@ def compact_step(
   if mu_fmt is None or nu_fmt is None:
     what = f"{type(mu).__name__}/{type(nu).__name__}"
     raise TypeError(f"compact_step: moments {what} of formats the kernel does not take")
-  sv = jnp.stack([jnp.asarray(getattr(sc, k), jnp.float32) for k in _NAMES])
+  sv = jnp.stack([jnp.asarray(x, jnp.float32) for x in (*sc[:-1], *sc.direction)])  # in _NAMES' order
   scales = lambda s: s.reshape(rows, cols // GROUP)
   # The padding's v is the NaN code, so that it never raises a group's maximum.
   m_ops = [view(mu)] if mu_fmt == "bf16" else [view(mu.codes), scales(mu.scales)]
